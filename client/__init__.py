@@ -1,0 +1,1 @@
+"""fedpref.client"""

@@ -1,0 +1,31 @@
+"""One exception root for fedpref, split by who is at fault.
+
+- :class:`DataError`: bad input from a peer or a file (a malformed JSONL line, a tampered
+  update). The message names the file and line, or the field, and how to fix it.
+- :class:`ConfigError`: the caller asked for something that cannot work (a bad config
+  value, a missing backbone folder). The message names the field, the value and the fix.
+- :class:`IntegrityError`: a check that guards correctness or privacy failed at run time
+  (frozen weights changed, LoRA weights did not). Never caught to carry on silently.
+"""
+
+from __future__ import annotations
+
+
+class FedPrefError(Exception):
+    """Root of every error fedpref raises on purpose."""
+
+
+class DataError(FedPrefError):
+    """Bad data from a file or a peer."""
+
+
+class ConfigError(FedPrefError):
+    """A configuration or call that cannot work; the message says how to fix it."""
+
+
+class IntegrityError(FedPrefError):
+    """A run-time invariant (frozen weights, privacy budget, partition) was violated."""
+
+
+class BudgetExceededError(FedPrefError):
+    """Training would exceed a configured privacy budget."""
