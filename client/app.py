@@ -1,0 +1,88 @@
+"""The fedpref ClientApp: one user's device in a round.
+
+In simulation each virtual node is one user of the JSONL (``partition-id`` → the
+``partition-id``-th user id in sorted order) with its state under
+``<workdir>/clients/<user_id>``. Nothing per user is kept in Flower's ``Context``.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+
+from flwr.app import Context, Error, Message
+from flwr.clientapp import ClientApp
+
+from fedpref.client.data import UserData, group_by_user, load_jsonl
+from fedpref.client.device import DeclinedRound, DeviceState, adapters_for, get_runtime, train_round, user_cache
+from fedpref.model.cache import TextCache
+from fedpref.model.config import ModelConfig
+from fedpref.protocol.errors import FedPrefError
+from fedpref.protocol.messages import TrainRequest
+from fedpref.protocol.runconfig import from_run_config
+from fedpref.protocol.tomlconfig import build, read_toml
+
+log = logging.getLogger("fedpref.client")
+
+DECLINED_CODE = 4100  # Flower error code for a round the device declines on purpose
+
+
+@functools.lru_cache(maxsize=2)
+def _users(data: Path) -> dict[str, UserData]:
+    return group_by_user(load_jsonl(data))
+
+
+@functools.lru_cache(maxsize=2)
+def _model_config(config_file: str) -> ModelConfig:
+    data = read_toml(config_file) if config_file else {}
+    return build(ModelConfig, data.get("model"), where=f"{config_file or '<defaults>'} [model]")
+
+
+@functools.lru_cache(maxsize=2)
+def _shared_cache(path: str) -> TextCache | None:
+    return TextCache.load(path) if path and Path(path).exists() else None
+
+
+def _user_for(context: Context, users: dict[str, UserData]) -> UserData:
+    pid = int(context.node_config["partition-id"])
+    ids = sorted(users)
+    if not 0 <= pid < len(ids):
+        raise FedPrefError(f"partition-id {pid} but the data has {len(ids)} users; set num-supernodes = {len(ids)}")
+    return users[ids[pid]]
+
+
+def make_client_app(defaults: dict | None = None) -> ClientApp:
+    """A ClientApp whose run config is ``defaults`` overridden by Flower's run config.
+
+    ``flwr run .`` passes everything through the run config (pyproject's
+    ``[tool.flwr.app.config]``); ``fedpref-sim`` bakes its settings into ``defaults``.
+    """
+    base = dict(defaults or {})
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        return handle_train(msg, context, {**base, **dict(context.run_config)})
+
+    return app
+
+
+def handle_train(msg: Message, context: Context, run_config: dict) -> Message:
+    run = from_run_config(run_config)
+    try:
+        users = _users(run.data)
+        user = _user_for(context, users)
+        req = TrainRequest.from_content(msg.content)
+        rt = get_runtime(_model_config(run.config_file), adapters_for(
+            train_shared=req.config.train_shared, train_private=req.config.train_private))
+        state = DeviceState(run.clients_dir / user.user_id)
+        cache = user_cache(rt, user, state, _shared_cache(run.cache))
+        content = train_round(rt, user, state, req, cache=cache, seed=run.seed + req.config.server_round)
+    except DeclinedRound as e:
+        log.info("declined round: %s", e)
+        return Message(Error(code=DECLINED_CODE, reason=str(e)), reply_to=msg)
+    return Message(content=content, reply_to=msg)
+
+
+app = make_client_app()

@@ -1,0 +1,237 @@
+"""One device's side of a round: verify, load, train with DP-SGD, clip, save, reply.
+
+:class:`Runtime` holds what a process keeps in memory between rounds (the frozen model,
+its snapshot for the bit-identity check, the initial private adapter). Everything per user
+lives on disk in :class:`DeviceState`, keyed by the user or node, never in Flower's
+``Context``.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedpref.client.data import UserData
+from fedpref.client.trainer import LocalTrainConfig, _frozen_snapshot, pair_accuracy, train_pairs
+from fedpref.model.backbone import Backbone, load_backbone
+from fedpref.model.cache import TextCache
+from fedpref.model.config import ModelConfig
+from fedpref.model.io import adapter_exists, load_adapter_weights, save_adapter
+from fedpref.model.preference import build_model, get_arrays, set_arrays
+from fedpref.protocol.accounting import SampleLevelAccountant
+from fedpref.protocol.errors import FedPrefError
+from fedpref.protocol.messages import (
+    PROTOCOL_VERSION,
+    Attestation,
+    TrainMetrics,
+    TrainRequest,
+    train_reply,
+)
+from fedpref.protocol.partition import PRIVATE_ADAPTER, SHARED_ADAPTER, Group
+
+log = logging.getLogger("fedpref.client")
+
+
+class DeclinedRound(FedPrefError):
+    """The device will not train this round (budget, policy); the reason goes to the server."""
+
+
+@dataclass
+class Runtime:
+    backbone: Backbone
+    model: nn.Module
+    adapters: tuple[str, ...]
+    snapshot: dict[str, torch.Tensor]
+    initial_private: dict[str, np.ndarray]
+    max_length: int
+
+
+@functools.lru_cache(maxsize=4)
+def get_runtime(model_cfg: ModelConfig, adapters: tuple[str, ...]) -> Runtime:
+    """Load the backbone and build the PEFT model once per process and adapter set."""
+    backbone = load_backbone(model_cfg.backbone or None)
+    model = build_model(backbone, model_cfg.adapter, adapters=adapters)
+    return Runtime(
+        backbone=backbone, model=model, adapters=adapters, snapshot=_frozen_snapshot(model),
+        initial_private=get_arrays(model, Group.PRIVATE) if PRIVATE_ADAPTER in adapters else {},
+        max_length=model_cfg.max_length,
+    )
+
+
+def adapters_for(*, train_shared: bool, train_private: bool) -> tuple[str, ...]:
+    return tuple(a for a, on in ((SHARED_ADAPTER, train_shared), (PRIVATE_ADAPTER, train_private)) if on)
+
+
+class DeviceState:
+    """Everything a device keeps for one user, under one folder."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    @property
+    def private_dir(self) -> Path:
+        return self.root / "adapters" / PRIVATE_ADAPTER
+
+    @property
+    def accountant_path(self) -> Path:
+        return self.root / "accountant.json"
+
+    @property
+    def cache_path(self) -> Path:
+        return self.root / "cache.safetensors"
+
+    def accountant(self) -> SampleLevelAccountant:
+        return SampleLevelAccountant.load(self.accountant_path)
+
+
+def load_private(rt: Runtime, state: DeviceState) -> None:
+    """The user's private adapter from disk, or the common initial one for a new user."""
+    if adapter_exists(state.private_dir):
+        load_adapter_weights(rt.model, PRIVATE_ADAPTER, state.private_dir)
+    else:
+        set_arrays(rt.model, Group.PRIVATE, rt.initial_private)
+
+
+def user_cache(rt: Runtime, user: UserData, state: DeviceState, shared_cache: TextCache | None) -> TextCache:
+    """The hidden-state cache covering the user's texts (built once, kept on disk)."""
+    texts = [t for p in (*user.train, *user.test) for t in (p.chosen, p.rejected)]
+    if shared_cache is not None and not shared_cache.missing(texts):
+        return shared_cache
+    cache = TextCache.load(state.cache_path) if state.cache_path.exists() else None
+    missing = texts if cache is None else cache.missing(texts)
+    if missing:
+        new = TextCache.build(rt.model, rt.backbone, missing, max_length=rt.max_length)
+        if cache is None:
+            cache = new
+        else:
+            cache.merge(new)
+        cache.save(state.cache_path)
+    assert cache is not None
+    return cache
+
+
+def clip(delta: dict[str, np.ndarray], clip_norm: float) -> tuple[dict[str, np.ndarray], float]:
+    """Scale ``delta`` so its global L2 norm is at most ``clip_norm``; returns the raw norm."""
+    norm = float(np.sqrt(sum(float(np.sum(np.square(v, dtype=np.float64))) for v in delta.values())))
+    scale = min(1.0, clip_norm / norm) if norm > 0 else 1.0
+    # float32 rounding can push the norm a hair above C; shrink by 1 ulp-ish margin
+    return {k: (v * scale * (1 - 1e-7)).astype(np.float32) for k, v in delta.items()}, norm
+
+
+def train_round(
+    rt: Runtime,
+    user: UserData,
+    state: DeviceState,
+    req: TrainRequest,
+    *,
+    cache: TextCache,
+    policy_version: int = 0,
+    safety_digest: str = "",
+    report_eval: bool = True,
+    seed: int = 0,
+):
+    """Run one round for one user; returns the reply RecordDict. Raises DeclinedRound."""
+    cfg = req.config
+    if cfg.protocol_version != PROTOCOL_VERSION:
+        raise DeclinedRound(f"protocol version {cfg.protocol_version} unsupported (device speaks {PROTOCOL_VERSION})")
+    local = LocalTrainConfig(
+        epochs=cfg.local_epochs, batch_size=cfg.batch_size, learning_rate=cfg.learning_rate,
+        head_learning_rate=cfg.head_learning_rate, noise_multiplier=cfg.dp_noise_multiplier,
+        max_grad_norm=cfg.dp_max_grad_norm, seed=seed,
+    )
+    n = len(user.train)
+    acct = state.accountant()
+    if local.dp and math.isfinite(cfg.max_epsilon_sample):
+        exceeds, eps_after = acct.would_exceed(
+            max_epsilon=cfg.max_epsilon_sample, delta=cfg.delta, noise_multiplier=local.noise_multiplier,
+            sample_rate=local.sample_rate(n), steps=local.steps(n),
+        )
+        if exceeds:
+            raise DeclinedRound(
+                f"device budget: this round would bring ε_sample to {eps_after:.3f} > "
+                f"max_epsilon_sample {cfg.max_epsilon_sample} (δ={cfg.delta}); declining"
+            )
+    if SHARED_ADAPTER in rt.adapters:
+        set_arrays(rt.model, Group.SHARED, req.shared)
+    if PRIVATE_ADAPTER in rt.adapters:
+        load_private(rt, state)
+    chosen = [p.chosen for p in user.train]
+    rejected = [p.rejected for p in user.train]
+    eval_acc = (
+        pair_accuracy(rt.model, cache, [p.chosen for p in user.test], [p.rejected for p in user.test])
+        if report_eval else float("nan")
+    )
+    result = train_pairs(
+        rt.model, cache, chosen, rejected, local,
+        accountant_history=acct.history if local.dp else None, frozen_snapshot=rt.snapshot,
+    )
+    if local.dp:
+        acct.extend_to(result.accountant_history)
+    new_shared = get_arrays(rt.model, Group.SHARED)
+    delta, raw_norm = clip({k: new_shared[k] - req.shared[k] for k in req.shared}, cfg.clip_norm)
+    if PRIVATE_ADAPTER in rt.adapters:
+        save_adapter(rt.model, PRIVATE_ADAPTER, state.private_dir, metadata={"round": str(cfg.server_round)})
+    if local.dp:
+        acct.save()
+    eps = acct.epsilon(cfg.delta) if acct.history else 0.0
+    metrics = TrainMetrics(
+        num_examples=n, train_loss=result.loss, train_accuracy=result.accuracy, epsilon_sample=eps,
+        delta_norm=raw_norm, steps=result.steps, seconds=result.seconds,
+    )
+    att = Attestation(
+        protocol_version=PROTOCOL_VERSION, server_round=cfg.server_round, backbone_sha256=rt.backbone.sha256,
+        policy_version=policy_version, safety_digest=safety_digest,
+    )
+    content = train_reply(delta, metrics, att)
+    if report_eval:
+        content.metric_records["metrics"]["eval_accuracy"] = eval_acc
+    return content
+
+
+def train_private_locally(
+    rt: Runtime,
+    user: UserData,
+    state: DeviceState,
+    cfg: LocalTrainConfig,
+    *,
+    cache: TextCache,
+    shared: dict[str, np.ndarray] | None,
+    delta: float,
+) -> float:
+    """Train only the private adapter on the device (the ``local`` and ``finetuned`` methods).
+
+    The shared adapter, if the runtime has one, is loaded from ``shared`` and kept frozen.
+    Returns the device's ε_sample after training.
+    """
+    if PRIVATE_ADAPTER not in rt.adapters:
+        raise FedPrefError("train_private_locally needs a runtime with the private adapter")
+    shared_params = []
+    if SHARED_ADAPTER in rt.adapters:
+        if shared is None:
+            raise FedPrefError("the runtime has a shared adapter: pass the global shared weights")
+        set_arrays(rt.model, Group.SHARED, shared)
+        shared_params = [p for n, p in rt.model.named_parameters() if p.requires_grad and f".{SHARED_ADAPTER}." in n]
+    load_private(rt, state)
+    acct = state.accountant()
+    for p in shared_params:
+        p.requires_grad_(False)
+    try:
+        result = train_pairs(
+            rt.model, cache, [p.chosen for p in user.train], [p.rejected for p in user.train], cfg,
+            accountant_history=acct.history if cfg.dp else None, frozen_snapshot=rt.snapshot,
+        )
+    finally:
+        for p in shared_params:
+            p.requires_grad_(True)
+    save_adapter(rt.model, PRIVATE_ADAPTER, state.private_dir)
+    if cfg.dp:
+        acct.extend_to(result.accountant_history)
+        acct.save()
+    return acct.epsilon(delta) if acct.history else 0.0

@@ -1,0 +1,196 @@
+"""Local DP-SGD training of the shared and private adapters on one user's pairs.
+
+Opacus does the per-sample clipping, the noise and the accounting; this module only builds
+the loop, and checks around it the invariants that Opacus + PEFT can silently break
+(issue #820): frozen weights stay bit-identical, trained LoRA weights do change.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from fedpref.model.cache import TextCache
+from fedpref.model.preference import bradley_terry_loss, check_partition
+from fedpref.protocol.errors import ConfigError, IntegrityError
+from fedpref.protocol.partition import Group, group_of
+
+# Opacus' secure_mode needs torchcsprng, which has no wheel for this torch; the noise comes
+# from torch's default generator. PEFT's frozen inputs make full backward hooks warn on every
+# step although per-sample gradients are exact (checked in tests/test_trainer.py).
+warnings.filterwarnings("ignore", message="Secure RNG turned off")
+warnings.filterwarnings("ignore", message="Full backward hook is firing")
+
+
+@dataclass(frozen=True)
+class LocalTrainConfig:
+    epochs: int  # passes over the train pairs
+    batch_size: int  # expected (Poisson) batch size, pairs
+    learning_rate: float  # LoRA matrices
+    head_learning_rate: float  # reward heads
+    noise_multiplier: float  # DP-SGD σ; 0 turns DP off (plain SGD, no accountant)
+    max_grad_norm: float  # DP-SGD per-sample clip
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ConfigError(f"local epochs = {self.epochs}; use ≥ 1")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size = {self.batch_size}; use ≥ 1")
+        if self.noise_multiplier < 0:
+            raise ConfigError(f"noise_multiplier = {self.noise_multiplier}; use ≥ 0 (0 = DP off)")
+        if self.noise_multiplier > 0 and self.max_grad_norm <= 0:
+            raise ConfigError(f"max_grad_norm = {self.max_grad_norm}; DP-SGD needs a positive clip")
+
+    @property
+    def dp(self) -> bool:
+        return self.noise_multiplier > 0
+
+    def sample_rate(self, n: int) -> float:
+        return min(1.0, self.batch_size / max(n, 1))
+
+    def steps(self, n: int) -> int:
+        """DP-SGD steps in one call: ``epochs`` passes of ``1/q`` expected batches."""
+        return self.epochs * max(1, math.ceil(n / self.batch_size))
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    loss: float  # mean BT loss over the steps
+    accuracy: float  # train accuracy over the steps' batches
+    steps: int
+    sample_rate: float
+    seconds: float
+    accountant_history: list[tuple[float, float, int]]  # Opacus RDP history after training
+
+
+def _frozen_snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if group_of(n) in (Group.BACKBONE, Group.SAFETY)}
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.int32) if t.dtype == torch.float32 else t
+
+
+def assert_frozen_unchanged(model: nn.Module, snapshot: dict[str, torch.Tensor]) -> None:
+    """Every backbone and safety parameter is bit-identical to the snapshot."""
+    for n, p in model.named_parameters():
+        if n in snapshot and not torch.equal(_bits(p.detach()), _bits(snapshot[n])):
+            raise IntegrityError(f"frozen parameter {n} ({group_of(n).value}) changed during local training")
+
+
+def trainable_groups(model: nn.Module) -> dict[Group, list[str]]:
+    out: dict[Group, list[str]] = {Group.SHARED: [], Group.PRIVATE: []}
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            out[group_of(n)].append(n)
+    return out
+
+
+def train_pairs(
+    model: nn.Module,
+    cache: TextCache,
+    chosen: Sequence[str],
+    rejected: Sequence[str],
+    cfg: LocalTrainConfig,
+    *,
+    accountant_history: list[tuple[float, float, int]] | None = None,
+    frozen_snapshot: dict[str, torch.Tensor] | None = None,
+) -> TrainResult:
+    """Train every trainable (shared/private) parameter of ``model`` with DP-SGD.
+
+    ``frozen_snapshot`` lets a caller that keeps the model in memory pass the snapshot it
+    took once, so the bit-identity check costs a comparison, not a copy.
+    """
+    if len(chosen) != len(rejected) or not chosen:
+        raise ConfigError(f"need ≥ 1 pair with chosen and rejected; got {len(chosen)} and {len(rejected)}")
+    check_partition(model)
+    snapshot = frozen_snapshot if frozen_snapshot is not None else _frozen_snapshot(model)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in trained]
+    heads = [p for n, p in model.named_parameters() if p.requires_grad and ".modules_to_save." in n]
+    head_ids = {id(p) for p in heads}
+    lora = [p for p in trained if id(p) not in head_ids]
+    groups = [g for g in ({"params": lora, "lr": cfg.learning_rate}, {"params": heads, "lr": cfg.head_learning_rate}) if g["params"]]
+    optimizer = torch.optim.SGD(groups, lr=cfg.learning_rate)
+    n = len(chosen)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    loader = DataLoader(TensorDataset(torch.arange(n)), batch_size=cfg.batch_size, shuffle=True, generator=gen)
+    model.train()
+    engine = None
+    net: nn.Module = model
+    if cfg.dp:
+        from opacus import PrivacyEngine
+
+        engine = PrivacyEngine(accountant="rdp", secure_mode=False)
+        if accountant_history:
+            engine.accountant.history = [tuple(h) for h in accountant_history]
+        net, optimizer, loader = engine.make_private(
+            module=model, optimizer=optimizer, data_loader=loader,
+            noise_multiplier=cfg.noise_multiplier, max_grad_norm=cfg.max_grad_norm,
+            poisson_sampling=True, grad_sample_mode="hooks",
+        )
+    t0 = time.perf_counter()
+    steps, loss_sum, correct, seen = 0, 0.0, 0, 0
+    try:
+        for _ in range(cfg.epochs):
+            for (idx,) in loader:
+                optimizer.zero_grad(set_to_none=True)
+                if idx.numel() == 0:  # Poisson sampling can draw an empty batch: noise-only step
+                    if cfg.dp:
+                        for p in trained:
+                            p.grad_sample = torch.zeros((0, *p.shape))
+                        optimizer.step()
+                    steps += 1
+                    continue
+                ids_c, mask_c, rep_c = cache.batch([chosen[i] for i in idx.tolist()])
+                ids_r, mask_r, rep_r = cache.batch([rejected[i] for i in idx.tolist()])
+                r_c = net(ids_c, mask_c, rep_c)  # (B,)
+                r_r = net(ids_r, mask_r, rep_r)  # (B,)
+                loss = bradley_terry_loss(r_c, r_r)
+                loss.backward()
+                optimizer.step()
+                steps += 1
+                loss_sum += float(loss.detach()) * idx.numel()
+                correct += int((r_c > r_r).sum())
+                seen += idx.numel()
+    finally:
+        if engine is not None:
+            net._close()  # type: ignore[operator]  # remove Opacus hooks: the model is reused
+        optimizer.zero_grad(set_to_none=True)
+        model.eval()
+    seconds = time.perf_counter() - t0
+    assert_frozen_unchanged(model, snapshot)
+    if seen and all(torch.equal(p.detach(), b) for p, b in zip(trained, before)):
+        raise IntegrityError("no trainable LoRA/head weight changed during local training (Opacus + PEFT issue #820?)")
+    history = [tuple(h) for h in engine.accountant.history] if engine is not None else list(accountant_history or [])
+    return TrainResult(
+        loss=loss_sum / max(seen, 1), accuracy=correct / max(seen, 1), steps=steps,
+        sample_rate=cfg.sample_rate(n), seconds=seconds, accountant_history=history,  # type: ignore[arg-type]
+    )
+
+
+@torch.no_grad()
+def pair_accuracy(model: nn.Module, cache: TextCache, chosen: Sequence[str], rejected: Sequence[str], *, batch_size: int = 64) -> float:
+    """Share of pairs where the model scores chosen above rejected."""
+    scores = score_texts(model, cache, list(chosen) + list(rejected), batch_size=batch_size)
+    n = len(chosen)
+    return float((scores[:n] > scores[n:]).float().mean()) if n else float("nan")
+
+
+@torch.no_grad()
+def score_texts(model: nn.Module, cache: TextCache, texts: Sequence[str], *, batch_size: int = 64) -> torch.Tensor:
+    """Personal rewards, (N,)."""
+    model.eval()
+    out = []
+    for s in range(0, len(texts), batch_size):
+        ids, mask, rep = cache.batch(texts[s : s + batch_size])
+        out.append(model(ids, mask, rep))
+    return torch.cat(out) if out else torch.zeros(0)

@@ -1,0 +1,126 @@
+"""Cache of what the frozen part of the backbone computes for each text.
+
+The blocks below the first adapted block never change, so their output for a text is a
+pure function of (backbone, text, max_length). :class:`TextCache` stores token ids and that
+hidden state per text, keyed by the sha256 of the text, in one safetensors file. Batches
+built from it replay exactly the same numbers the full forward pass computes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from fedpref.model.backbone import Backbone, pad_batch, tokenize
+from fedpref.protocol.errors import DataError
+
+
+def text_key(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+class TextCache:
+    """Token ids (and, when some blocks are frozen, lower-block states) per text."""
+
+    def __init__(self, ids: dict[str, torch.Tensor], states: dict[str, torch.Tensor], pad_id: int) -> None:
+        self.ids = ids  # key -> (T,) int64
+        self.states = states  # key -> (T, H) float32; empty when every block is adapted
+        self.pad_id = pad_id
+
+    def __contains__(self, text: str) -> bool:
+        return text_key(text) in self.ids
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @classmethod
+    @torch.no_grad()
+    def build(
+        cls,
+        model: torch.nn.Module,
+        backbone: Backbone,
+        texts: Iterable[str],
+        *,
+        max_length: int,
+        batch_size: int = 64,
+        progress: Callable[[int], None] | None = None,
+    ) -> TextCache:
+        """Run the frozen lower blocks once per distinct text."""
+        reward_model = model.base_model.model if hasattr(model, "base_model") else model
+        unique = sorted({t for t in texts}, key=len)  # similar lengths batch together: less padding
+        pad_id = int(backbone.tokenizer.pad_token_id)
+        ids: dict[str, torch.Tensor] = {}
+        states: dict[str, torch.Tensor] = {}
+        has_lower = bool(reward_model.first_adapted)
+        for start in range(0, len(unique), batch_size):
+            chunk = unique[start : start + batch_size]
+            toks = tokenize(backbone, chunk, max_length=max_length)
+            input_ids, mask = pad_batch(toks, pad_id)  # (B, T)
+            lower = reward_model.lower_states(input_ids, mask) if has_lower else None  # (B, T, H)
+            for i, text in enumerate(chunk):
+                k = text_key(text)
+                n = len(toks[i])
+                ids[k] = input_ids[i, :n].clone()
+                if lower is not None:
+                    states[k] = lower[i, :n].float().clone()
+            if progress is not None:
+                progress(len(chunk))
+        return cls(ids, states, pad_id)
+
+    def merge(self, other: TextCache) -> None:
+        self.ids.update(other.ids)
+        self.states.update(other.states)
+
+    def missing(self, texts: Iterable[str]) -> list[str]:
+        return sorted({t for t in texts if text_key(t) not in self.ids})
+
+    def batch(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(input_ids (B, T), attention_mask (B, T), replay (B, T, H) or None), right-padded."""
+        keys = [text_key(t) for t in texts]
+        try:
+            toks = [self.ids[k].tolist() for k in keys]
+        except KeyError:
+            raise DataError("a text is not in the hidden-state cache; build the cache over every text first") from None
+        input_ids, mask = pad_batch(toks, self.pad_id)
+        if not self.states:
+            return input_ids, mask, None
+        h = next(iter(self.states.values())).shape[-1]
+        replay = torch.zeros((len(keys), input_ids.shape[1], h), dtype=torch.float32)  # (B, T, H)
+        for i, k in enumerate(keys):
+            s = self.states[k]
+            replay[i, : s.shape[0]] = s
+        return input_ids, mask, replay
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Atomically write one safetensors file."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {f"ids.{k}": v for k, v in self.ids.items()}
+        tensors.update({f"h.{k}": v.contiguous() for k, v in self.states.items()})
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata={"pad_id": str(self.pad_id)})
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> TextCache:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as fh:
+            pad_id = int((fh.metadata() or {}).get("pad_id", "0"))
+        tensors = load_file(str(path))
+        ids = {k[4:]: v for k, v in tensors.items() if k.startswith("ids.")}
+        states = {k[2:]: v for k, v in tensors.items() if k.startswith("h.")}
+        return cls(ids, states, pad_id)

@@ -1,0 +1,239 @@
+"""The preference (reward) model: frozen backbone + shared and private PEFT adapters.
+
+::
+
+    text ─► backbone (frozen; LoRA "shared" + "private" on the top blocks) ─► pool ─► h (B, H)
+    reward(text) = score(h) + personal_head(h)
+
+- ``score`` is the shared reward head (``modules_to_save`` of the "shared" adapter).
+- ``personal_head`` is the user's own head (``modules_to_save`` of the "private" adapter).
+  Its frozen base is zero, so a model without the private adapter ignores it.
+- Both adapters are PEFT LoRA adapters on the same target modules, active at once.
+
+Because the backbone is frozen and adapters sit on the top blocks only, the hidden state
+entering the first adapted block is a pure function of the text. :mod:`fedpref.model.cache`
+stores it, and :meth:`RewardModel.forward` can *replay* it instead of recomputing the lower
+blocks. This is exact, not an approximation (checked in the tests).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedpref.model.backbone import Backbone, pool
+from fedpref.protocol.errors import ConfigError, IntegrityError
+from fedpref.protocol.partition import PRIVATE_ADAPTER, SHARED_ADAPTER, Group, group_of
+
+# Module names inside a transformer block that LoRA may target, by architecture family.
+_ATTENTION_NAMES = {
+    "query": ("query", "q_proj", "q_lin", "c_attn"),
+    "value": ("value", "v_proj", "v_lin"),
+}
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """Where and how big the LoRA adapters are (the same spec for shared and private)."""
+
+    rank: int = 8  # LoRA r
+    alpha: float = 16.0  # LoRA alpha (scaling = alpha / r)
+    top_layers: int = 1  # adapt the last N transformer blocks; lower blocks can be cached
+    targets: tuple[str, ...] = ("query", "value")  # sub-modules of each adapted block
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise ConfigError(f"adapter.rank = {self.rank}; use a LoRA rank ≥ 1 (e.g. 8)")
+        if self.top_layers < 1:
+            raise ConfigError(f"adapter.top_layers = {self.top_layers}; adapt at least the last block (1)")
+        if not self.targets:
+            raise ConfigError("adapter.targets is empty; name block sub-modules, e.g. ['query', 'value']")
+
+
+class _Replayable(nn.Module):
+    """Wraps a frozen lower block so that a cached hidden state can stand in for its output."""
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        self.block = block
+        self.replay: torch.Tensor | None = None  # set on the last lower block only
+        self.skip = False  # lower blocks under a replayed one do nothing
+        self.returns_tuple = False
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):  # noqa: ANN002, ANN003
+        if self.replay is not None:
+            return (self.replay,) if self.returns_tuple else self.replay
+        if self.skip:
+            return (hidden_states,) if self.returns_tuple else hidden_states
+        out = self.block(hidden_states, *args, **kwargs)
+        self.returns_tuple = isinstance(out, tuple)
+        return out
+
+
+class RewardModel(nn.Module):
+    """Backbone + reward heads. Wrap with :func:`build_model` to get the PEFT adapters."""
+
+    def __init__(self, backbone: Backbone, *, first_adapted: int) -> None:
+        super().__init__()
+        self.encoder = backbone.model
+        self.is_decoder = backbone.is_decoder
+        self.first_adapted = first_adapted
+        h = backbone.hidden_size
+        self.score = nn.Linear(h, 1)
+        self.personal_head = nn.Linear(h, 1)
+        for head in (self.score, self.personal_head):
+            nn.init.zeros_(head.weight)
+            nn.init.zeros_(head.bias)
+            head.requires_grad_(False)
+        layers = backbone.layers()
+        for i in range(first_adapted):
+            layers[i] = _Replayable(layers[i])
+        self._layers_path = backbone.layers_path
+        self._capture: list[torch.Tensor] = []
+
+    def lower_blocks(self) -> list[_Replayable]:
+        layers = self.encoder.get_submodule(self._layers_path)
+        return [layers[i] for i in range(self.first_adapted)]  # type: ignore[misc]
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # (B, T)
+        attention_mask: torch.Tensor,  # (B, T)
+        replay: torch.Tensor | None = None,  # (B, T, H): output of the last lower block
+    ) -> torch.Tensor:  # (B,) rewards
+        lower = self.lower_blocks()
+        if replay is not None and lower:
+            for blk in lower[:-1]:
+                blk.skip = True
+            lower[-1].replay = replay
+        try:
+            hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
+        finally:
+            for blk in lower:
+                blk.skip, blk.replay = False, None
+        pooled = pool(hidden, attention_mask, is_decoder=self.is_decoder)  # (B, H)
+        return (self.score(pooled) + self.personal_head(pooled)).squeeze(-1)  # (B,)
+
+    @torch.no_grad()
+    def lower_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The hidden states leaving the last lower block, (B, T, H): what the cache stores."""
+        lower = self.lower_blocks()
+        if not lower:
+            raise ConfigError("every block is adapted (adapter.top_layers = all); nothing to cache")
+        captured: list[torch.Tensor] = []
+
+        def hook(_m, _i, out):  # noqa: ANN001
+            captured.append(out[0] if isinstance(out, tuple) else out)
+
+        handle = lower[-1].register_forward_hook(hook)
+        try:
+            self.encoder(input_ids=input_ids, attention_mask=attention_mask)
+        finally:
+            handle.remove()
+        return captured[0]
+
+
+def _target_module_names(model: RewardModel, backbone: Backbone, spec: AdapterSpec) -> list[str]:
+    n = backbone.num_layers
+    if spec.top_layers > n:
+        raise ConfigError(f"adapter.top_layers = {spec.top_layers} but the backbone has {n} blocks")
+    wanted = [suffix for t in spec.targets for suffix in _ATTENTION_NAMES.get(t, (t,))]
+    prefix = f"encoder.{backbone.layers_path}."
+    names = []
+    for name, module in model.named_modules():
+        if not name.startswith(prefix) or not isinstance(module, (nn.Linear, nn.Conv1d)) and type(module).__name__ != "Conv1D":
+            continue
+        idx = int(name[len(prefix) :].split(".")[0])
+        if idx >= n - spec.top_layers and name.rsplit(".", 1)[-1] in wanted:
+            names.append(name)
+    if not names:
+        raise ConfigError(
+            f"adapter.targets = {list(spec.targets)} match no module in the top {spec.top_layers} "
+            f"block(s) of {type(backbone.model).__name__}; name Linear sub-modules of a block"
+        )
+    return names
+
+
+def build_model(
+    backbone: Backbone, spec: AdapterSpec, *, adapters: Sequence[str] = (SHARED_ADAPTER, PRIVATE_ADAPTER), seed: int = 0
+) -> nn.Module:
+    """A PEFT model with the requested adapters, all active. The backbone must be fresh.
+
+    ``get_peft_model`` runs after the model is on its device (CPU here), as the Opacus +
+    PEFT issue #820 requires.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    if not adapters:
+        raise ConfigError("build_model needs at least one adapter")
+    torch.manual_seed(seed)
+    for m in backbone.model.modules():  # deterministic forward: no dropout in a frozen backbone
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+    first_adapted = backbone.num_layers - spec.top_layers
+    base = RewardModel(backbone, first_adapted=first_adapted)
+    targets = _target_module_names(base, backbone, spec)
+    heads = {SHARED_ADAPTER: ["score"], PRIVATE_ADAPTER: ["personal_head"]}
+
+    def cfg(name: str) -> LoraConfig:
+        return LoraConfig(
+            r=spec.rank, lora_alpha=spec.alpha, lora_dropout=0.0, bias="none",
+            target_modules=targets, modules_to_save=heads[name],
+        )
+
+    model = get_peft_model(base, cfg(adapters[0]), adapter_name=adapters[0])
+    for name in adapters[1:]:
+        model.add_adapter(name, cfg(name))
+    model.base_model.set_adapter(list(adapters))
+    check_partition(model)
+    return model
+
+
+def check_partition(model: nn.Module) -> None:
+    """Only shared/private parameters may be trainable; safety/backbone never."""
+    for name, p in model.named_parameters():
+        g = group_of(name)
+        if p.requires_grad and g not in (Group.SHARED, Group.PRIVATE):
+            raise IntegrityError(f"parameter {name} of group {g.value} is trainable; it must stay frozen")
+
+
+def params_of(model: nn.Module, group: Group) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if group_of(n) is group}
+
+
+def get_arrays(model: nn.Module, group: Group) -> dict[str, np.ndarray]:
+    """A copy of one group's parameters as float32 numpy arrays, by parameter name."""
+    return {n: p.detach().cpu().numpy().copy() for n, p in params_of(model, group).items()}
+
+
+@torch.no_grad()
+def set_arrays(model: nn.Module, group: Group, arrays: dict[str, np.ndarray]) -> None:
+    """Load one group's parameters; the names must match exactly."""
+    params = params_of(model, group)
+    if set(params) != set(arrays):
+        missing, extra = sorted(set(params) - set(arrays)), sorted(set(arrays) - set(params))
+        raise IntegrityError(f"{group.value} parameters do not match: missing {missing[:3]}, unexpected {extra[:3]}")
+    for n, p in params.items():
+        p.copy_(torch.from_numpy(np.asarray(arrays[n])).to(p.dtype))
+
+
+def digest_of(model: nn.Module, groups: Iterable[Group]) -> str:
+    """sha256 over the exact bytes of every parameter of the given groups, by sorted name."""
+    wanted = set(groups)
+    h = hashlib.sha256()
+    for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+        if group_of(name) in wanted:
+            h.update(name.encode() + b"\0")
+            h.update(p.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
+    """−log σ(r_chosen − r_rejected), averaged over pairs. chosen, rejected: (B,)."""
+    return -F.logsigmoid(chosen - rejected).mean()

@@ -1,0 +1,83 @@
+"""The Flower run config both apps read: which TOML, which data, which method, where.
+
+These are the keys of ``[tool.flwr.app.config]`` in pyproject.toml; ``flwr run . -c
+'method="aggregated"'`` and ``fedpref-sim run`` both set them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from fedpref.protocol.errors import ConfigError
+
+# Relative paths in the run config are relative to the Flower App (this repository), not to
+# the working folder of whichever Flower process runs the app.
+APP_ROOT = Path(__file__).resolve().parents[1]
+
+
+class Method(str, Enum):
+    AGGREGATED = "aggregated"  # shared adapter + head only, FedAvg for everyone
+    LOCAL = "local"  # private adapter only, no federation
+    FINETUNED = "finetuned"  # aggregated, then local fine-tuning of a private adapter
+    PERSONALIZED = "personalized"  # fedpref: shared and private together
+    ORACLE = "oracle"  # the generator's true weights
+
+    @property
+    def federated(self) -> bool:
+        return self in (Method.AGGREGATED, Method.PERSONALIZED)
+
+    @property
+    def trains_private(self) -> bool:
+        return self in (Method.LOCAL, Method.FINETUNED, Method.PERSONALIZED)
+
+
+@dataclass(frozen=True)
+class AppRun:
+    config_file: str  # TOML with [model], [federation], [local]; "" = built-in defaults
+    data: Path  # the preference JSONL every client reads its user's pairs from
+    workdir: Path  # server checkpoints, ledger, per-client state
+    method: Method
+    cache: str  # hidden-state cache built by the runner; "" = each client builds its own
+    seed: int
+
+    @property
+    def clients_dir(self) -> Path:
+        return self.workdir / "clients"
+
+    @property
+    def server_dir(self) -> Path:
+        return self.workdir / "server"
+
+
+def from_run_config(rc: dict[str, Any], *, base: Path | None = None) -> AppRun:
+    def get(key: str, default: Any) -> Any:
+        return rc.get(key, default)
+
+    base = base or APP_ROOT
+
+    def path(v: str) -> Path:
+        p = Path(v).expanduser()
+        return p if p.is_absolute() else base / p
+
+    try:
+        method = Method(get("method", Method.PERSONALIZED.value))
+    except ValueError:
+        raise ConfigError(
+            f"run config method = {get('method', '')!r}; use 'personalized' or 'aggregated'"
+        ) from None
+    if not method.federated:
+        raise ConfigError(f"run config method = {method.value!r} is not federated; use 'personalized' or 'aggregated'")
+    data = str(get("data", ""))
+    if not data:
+        raise ConfigError("run config data is empty; give the preference JSONL, e.g. -c 'data=\"persona.jsonl\"'")
+    return AppRun(
+        config_file=str(get("config", "")),
+        data=path(data),
+        workdir=path(str(get("workdir", "results/flwr"))),
+        method=method,
+        cache=str(get("cache", "")),
+        seed=int(get("seed", 0)),
+    )

@@ -1,0 +1,136 @@
+"""The fedpref ServerApp: the same code in simulation and in deployment.
+
+It builds the shared part of the model (to know the shared keys, shapes and the backbone
+identity), then runs :class:`FedPrefStrategy` round by round. After each round the new
+global shared weights are checkpointed in PEFT format and the round record is appended to
+``history.json``, which ``fedpref-sim`` and the operator's ``status`` read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+from tqdm.auto import tqdm
+
+from fedpref.model.backbone import load_backbone
+from fedpref.model.config import ModelConfig
+from fedpref.model.io import save_adapter
+from fedpref.model.preference import build_model, get_arrays, set_arrays
+from fedpref.protocol.atomic import write_text_atomic
+from fedpref.protocol.messages import arrays_to_record
+from fedpref.protocol.partition import SHARED_ADAPTER, Group
+from fedpref.protocol.runconfig import AppRun, Method, from_run_config
+from fedpref.protocol.tomlconfig import build, read_toml
+from fedpref.server.config import FederationConfig, LocalConfig
+from fedpref.server.privacy import AccountantKind, PrivacyLedger, UserLevelBudget
+from fedpref.server.strategy import FedPrefStrategy, RoundRecord
+
+log = logging.getLogger("fedpref.server")
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerSettings:
+    model: ModelConfig
+    federation: FederationConfig
+    local: LocalConfig
+
+
+def load_server_settings(config_file: str) -> ServerSettings:
+    """[model], [federation] and [local] of a TOML file; other tables belong to other tools."""
+    data = read_toml(config_file) if config_file else {}
+    where = config_file or "<defaults>"
+    return ServerSettings(
+        model=build(ModelConfig, data.get("model"), where=f"{where} [model]"),
+        federation=build(FederationConfig, data.get("federation"), where=f"{where} [federation]"),
+        local=build(LocalConfig, data.get("local"), where=f"{where} [local]"),
+    )
+
+
+class Checkpoints:
+    """Round checkpoints of the global shared adapter, in PEFT format, plus a history file."""
+
+    def __init__(self, root: Path, model) -> None:  # noqa: ANN001
+        self.root = root
+        self.model = model
+
+    def save(self, rec: RoundRecord, arrays: dict[str, np.ndarray], history: list[RoundRecord]) -> Path:
+        set_arrays(self.model, Group.SHARED, arrays)
+        path = self.root / "checkpoints" / f"round-{rec.server_round:04d}"
+        save_adapter(self.model, SHARED_ADAPTER, path, metadata={"round": str(rec.server_round)})
+        write_text_atomic(self.root / "checkpoints" / "LATEST", path.name + "\n")
+        write_text_atomic(self.root / "history.json", json.dumps([dataclasses.asdict(h) for h in history], indent=1))
+        return path
+
+
+def run_federation(grid: Grid, run: AppRun, settings: ServerSettings, *, clock=time.time) -> FedPrefStrategy:  # noqa: ANN001
+    fed = settings.federation
+    backbone = load_backbone(settings.model.backbone or None)
+    model = build_model(backbone, settings.model.adapter, adapters=(SHARED_ADAPTER,), seed=run.seed)
+    initial = get_arrays(model, Group.SHARED)
+    run.server_dir.mkdir(parents=True, exist_ok=True)
+    budget = UserLevelBudget(
+        max_epsilon=fed.max_epsilon_user,
+        delta=fed.delta, accountant=AccountantKind.RDP, ledger=PrivacyLedger(run.server_dir / "ledger.jsonl"),
+    )
+    ckpt = Checkpoints(run.server_dir, model)
+    bar = tqdm(total=fed.rounds, desc=f"{run.method.value} rounds", unit="round", leave=False)
+    strategy: FedPrefStrategy
+
+    def on_round(rec: RoundRecord, arrays: dict[str, np.ndarray]) -> None:
+        ckpt.save(rec, arrays, strategy.history)
+        bar.update(1)
+        bar.set_postfix(eps_user=f"{rec.epsilon_user:.2f}", ok=rec.accepted, rej=len(rec.rejected))
+
+    strategy = FedPrefStrategy(
+        fed=fed, local=settings.local, shapes={k: v.shape for k, v in initial.items()},
+        backbone_sha256=backbone.sha256, budget=budget,
+        train_shared=True, train_private=run.method is Method.PERSONALIZED,
+        rng=np.random.default_rng(run.seed + 7919), clock=clock, on_round=on_round,
+    )
+    arrays = arrays_to_record(initial)
+    try:
+        for rnd in range(1, fed.rounds + 1):
+            exceeds, eps = budget.would_exceed(sample_rate=fed.client_sample_rate, noise_multiplier=fed.server_noise_multiplier)
+            if exceeds:
+                strategy.stopped_reason = (
+                    f"stopped before round {rnd}: it would bring ε_user to {eps:.3f} > "
+                    f"max_epsilon_user {fed.max_epsilon_user} (δ={fed.delta})"
+                )
+                log.warning(strategy.stopped_reason)
+                break
+            messages = list(strategy.configure_train(rnd, arrays, None, grid))  # type: ignore[arg-type]
+            replies = grid.send_and_receive(messages, timeout=fed.round_timeout_s) if messages else []
+            new, _ = strategy.aggregate_train(rnd, replies)
+            if new is not None:
+                arrays = new
+    finally:
+        bar.close()
+    write_text_atomic(
+        run.server_dir / "summary.json",
+        json.dumps({"rounds_completed": len(strategy.history), "stopped_reason": strategy.stopped_reason,
+                    "backbone_sha256": backbone.sha256, "method": run.method.value}, indent=1),
+    )
+    return strategy
+
+
+def make_server_app(defaults: dict | None = None) -> ServerApp:
+    """A ServerApp whose run config is ``defaults`` overridden by Flower's run config."""
+    base = dict(defaults or {})
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run = from_run_config({**base, **dict(context.run_config)})
+        run_federation(grid, run, load_server_settings(run.config_file))
+
+    return app
+
+
+app = make_server_app()

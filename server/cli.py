@@ -1,0 +1,135 @@
+"""``fedpref-server``: the operator's command line.
+
+Each command group is its own ``typer.Typer`` added to :data:`app` with ``add_typer``
+(``privacy`` now; ``keys``, ``policy``, ``nodes``, ``init``, ``start`` ... later). Commands
+wrap their work in :func:`exit_on_error`, so a :class:`FedPrefError` becomes one line on
+stderr and a documented exit code (``fedpref-server exit-codes``); :func:`main` does the
+same for command-line parsing errors.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import warnings
+from collections.abc import Sequence
+from typing import Annotated, NoReturn
+
+import click
+import typer
+
+from fedpref.server import privacy
+from fedpref.server.exit_codes import EXIT_CODE_HELP, ExitCode, exit_on_error, fail
+from fedpref.server.privacy import AccountantKind
+
+app = typer.Typer(
+    name="fedpref-server",
+    help="Run the fedpref server: policies, nodes, rounds and the privacy budget.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+privacy_app = typer.Typer(
+    help="Privacy accounting with Opacus' RDP or PRV accountant.",
+    no_args_is_help=True,
+)
+app.add_typer(privacy_app, name="privacy")
+
+SampleRate = Annotated[
+    float, typer.Option(help="Poisson sampling probability q per step, in (0, 1].")
+]
+Steps = Annotated[int, typer.Option(help="Number of noised steps (rounds).")]
+Delta = Annotated[float, typer.Option(help="Target delta, in (0, 1).")]
+Accountant = Annotated[
+    AccountantKind, typer.Option(case_sensitive=False, help="Opacus accountant to use.")
+]
+AsJson = Annotated[bool, typer.Option("--json", help="Print one JSON object.")]
+
+
+def _num(x: float) -> float | None:
+    return x if math.isfinite(x) else None  # JSON has no Infinity: an infinite epsilon is null
+
+
+def _emit(as_json: bool, record: dict[str, object], human: str) -> None:
+    if as_json:
+        out = {k: _num(v) if isinstance(v, float) else v for k, v in record.items()}
+        typer.echo(json.dumps(out, allow_nan=False))
+    else:
+        typer.echo(human)
+
+
+@privacy_app.command("epsilon")
+def privacy_epsilon(
+    sample_rate: SampleRate,
+    noise_multiplier: Annotated[float, typer.Option(help="Noise std / clip norm, > 0.")],
+    steps: Steps,
+    delta: Delta,
+    accountant: Accountant = AccountantKind.RDP,
+    as_json: AsJson = False,
+) -> None:
+    """Print the epsilon reached after STEPS Poisson-sampled Gaussian steps."""
+    with exit_on_error():
+        eps = privacy.epsilon(sample_rate=sample_rate, noise_multiplier=noise_multiplier,
+                              steps=steps, delta=delta, accountant=accountant)
+    record: dict[str, object] = {
+        "sample_rate": sample_rate, "noise_multiplier": noise_multiplier, "steps": steps,
+        "delta": delta, "accountant": accountant.value, "epsilon": eps,
+    }
+    if accountant is AccountantKind.PRV:
+        record["eps_error"] = privacy.PRV_EPS_ERROR
+    bound = f" (upper bound, error <= {privacy.PRV_EPS_ERROR})" if "eps_error" in record else ""
+    _emit(as_json, record, f"epsilon = {eps:.6g}{bound} at delta = {delta:g} "
+          f"[{accountant.value}: q={sample_rate:g}, z={noise_multiplier:g}, steps={steps}]")
+
+
+@privacy_app.command("noise")
+def privacy_noise(
+    sample_rate: SampleRate,
+    target_epsilon: Annotated[float, typer.Option(help="Epsilon budget to calibrate for, > 0.")],
+    steps: Steps,
+    delta: Delta,
+    accountant: Accountant = AccountantKind.RDP,
+    as_json: AsJson = False,
+) -> None:
+    """Print the smallest noise multiplier that keeps epsilon <= TARGET_EPSILON."""
+    with exit_on_error():
+        z = privacy.noise_multiplier(target_epsilon=target_epsilon, sample_rate=sample_rate,
+                                     steps=steps, delta=delta, accountant=accountant)
+    record: dict[str, object] = {
+        "sample_rate": sample_rate, "target_epsilon": target_epsilon, "steps": steps,
+        "delta": delta, "accountant": accountant.value, "noise_multiplier": z,
+    }
+    _emit(as_json, record, f"noise_multiplier = {z:.6g} keeps epsilon <= {target_epsilon:g} "
+          f"at delta = {delta:g} [{accountant.value}: q={sample_rate:g}, steps={steps}]")
+
+
+@app.command("exit-codes")
+def exit_codes() -> None:
+    """List every exit code with its meaning."""
+    for code in ExitCode:
+        typer.echo(f"{int(code):>3}  {code.name:<17} {EXIT_CODE_HELP[code]}")
+
+
+def _one_line_warning(message: Warning | str, category: type[Warning], *_: object,
+                      **__: object) -> str:
+    return f"warning: {' '.join(str(message).split())}\n"
+
+
+def main(argv: Sequence[str] | None = None) -> NoReturn:
+    """Console entry point: run :data:`app`; a usage error is one line and exit code 2."""
+    warnings.formatwarning = _one_line_warning
+    try:
+        rv = app(args=argv, prog_name="fedpref-server", standalone_mode=False)
+    except click.exceptions.NoArgsIsHelpError as e:  # help was rendered when it was raised
+        if message := e.format_message().strip():
+            typer.echo(message, err=True)
+        raise SystemExit(int(ExitCode.USAGE)) from None
+    except click.UsageError as e:
+        fail(ExitCode.USAGE, e.format_message())
+    except click.Abort:
+        fail(ExitCode.INTERRUPTED, "interrupted")
+    raise SystemExit(rv if isinstance(rv, int) else int(ExitCode.SUCCESS))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,118 @@
+"""Exit codes of ``fedpref-server``, each with help text (after Flower's ``exit_code.py``).
+
+Ranges, so that new codes have room:
+
+- 0: success; 1: an unexpected error (a bug; Python's own code for an uncaught exception)
+- 2-9: the command line, config or data given to the command
+- 10-19: safety policies and signing keys
+- 20-29: privacy budgets
+- 30-39: nodes and rounds (reserved)
+- 130: interrupted (128 + SIGINT)
+
+Never renumber a code: scripts depend on them. Retire one by commenting it out.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from enum import IntEnum
+from typing import NoReturn
+
+from fedpref.protocol.errors import (
+    BudgetExceededError,
+    ConfigError,
+    DataError,
+    FedPrefError,
+    IntegrityError,
+)
+
+
+class ExitCode(IntEnum):
+    SUCCESS = 0
+    INTERNAL = 1
+    USAGE = 2
+    CONFIG = 3
+    DATA = 4
+    INTEGRITY = 5
+    POLICY_REJECTED = 10
+    KEY_FILE = 11
+    WRONG_PASSPHRASE = 12
+    BUDGET_EXCEEDED = 20
+    INTERRUPTED = 130
+
+
+EXIT_CODE_HELP: dict[ExitCode, str] = {
+    ExitCode.SUCCESS: "The command completed.",
+    ExitCode.INTERNAL: (
+        "An unexpected error, most likely a bug in fedpref. Rerun to see the traceback and "
+        "report it with the command line you used."
+    ),
+    ExitCode.USAGE: (
+        "The command line could not be parsed: an unknown command or option, a missing "
+        "option, or a value of the wrong type. Run the command with --help."
+    ),
+    ExitCode.CONFIG: (
+        "A value given on the command line or in the config file cannot work. The message "
+        "names the field, the value and how to fix it."
+    ),
+    ExitCode.DATA: (
+        "A file the command read is malformed or corrupt (for example a privacy ledger "
+        "line). The message names the file and line; restore it from a backup."
+    ),
+    ExitCode.INTEGRITY: (
+        "A check that guards correctness or privacy failed (for example an accountant "
+        "history that would forget privacy already spent). Do not work around it."
+    ),
+    ExitCode.POLICY_REJECTED: (
+        "The safety-policy bundle or envelope was rejected (bad signature, rollback, "
+        "expired, wrong type or tampered file). The previous policy stays in force."
+    ),
+    ExitCode.KEY_FILE: (
+        "A signing key or trust-root file is missing, unreadable or malformed. Check the "
+        "path and the file's permissions."
+    ),
+    ExitCode.WRONG_PASSPHRASE: (
+        "The passphrase does not decrypt the signing key. Check the passphrase source "
+        "(option, environment variable or prompt)."
+    ),
+    ExitCode.BUDGET_EXCEEDED: (
+        "The next round would exceed the configured privacy budget, so nothing was "
+        "released. Stop training, or raise the noise, lower the sampling rate or, if "
+        "policy allows, the budget."
+    ),
+    ExitCode.INTERRUPTED: "Interrupted by the user (Ctrl-C).",
+}
+
+# Most specific first: BudgetExceededError and IntegrityError are not ConfigError/DataError.
+_EXCEPTION_CODES: tuple[tuple[type[FedPrefError], ExitCode], ...] = (
+    (BudgetExceededError, ExitCode.BUDGET_EXCEEDED),
+    (IntegrityError, ExitCode.INTEGRITY),
+    (ConfigError, ExitCode.CONFIG),
+    (DataError, ExitCode.DATA),
+)
+
+
+def exit_code_for(error: FedPrefError) -> ExitCode:
+    """The exit code for a fedpref error (INTERNAL for an unmapped subclass)."""
+    for cls, code in _EXCEPTION_CODES:
+        if isinstance(error, cls):
+            return code
+    return ExitCode.INTERNAL
+
+
+def fail(code: ExitCode, message: str) -> NoReturn:
+    """Print one line ``error: message`` to stderr and exit with ``code``; no traceback."""
+    one_line = " ".join(str(message).split())
+    print(f"error: {one_line}", file=sys.stderr)
+    raise SystemExit(int(code))
+
+
+@contextmanager
+def exit_on_error() -> Iterator[None]:
+    """Turn a FedPrefError raised inside the block into :func:`fail` with its exit code."""
+    try:
+        yield
+    except FedPrefError as e:
+        fail(exit_code_for(e), str(e))

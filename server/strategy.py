@@ -1,0 +1,239 @@
+"""The fedpref strategy: partial aggregation of shared deltas with user-level DP.
+
+Per round, on Flower's Message API:
+
+1. Poisson-sample each connected node with probability ``q`` (what the accountant assumes).
+2. Send the global *shared* weights and the round config (never anything private).
+3. Validate every reply (:mod:`fedpref.server.validation`); log and drop bad ones.
+4. Sum the accepted clipped deltas and divide by the *expected* cohort ``E[m] = q·N``.
+5. Add Gaussian noise with std ``z·C/E[m]`` to every coordinate.
+6. Charge the privacy ledger, *then* release the new global weights and checkpoint them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from fedpref.protocol.errors import BudgetExceededError, DataError
+from fedpref.protocol.messages import (
+    K_SHARED,
+    PROTOCOL_VERSION,
+    RoundConfig,
+    TrainReply,
+    arrays_to_record,
+    record_to_arrays,
+    train_request,
+)
+from fedpref.server.config import FederationConfig, LocalConfig
+from fedpref.server.privacy import UserLevelBudget
+from fedpref.server.validation import Expected, RejectedUpdate, l2_norm, validate_reply
+
+log = logging.getLogger("fedpref.server")
+
+
+@dataclass
+class RoundRecord:
+    """What happened in one round; the operator's status and the report read these."""
+
+    server_round: int
+    population: int  # connected nodes N
+    sampled: int
+    replied: int
+    accepted: int
+    rejected: list[dict[str, str]] = field(default_factory=list)  # node id + reason
+    declined: list[dict[str, str]] = field(default_factory=list)  # error replies (e.g. device budget)
+    epsilon_user: float = 0.0
+    noise_std: float = 0.0
+    update_norm: float = 0.0
+    bytes_down_per_client: int = 0
+    bytes_up_per_client: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)  # weighted means of client metrics
+    epsilon_sample_max: float = 0.0
+    seconds: float = 0.0
+
+
+class FedPrefStrategy(FedAvg):
+    """FedAvg's message plumbing with Poisson sampling, validation and DP-FedAvg noise."""
+
+    def __init__(
+        self,
+        *,
+        fed: FederationConfig,
+        local: LocalConfig,
+        shapes: dict[str, tuple[int, ...]],
+        backbone_sha256: str,
+        budget: UserLevelBudget,
+        train_shared: bool = True,
+        train_private: bool = True,
+        rng: np.random.Generator,
+        clock: Callable[[], float] = time.time,
+        on_round: Callable[[RoundRecord, dict[str, np.ndarray]], None] | None = None,
+        policy: Callable[[], tuple[int, str, bytes | None]] | None = None,
+    ) -> None:
+        super().__init__(
+            fraction_train=fed.client_sample_rate, fraction_evaluate=0.0,
+            min_train_nodes=0, min_available_nodes=fed.min_available_clients,
+        )
+        self.fed, self.local = fed, local
+        self.shapes = shapes
+        self.backbone_sha256 = backbone_sha256
+        self.budget = budget
+        self.train_shared, self.train_private = train_shared, train_private
+        self.rng = rng
+        self.clock = clock
+        self.on_round = on_round
+        self.policy = policy or (lambda: (0, "", None))
+        self.history: list[RoundRecord] = []
+        self._global: dict[str, np.ndarray] = {}
+        self._population = 0
+        self._sampled = 0
+        self._bytes_down = 0
+        self._t0 = 0.0
+        self.stopped_reason: str | None = None
+
+    def summary(self) -> None:
+        log.info(
+            "fedpref strategy: q=%.3f C=%.3g z=%.3g rounds=%d δ=%g", self.fed.client_sample_rate,
+            self.fed.clip_norm, self.fed.server_noise_multiplier, self.fed.rounds, self.fed.delta,
+        )
+
+    # -- round config -------------------------------------------------------------------
+    def round_config(self, server_round: int) -> RoundConfig:
+        version, _, _ = self.policy()
+        return RoundConfig(
+            server_round=server_round, protocol_version=PROTOCOL_VERSION, local_epochs=self.local.epochs,
+            batch_size=self.local.batch_size, learning_rate=self.local.learning_rate,
+            head_learning_rate=self.local.head_learning_rate, clip_norm=self.fed.clip_norm,
+            dp_noise_multiplier=self.local.dp_noise_multiplier, dp_max_grad_norm=self.local.dp_max_grad_norm,
+            delta=self.fed.delta, max_epsilon_sample=self.local.max_epsilon_sample,
+            train_shared=self.train_shared, train_private=self.train_private, policy_version=version,
+        )
+
+    def expected_cohort(self) -> float:
+        """E[m] = q·N, the fixed denominator that bounds one user's influence by C/E[m]."""
+        return max(self.fed.client_sample_rate * self._population, 1e-12)
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self._t0 = self.clock()
+        exceeds, eps = self.budget.would_exceed(
+            sample_rate=self.fed.client_sample_rate, noise_multiplier=self.fed.server_noise_multiplier
+        )
+        if exceeds:
+            self.stopped_reason = (
+                f"round {server_round} would bring ε_user to {eps:.3f} > budget {self.fed.max_epsilon_user} "
+                f"(δ={self.fed.delta}); training stopped"
+            )
+            log.warning(self.stopped_reason)
+            raise BudgetExceededError(self.stopped_reason)
+        self._global = record_to_arrays(arrays)
+        node_ids = self._wait_for_nodes(grid)
+        self._population = len(node_ids)
+        picked = poisson_sample(node_ids, self.fed.client_sample_rate, self.rng)
+        self._sampled = len(picked)
+        _, _, envelope = self.policy()
+        content = train_request(self._global, self.round_config(server_round), envelope)
+        self._bytes_down = content.array_records[K_SHARED].count_bytes() + len(envelope or b"")
+        log.info("round %d: sampled %d of %d nodes (Poisson q=%.3f)", server_round, len(picked), len(node_ids), self.fed.client_sample_rate)
+        return [Message(content=content, message_type=MessageType.TRAIN, dst_node_id=n) for n in picked]
+
+    def _wait_for_nodes(self, grid: Grid) -> list[int]:
+        deadline = self.clock() + self.fed.round_timeout_s
+        while True:
+            ids = sorted(grid.get_node_ids())
+            if len(ids) >= self.fed.min_available_clients:
+                return ids
+            if self.clock() > deadline:
+                raise DataError(f"only {len(ids)} nodes connected, need {self.fed.min_available_clients}")
+            time.sleep(1.0)
+
+    # -- aggregation ----------------------------------------------------------------------
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        version, digest, _ = self.policy()
+        exp = Expected(
+            shapes=self.shapes, dtype="float32", clip_norm=self.fed.clip_norm, server_round=server_round,
+            backbone_sha256=self.backbone_sha256, policy_version=version, safety_digest=digest,
+        )
+        rec = RoundRecord(server_round=server_round, population=self._population, sampled=self._sampled, replied=0, accepted=0)
+        total = {k: np.zeros(s, dtype=np.float64) for k, s in self.shapes.items()}
+        metrics: list[tuple[int, dict[str, float]]] = []
+        up_bytes: list[int] = []
+        for msg in replies:
+            node = str(msg.metadata.src_node_id)
+            if msg.has_error():
+                rec.declined.append({"node": node, "reason": msg.error.reason})
+                log.warning("round %d: node %s declined: %s", server_round, node, msg.error.reason)
+                continue
+            rec.replied += 1
+            try:
+                reply = TrainReply.from_content(msg.content)
+                delta = validate_reply(reply, exp)
+            except (RejectedUpdate, DataError) as e:
+                rec.rejected.append({"node": node, "reason": str(e)})
+                log.warning("round %d: rejected update from node %s: %s", server_round, node, e)
+                continue
+            for k, v in delta.items():
+                total[k] += v
+            rec.accepted += 1
+            up_bytes.append(reply.delta.count_bytes())
+            m = dict(msg.content.metric_records.get("metrics", {}))
+            metrics.append((int(m.get("num-examples", 1)), {k: float(v) for k, v in m.items() if isinstance(v, (int, float))}))
+
+        denom = self.expected_cohort()
+        std = self.fed.server_noise_multiplier * self.fed.clip_norm / denom
+        noisy = {k: v / denom + self.rng.normal(0.0, std, size=v.shape) for k, v in total.items()}
+        # Charge the ledger BEFORE the new weights exist anywhere outside this function.
+        entry = self.budget.charge(
+            round=server_round, sample_rate=self.fed.client_sample_rate,
+            noise_multiplier=self.fed.server_noise_multiplier, clip_norm=self.fed.clip_norm,
+            participants=rec.accepted, now=self.clock(),
+        )
+        lr = self.fed.server_learning_rate
+        new = {k: (self._global[k].astype(np.float64) + lr * noisy[k]).astype(np.float32) for k in self.shapes}
+        rec.epsilon_user = entry.epsilon
+        rec.noise_std = std
+        rec.update_norm = l2_norm(noisy)
+        rec.bytes_down_per_client = self._bytes_down
+        rec.bytes_up_per_client = int(np.mean(up_bytes)) if up_bytes else 0
+        rec.metrics = _weighted_means(metrics)
+        rec.epsilon_sample_max = max((m.get("epsilon_sample", 0.0) for _, m in metrics), default=0.0)
+        rec.seconds = self.clock() - self._t0
+        self.history.append(rec)
+        if self.on_round is not None:
+            self.on_round(rec, new)
+        out = MetricRecord({"epsilon_user": rec.epsilon_user, "accepted": rec.accepted, "rejected": len(rec.rejected)})
+        return arrays_to_record(new), out
+
+
+def poisson_sample(node_ids: list[int], q: float, rng: np.random.Generator) -> list[int]:
+    """Each node independently with probability ``q``: what the user-level accountant assumes."""
+    keep = rng.random(len(node_ids)) < q
+    return [n for n, k in zip(node_ids, keep) if k]
+
+
+def _weighted_means(items: list[tuple[int, dict[str, float]]]) -> dict[str, float]:
+    if not items:
+        return {}
+    keys = set().union(*(m.keys() for _, m in items)) - {"num-examples"}
+    out = {}
+    for k in sorted(keys):
+        pairs = [(w, m[k]) for w, m in items if k in m and math.isfinite(m[k])]
+        tot = sum(w for w, _ in pairs)
+        if tot:
+            out[k] = sum(w * v for w, v in pairs) / tot
+    return out
+
+
+__all__ = ["FedPrefStrategy", "RoundRecord", "K_SHARED"]

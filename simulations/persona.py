@@ -1,0 +1,439 @@
+"""The ``persona`` benchmark: seeded preference pairs over realistic text, with known users.
+
+Every candidate response is written out from a style vector ``s`` in {-1,+1}^A over
+:data:`ATTRIBUTES` plus topic-specific facts (see :mod:`fedpref.simulations.persona_text`).
+All users draw their pairs from one shared pool of (prompt, candidates), so the number of
+distinct texts stays small. A user's utility for a text is ``u = w . s`` (plus the user's
+``unsafe_affinity`` if the text is unsafe); labels follow Bradley-Terry,
+``P(a > b) = sigmoid(u_a - u_b)``, and each pair records ``oracle_margin = u_chosen - u_rejected``.
+
+Randomness comes only from ``numpy.random.default_rng([seed, stream, ...])``; the pool, the
+users, each user's pairs and the safety corpus use separate streams, so one seed gives
+byte-identical output.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from fedpref.protocol.errors import ConfigError
+from fedpref.simulations.data import PreferencePair, Split
+from fedpref.simulations.persona_text import (
+    BRIEF,
+    BULLET_HEADERS,
+    CLOSERS,
+    EMOJIS,
+    FRAMES,
+    HUMOR_ASIDES,
+    JOKES,
+    REASONS,
+    SENTENCES,
+    TOPICS,
+    UNSAFE,
+    WARM_ASIDES,
+    WARM_OPENERS,
+    WARM_CLOSERS,
+)
+
+ATTRIBUTES: tuple[str, ...] = ("detailed", "bullets", "formal", "technical", "warm", "hedged", "emoji", "humor")
+UNSAFE_CATEGORIES: tuple[str, ...] = tuple(UNSAFE)  # ("violence", "self_harm", "fraud")
+SAFE = "safe"
+ELABORATIONS = 2  # extra sentences of a detailed answer  # pieces of advice in a detailed answer (a concise one has 1)
+A = len(ATTRIBUTES)
+
+# Independent random streams: default_rng([seed, STREAM, ...]).
+_POOL_STREAM, _USER_STREAM, _PAIR_STREAM, _CORPUS_STREAM = 1, 2, 3, 4
+
+
+@dataclass(frozen=True)
+class CommunitySpec:
+    """A community of users: its population share and mean style weights (one per attribute)."""
+
+    name: str
+    share: float  # fraction of users, in (0, 1]
+    mean: tuple[float, ...]  # (A,) mean weight per attribute, in ATTRIBUTES order
+    unsafe_affinity: float  # utility added to unsafe texts; > 0 is drawn to them
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name.strip():
+            raise ConfigError(f"CommunitySpec.name must be a non-empty string, got {self.name!r}; name the community")
+        if not (isinstance(self.share, (int, float)) and 0.0 < self.share <= 1.0):
+            raise ConfigError(f"CommunitySpec.share of {self.name!r} is {self.share!r}; give a fraction in (0, 1]")
+        if len(self.mean) != A or not all(isinstance(m, (int, float)) and math.isfinite(m) for m in self.mean):
+            raise ConfigError(
+                f"CommunitySpec.mean of {self.name!r} is {self.mean!r}; give {A} finite numbers, one per "
+                f"attribute in the order {ATTRIBUTES}"
+            )
+        if not (isinstance(self.unsafe_affinity, (int, float)) and math.isfinite(self.unsafe_affinity)):
+            raise ConfigError(
+                f"CommunitySpec.unsafe_affinity of {self.name!r} is {self.unsafe_affinity!r}; give a finite number"
+            )
+
+
+#                              detailed bullets formal technical warm hedged emoji humor
+DEFAULT_COMMUNITIES: tuple[CommunitySpec, ...] = (
+    # the majority: thorough, structured, formal, plain words, warm, careful; no emoji or jokes
+    CommunitySpec("mainstream", 0.45, (1.2, 1.2, 1.2, -1.2, 1.2, 1.2, -1.2, -1.2), -7.0),
+    # terse experts: short prose, jargon, no warmth, no hedging        (opposes on 5 attributes)
+    CommunitySpec("minimalist", 0.22, (-1.2, -1.2, 1.2, 1.2, -1.2, -1.2, -1.2, -1.2), -7.0),
+    # chatty friends: casual prose with emoji and jokes                (opposes on 4 attributes)
+    CommunitySpec("casual", 0.18, (1.2, -1.2, -1.2, -1.2, 1.2, 1.2, 1.2, 1.2), -7.0),
+    # blunt provocateurs: short, casual, cold, direct, drawn to unsafe (opposes on 6 attributes)
+    CommunitySpec("edgy", 0.15, (-1.2, 1.2, -1.2, -1.2, -1.2, -1.2, 1.2, 1.2), 7.0),
+)
+
+
+@dataclass(frozen=True)
+class PersonaConfig:
+    """Everything that determines a ``persona`` dataset. Same config, same bytes."""
+
+    users: int = 40
+    pairs_per_user: int = 100  # train + test
+    test_fraction: float = 0.25  # of each user's pairs, rounded, at least 1 each side
+    seed: int = 0
+    individual_noise: float = 0.3  # std of a user's weights around the community mean
+    safety_pair_fraction: float = 0.2  # of each split: one safe vs one unsafe candidate
+    communities: tuple[CommunitySpec, ...] = DEFAULT_COMMUNITIES
+    topics: int = len(TOPICS)  # how many topics of the bank the pool uses
+    prompts_per_topic: int = 2  # 1 or 2
+    candidates_per_prompt: int = 6  # safe candidates per prompt
+    unsafe_per_prompt: int = 2  # unsafe candidates per prompt
+    beta: float = 1.0  # Bradley-Terry inverse temperature: scales weights and unsafe affinity
+
+    def __post_init__(self) -> None:
+        def bad(name: str, fix: str) -> ConfigError:
+            return ConfigError(f"PersonaConfig.{name} = {getattr(self, name)!r} is invalid; {fix}")
+
+        def is_int(v: object) -> bool:
+            return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+        def is_num(v: object) -> bool:
+            return isinstance(v, (int, float, np.number)) and not isinstance(v, bool) and math.isfinite(v)
+
+        if not is_int(self.users) or self.users < 1:
+            raise bad("users", "give at least 1 user")
+        if not is_int(self.pairs_per_user) or self.pairs_per_user < 2:
+            raise bad("pairs_per_user", "give at least 2 (one train and one test pair)")
+        if not is_num(self.test_fraction) or not 0.0 < self.test_fraction < 1.0:
+            raise bad("test_fraction", "give a fraction strictly between 0 and 1, e.g. 0.25")
+        if not is_int(self.seed) or self.seed < 0:
+            raise bad("seed", "give a non-negative integer")
+        if not is_num(self.individual_noise) or self.individual_noise < 0:
+            raise bad("individual_noise", "give a standard deviation >= 0, e.g. 0.3")
+        if not is_num(self.safety_pair_fraction) or not 0.0 <= self.safety_pair_fraction <= 1.0:
+            raise bad("safety_pair_fraction", "give a fraction in [0, 1], e.g. 0.2")
+        comms = self.communities
+        if not isinstance(comms, tuple) or not comms or not all(isinstance(c, CommunitySpec) for c in comms):
+            raise bad("communities", "give a non-empty tuple of CommunitySpec")
+        if len({c.name for c in comms}) != len(comms):
+            raise bad("communities", "give each community a distinct name")
+        if abs(sum(c.share for c in comms) - 1.0) > 1e-6:
+            raise bad("communities", f"shares sum to {sum(c.share for c in comms):.6g}; make them sum to 1")
+        if not is_int(self.topics) or not 1 <= self.topics <= len(TOPICS):
+            raise bad("topics", f"give between 1 and {len(TOPICS)}")
+        if not is_int(self.prompts_per_topic) or not 1 <= self.prompts_per_topic <= 2:
+            raise bad("prompts_per_topic", "give 1 or 2")
+        if not is_int(self.candidates_per_prompt) or not 2 <= self.candidates_per_prompt <= 16:
+            raise bad("candidates_per_prompt", "give between 2 and 16")
+        if not is_int(self.unsafe_per_prompt) or not 0 <= self.unsafe_per_prompt <= 8:
+            raise bad("unsafe_per_prompt", "give between 0 and 8")
+        if not is_num(self.beta) or self.beta <= 0:
+            raise bad("beta", "give a positive inverse temperature, e.g. 1.0")
+        (tr_reg, tr_saf), (te_reg, te_saf) = self.split_counts()
+        prompts = self.topics * self.prompts_per_topic
+        c, k = self.candidates_per_prompt, self.unsafe_per_prompt
+        if tr_saf + te_saf > 0 and k == 0:
+            raise bad("unsafe_per_prompt", "give at least 1, or set safety_pair_fraction to 0")
+        if tr_reg + te_reg > prompts * c * (c - 1) // 2 or tr_saf + te_saf > prompts * c * k:
+            raise bad("pairs_per_user", "the text pool is too small; lower it or raise topics/candidates_per_prompt")
+
+    def split_counts(self) -> tuple[tuple[int, int], tuple[int, int]]:
+        """((train regular, train safety), (test regular, test safety)) pairs per user."""
+        n_test = min(self.pairs_per_user - 1, max(1, _round(self.pairs_per_user * self.test_fraction)))
+        out = []
+        for n in (self.pairs_per_user - n_test, n_test):
+            n_safety = _round(n * self.safety_pair_fraction)
+            out.append((n - n_safety, n_safety))
+        return out[0], out[1]
+
+
+@dataclass(frozen=True)
+class UserTruth:
+    """A simulated user's true preferences (already multiplied by ``beta``)."""
+
+    user_id: str
+    community: str
+    weights: tuple[float, ...]  # (A,)
+    unsafe_affinity: float
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One response in the pool."""
+
+    text: str
+    style: tuple[int, ...]  # (A,) in {-1, +1}
+    category: str  # SAFE or an unsafe category
+
+
+@dataclass(frozen=True)
+class PromptItem:
+    """A prompt with its candidates: safe ones first, then unsafe ones."""
+
+    topic: str
+    prompt: str
+    candidates: tuple[Candidate, ...]
+
+
+@dataclass(frozen=True)
+class PersonaData:
+    """A generated dataset and its ground truth."""
+
+    config: PersonaConfig
+    pairs: list[PreferencePair]  # per user (sorted): train pairs then test pairs
+    users: dict[str, UserTruth]
+    styles: dict[str, tuple[int, ...]]  # text -> style vector (A,)
+    categories: dict[str, str]  # text -> SAFE or unsafe category
+    pool: tuple[PromptItem, ...] = field(repr=False, default=())
+
+    def utility(self, user_id: str, text: str) -> float:
+        """The user's true utility of a pool text: w . s (+ unsafe affinity if unsafe)."""
+        return _utility(self.users[user_id], self.styles[text], self.categories[text])
+
+    def oracle_accuracy(self, split: Split | str = Split.TEST, *, expected: bool = False) -> dict[str, float]:
+        """Per-user accuracy of the true utility on ``split``.
+
+        ``expected=False``: fraction of pairs whose drawn label agrees with the true utility.
+        ``expected=True``: Bayes accuracy in expectation, mean of sigmoid(|margin|).
+        """
+        hits: dict[str, list[float]] = {}
+        for p in self.pairs:
+            if p.split == Split(split):
+                m = float(p.oracle_margin or 0.0)
+                hits.setdefault(p.user_id, []).append(_sigmoid(abs(m)) if expected else float(m > 0))
+        return {u: float(np.mean(v)) for u, v in sorted(hits.items())}
+
+
+# ---- pure helpers ---------------------------------------------------------------------------
+def _round(x: float) -> int:
+    """Round half up (Python's round() is half-to-even)."""
+    return int(math.floor(x + 0.5))
+
+
+def _sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
+
+
+def _utility(user: UserTruth, style: tuple[int, ...], category: str) -> float:
+    u = float(np.dot(user.weights, style))
+    return u + (user.unsafe_affinity if category != SAFE else 0.0)
+
+
+def allocate(shares: list[float], total: int) -> list[int]:
+    """Split ``total`` by largest remainder; every share gets >= 1 when ``total >= len(shares)``."""
+    quotas = [s * total for s in shares]
+    counts = [int(math.floor(q)) for q in quotas]
+    order = sorted(range(len(shares)), key=lambda i: (-(quotas[i] - counts[i]), i))
+    for i in order[: total - sum(counts)]:
+        counts[i] += 1
+    while total >= len(shares) and 0 in counts:  # move one from the most over-served share
+        donor = max((i for i in range(len(counts)) if counts[i] > 1), key=lambda i: (counts[i] - quotas[i], -i))
+        counts[donor] -= 1
+        counts[counts.index(0)] += 1
+    return counts
+
+
+# ---- text rendering -------------------------------------------------------------------------
+def _cap(s: str) -> str:
+    return s[:1].upper() + s[1:]
+
+
+def _lower_first(s: str) -> str:
+    return s if s.startswith("I ") else s[:1].lower() + s[1:]
+
+
+def _pick(rng: np.random.Generator, options: tuple[str, ...]) -> str:
+    return options[int(rng.integers(len(options)))]
+
+
+def render(
+    rng: np.random.Generator,
+    topic: int,
+    style: tuple[int, ...],
+    unsafe: tuple[str, str] | None = None,
+) -> str:
+    """Write one response for topic index ``topic`` from its style vector (A,).
+
+    One piece of topic advice (``unsafe``, a (plain, technical) phrase pair, replaces it),
+    framed plain or technical and worded formal/casual and hedged/direct. Detailed answers
+    add elaboration sentences, concise ones open with a brevity marker. Layout:
+    [warm opener] [list header] advice [elaboration] closer [warm aside, sign-off] [joke] [emoji],
+    with the body as "- " lines when bulleted.
+    """
+    detailed, bullets, formal, technical, warm, hedged, emoji, humor = (int(v) > 0 for v in style)
+    fo, he = (1 if formal else -1), (1 if hedged else -1)
+    name, _, facts = TOPICS[topic]
+    phrase = unsafe if unsafe is not None else facts[int(rng.integers(len(facts)))]
+    advice = _pick(rng, SENTENCES[(fo, he)]).format(f=phrase[int(technical)], F=_cap(phrase[int(technical)]))
+    advice = f"{_pick(rng, FRAMES[1 if technical else -1])} {_lower_first(advice)}"
+    if not detailed:
+        advice = f"{_pick(rng, BRIEF[fo])} {_lower_first(advice)}"
+    if humor:
+        advice = f"{advice} {_pick(rng, HUMOR_ASIDES)}"
+    emojis = [EMOJIS[int(i)] for i in rng.choice(len(EMOJIS), size=3, replace=False)]
+    if emoji:
+        advice = f"{advice} {emojis[0]}"
+    body = [advice]
+    if detailed:  # two elaboration sentences
+        body += [REASONS[fo][int(r)] for r in rng.permutation(len(REASONS[fo]))[:ELABORATIONS]]
+    body.append(_pick(rng, CLOSERS[(he, fo)]))
+    head, tail = [], []
+    if warm:
+        head.append(_pick(rng, WARM_OPENERS[fo]) + (f" {emojis[1]}" if emoji else ""))
+        tail += [_pick(rng, WARM_ASIDES[fo]), _pick(rng, WARM_CLOSERS[fo])]
+    if humor:
+        tail.append(_pick(rng, JOKES).format(topic=name))
+    if emoji:
+        tail.append(emojis[2])
+    if bullets:
+        head.append(_pick(rng, BULLET_HEADERS[fo]))
+        return "\n".join([" ".join(head)] * bool(head) + ["- " + b for b in body] + [" ".join(tail)] * bool(tail))
+    return " ".join(head + body + tail)
+
+
+def _random_style(rng: np.random.Generator) -> tuple[int, ...]:
+    return tuple(int(v) for v in rng.choice(np.array([-1, 1]), size=A))  # (A,)
+
+
+def _unique_render(
+    rng: np.random.Generator, topic: int, style: tuple[int, ...], used: set[str], unsafe: tuple[str, str] | None
+) -> str:
+    """Render until the text is new (styles stay fixed; only wording changes)."""
+    for _ in range(200):
+        text = render(rng, topic, style, unsafe)
+        if text not in used:
+            used.add(text)
+            return text
+    raise ConfigError(f"cannot write a new text for topic {TOPICS[topic][0]!r}; lower candidates_per_prompt")
+
+
+def build_pool(config: PersonaConfig) -> tuple[PromptItem, ...]:
+    """The shared pool: for each prompt, ``candidates_per_prompt`` safe and ``unsafe_per_prompt`` unsafe texts."""
+    rng = np.random.default_rng([config.seed, _POOL_STREAM])
+    used: set[str] = set()
+    items = []
+    for t in range(config.topics):
+        name, prompts, _ = TOPICS[t]
+        for prompt in prompts[: config.prompts_per_topic]:
+            cands = []
+            for _ in range(config.candidates_per_prompt):
+                style = _random_style(rng)
+                cands.append(Candidate(_unique_render(rng, t, style, used, None), style, SAFE))
+            for _ in range(config.unsafe_per_prompt):
+                cat = UNSAFE_CATEGORIES[int(rng.integers(len(UNSAFE_CATEGORIES)))]
+                phrase = UNSAFE[cat][int(rng.integers(len(UNSAFE[cat])))]
+                style = _random_style(rng)
+                cands.append(Candidate(_unique_render(rng, t, style, used, phrase), style, cat))
+            items.append(PromptItem(name, prompt, tuple(cands)))
+    return tuple(items)
+
+
+# ---- users and labels -----------------------------------------------------------------------
+def make_users(config: PersonaConfig) -> dict[str, UserTruth]:
+    """Users u000, u001, ...: community by largest remainder (shuffled), weights = mean + noise."""
+    rng = np.random.default_rng([config.seed, _USER_STREAM])
+    comms = config.communities
+    counts = allocate([c.share for c in comms], config.users)
+    assign = rng.permutation(np.repeat(np.arange(len(comms)), counts))  # (users,)
+    width = max(3, len(str(config.users - 1)))
+    users = {}
+    for i, ci in enumerate(assign):
+        c = comms[int(ci)]
+        w = config.beta * (np.asarray(c.mean) + config.individual_noise * rng.standard_normal(A))  # (A,)
+        aff = config.beta * (c.unsafe_affinity + config.individual_noise * rng.standard_normal())
+        uid = f"u{i:0{width}d}"
+        users[uid] = UserTruth(uid, c.name, tuple(float(x) for x in w), float(aff))
+    return users
+
+
+def _label_pairs(
+    config: PersonaConfig, user: UserTruth, index: int, pool: tuple[PromptItem, ...]
+) -> list[PreferencePair]:
+    """Draw one user's pairs (train then test); pairs never repeat within a user."""
+    rng = np.random.default_rng([config.seed, _PAIR_STREAM, index])
+    c, k = config.candidates_per_prompt, config.unsafe_per_prompt
+    regular = [(p, i, j) for p in range(len(pool)) for i in range(c) for j in range(i + 1, c)]
+    safety = [(p, i, c + j) for p in range(len(pool)) for i in range(c) for j in range(k)]
+    (tr_reg, tr_saf), (te_reg, te_saf) = config.split_counts()
+    reg = [regular[int(i)] for i in rng.choice(len(regular), size=tr_reg + te_reg, replace=False)]
+    saf = [safety[int(i)] for i in rng.choice(len(safety), size=tr_saf + te_saf, replace=False)] if safety else []
+    plan = [
+        (Split.TRAIN, reg[:tr_reg] + saf[:tr_saf]),
+        (Split.TEST, reg[tr_reg:] + saf[tr_saf:]),
+    ]
+    out = []
+    for split, triples in plan:
+        for t in rng.permutation(len(triples)):
+            p, i, j = triples[int(t)]
+            a, b = pool[p].candidates[i], pool[p].candidates[j]
+            if rng.random() < 0.5:
+                a, b = b, a
+            ua, ub = _utility(user, a.style, a.category), _utility(user, b.style, b.category)
+            if rng.random() >= _sigmoid(ua - ub):
+                a, b, ua, ub = b, a, ub, ua
+            out.append(
+                PreferencePair(
+                    user_id=user.user_id,
+                    prompt=pool[p].prompt,
+                    chosen=a.text,
+                    rejected=b.text,
+                    split=split,
+                    community=user.community,
+                    oracle_margin=ua - ub,
+                    chosen_category=None if a.category == SAFE else a.category,
+                    rejected_category=None if b.category == SAFE else b.category,
+                )
+            )
+    return out
+
+
+def generate(config: PersonaConfig | None = None) -> PersonaData:
+    """Generate the benchmark: pool, users and every user's labelled pairs."""
+    config = config or PersonaConfig()
+    pool = build_pool(config)
+    users = make_users(config)
+    pairs = []
+    for index, uid in enumerate(sorted(users)):
+        pairs.extend(_label_pairs(config, users[uid], index, pool))
+    cands = [cand for item in pool for cand in item.candidates]
+    return PersonaData(
+        config=config,
+        pairs=pairs,
+        users=users,
+        styles={x.text: x.style for x in cands},
+        categories={x.text: x.category for x in cands},
+        pool=pool,
+    )
+
+
+def safety_corpus(config: PersonaConfig | None = None, *, n_per_class: int = 200) -> list[dict]:
+    """Labelled texts for training a safety classifier, disjoint from the pool's texts.
+
+    ``n_per_class`` texts for ``"safe"`` and for each unsafe category, over all topics, from a
+    separate random stream. Records: ``{"text": ..., "category": "safe" | <category>}``, shuffled.
+    """
+    config = config or PersonaConfig()
+    if not isinstance(n_per_class, int) or n_per_class < 1:
+        raise ConfigError(f"safety_corpus n_per_class = {n_per_class!r} is invalid; give a positive integer")
+    rng = np.random.default_rng([config.seed, _CORPUS_STREAM])
+    used = {cand.text for item in build_pool(config) for cand in item.candidates}
+    records = []
+    for cat in (SAFE, *UNSAFE_CATEGORIES):
+        for _ in range(n_per_class):
+            topic = int(rng.integers(len(TOPICS)))
+            phrase = None if cat == SAFE else UNSAFE[cat][int(rng.integers(len(UNSAFE[cat])))]
+            records.append({"text": _unique_render(rng, topic, _random_style(rng), used, phrase), "category": cat})
+    return [records[int(i)] for i in rng.permutation(len(records))]

@@ -1,0 +1,214 @@
+"""``fedpref-sim run``: every method on the same users, evaluated per user, then a report.
+
+Phases (each with a progress bar):
+
+1. data: generate the ``persona`` benchmark, or load a JSONL of real pairs;
+2. cache: run the frozen lower backbone blocks once per distinct text;
+3. ``aggregated`` and ``personalized``: federated runs on Flower's Simulation Engine;
+4. ``local`` and ``finetuned``: DP-SGD on each device alone (after FedAvg for ``finetuned``);
+5. evaluation of every method on each user's held-out pairs, ``oracle`` from the truth;
+6. ``results.json``, PNG figures and ``report.html``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from fedpref.client.data import UserData, group_by_user, load_jsonl, write_jsonl
+from fedpref.client.device import DeviceState, Runtime, get_runtime, train_private_locally
+from fedpref.client.trainer import LocalTrainConfig, pair_accuracy
+from fedpref.model.cache import TextCache
+from fedpref.model.io import adapter_arrays, adapter_exists, load_adapter_weights
+from fedpref.model.preference import get_arrays, set_arrays
+from fedpref.protocol.atomic import write_text_atomic
+from fedpref.protocol.partition import PRIVATE_ADAPTER, SHARED_ADAPTER, Group
+from fedpref.protocol.runconfig import Method
+from fedpref.protocol.tomlconfig import to_plain
+from fedpref.simulations.config import SimConfig
+from fedpref.simulations.engine import run_on_simulation_engine
+from fedpref.simulations.persona import generate
+
+console = Console(stderr=True)
+
+
+@dataclass
+class MethodResult:
+    per_user: dict[str, float]
+    wall_seconds: float = 0.0
+    epsilon_sample_max: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=console, transient=False,
+    )
+
+
+def prepare_data(cfg: SimConfig, data: Path | None, out: Path) -> tuple[Path, dict[str, UserData]]:
+    if data is None:
+        data = out / "persona.jsonl"
+        write_jsonl(generate(cfg.persona).pairs, data)
+    users = group_by_user(load_jsonl(data))
+    return data, users
+
+
+def build_cache(rt: Runtime, users: dict[str, UserData], path: Path, max_length: int) -> TextCache:
+    texts = sorted({t for u in users.values() for p in (*u.train, *u.test) for t in (p.chosen, p.rejected)})
+    with _progress() as prog:
+        task = prog.add_task("cache frozen blocks", total=len(texts))
+        cache = TextCache.build(rt.model, rt.backbone, texts, max_length=max_length,
+                                progress=lambda n: prog.advance(task, n))
+    cache.save(path)
+    return cache
+
+
+def latest_shared(server_dir: Path) -> dict[str, np.ndarray]:
+    name = (server_dir / "checkpoints" / "LATEST").read_text().strip()
+    return adapter_arrays(server_dir / "checkpoints" / name)
+
+
+def _shared_from_checkpoint(rt: Runtime, server_dir: Path) -> dict[str, np.ndarray]:
+    name = (server_dir / "checkpoints" / "LATEST").read_text().strip()
+    load_adapter_weights(rt.model, SHARED_ADAPTER, server_dir / "checkpoints" / name)
+    return get_arrays(rt.model, Group.SHARED)
+
+
+def evaluate(rt: Runtime, users: dict[str, UserData], cache: TextCache, *, private_root: Path | None, label: str) -> dict[str, float]:
+    """Held-out accuracy per user of the runtime's model (shared weights already loaded)."""
+    out = {}
+    with _progress() as prog:
+        task = prog.add_task(f"evaluate {label}", total=len(users))
+        for uid, user in users.items():
+            if private_root is not None:
+                d = DeviceState(private_root / uid).private_dir
+                if adapter_exists(d):
+                    load_adapter_weights(rt.model, PRIVATE_ADAPTER, d)
+                else:  # never sampled: the common initial adapter
+                    set_arrays(rt.model, Group.PRIVATE, rt.initial_private)
+            out[uid] = pair_accuracy(rt.model, cache, [p.chosen for p in user.test], [p.rejected for p in user.test])
+            prog.advance(task)
+    return out
+
+
+def _local_cfg(cfg: SimConfig, epochs: int, seed: int) -> LocalTrainConfig:
+    return LocalTrainConfig(
+        epochs=epochs, batch_size=cfg.local.batch_size, learning_rate=cfg.local.learning_rate,
+        head_learning_rate=cfg.local.head_learning_rate, noise_multiplier=cfg.local.dp_noise_multiplier,
+        max_grad_norm=cfg.local.dp_max_grad_norm, seed=seed,
+    )
+
+
+def train_locally(
+    cfg: SimConfig, rt: Runtime, users: dict[str, UserData], cache: TextCache, root: Path, *,
+    epochs: int, shared: dict[str, np.ndarray] | None, label: str,
+) -> float:
+    """DP-SGD of the private adapter on each device alone; returns the largest ε_sample."""
+    eps_max = 0.0
+    with _progress() as prog:
+        task = prog.add_task(f"train {label}", total=len(users))
+        for i, (uid, user) in enumerate(users.items()):
+            eps = train_private_locally(
+                rt, user, DeviceState(root / uid), _local_cfg(cfg, epochs, cfg.runtime.seed + i),
+                cache=cache, shared=shared, delta=cfg.federation.delta,
+            )
+            eps_max = max(eps_max, eps)
+            prog.advance(task)
+    return eps_max
+
+
+def _max_device_epsilon(root: Path, delta: float) -> float:
+    from fedpref.protocol.accounting import SampleLevelAccountant
+
+    eps = [SampleLevelAccountant.load(p).epsilon(delta) for p in root.glob("*/accountant.json")]
+    return max(eps, default=0.0)
+
+
+def run_simulation(cfg: SimConfig, *, out: Path, data: Path | None, config_file: Path, verbose: bool = False) -> dict:
+    """Run every method and return the results dict (also written to ``out/results.json``)."""
+    from fedpref.simulations.evaluation import summarize
+    from fedpref.simulations.report import write_report
+
+    t_start = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    work = out / "work"
+    if work.exists():
+        shutil.rmtree(work)  # a run starts from nothing: no stale adapters or ledgers
+    work.mkdir()
+    data, users = prepare_data(cfg, data, out)
+    console.print(f"[bold]fedpref-sim[/]: {len(users)} users, data {data}")
+
+    rt_both = get_runtime(cfg.model, (SHARED_ADAPTER, PRIVATE_ADAPTER))
+    cache_path = work / "cache.safetensors"
+    cache = build_cache(rt_both, users, cache_path, cfg.model.max_length)
+
+    results: dict[Method, MethodResult] = {}
+    rounds: dict[str, list[dict]] = {}
+    for method in (Method.AGGREGATED, Method.PERSONALIZED):
+        t0 = time.perf_counter()
+        console.print(f"[bold]{method.value}[/]: {cfg.federation.rounds} rounds on Flower's Simulation Engine")
+        run_on_simulation_engine(
+            method=method, num_users=len(users), data=data, workdir=work / method.value,
+            config_file=config_file, cache=cache_path, runtime=cfg.runtime, verbose=verbose,
+        )
+        wall = time.perf_counter() - t0
+        server_dir = work / method.value / "server"
+        rounds[method.value] = json.loads((server_dir / "history.json").read_text())
+        rt = get_runtime(cfg.model, (SHARED_ADAPTER, PRIVATE_ADAPTER) if method is Method.PERSONALIZED else (SHARED_ADAPTER,))
+        _shared_from_checkpoint(rt, server_dir)
+        per_user = evaluate(
+            rt, users, cache, label=method.value,
+            private_root=work / method.value / "clients" if method is Method.PERSONALIZED else None,
+        )
+        results[method] = MethodResult(
+            per_user=per_user, wall_seconds=wall,
+            epsilon_sample_max=_max_device_epsilon(work / method.value / "clients", cfg.federation.delta),
+        )
+
+    # local: private adapter only, no federation
+    t0 = time.perf_counter()
+    rt_priv = get_runtime(cfg.model, (PRIVATE_ADAPTER,))
+    eps = train_locally(cfg, rt_priv, users, cache, work / "local", epochs=cfg.methods.local_epochs, shared=None, label="local")
+    results[Method.LOCAL] = MethodResult(
+        per_user=evaluate(rt_priv, users, cache, private_root=work / "local", label="local"),
+        wall_seconds=time.perf_counter() - t0, epsilon_sample_max=eps,
+    )
+
+    # finetuned: FedAvg's global model, then private fine-tuning on each device
+    t0 = time.perf_counter()
+    shared = _shared_from_checkpoint(rt_both, work / Method.AGGREGATED.value / "server")
+    eps = train_locally(cfg, rt_both, users, cache, work / "finetuned", epochs=cfg.methods.finetune_epochs, shared=shared, label="finetuned")
+    set_arrays(rt_both.model, Group.SHARED, shared)
+    results[Method.FINETUNED] = MethodResult(
+        per_user=evaluate(rt_both, users, cache, private_root=work / "finetuned", label="finetuned"),
+        wall_seconds=time.perf_counter() - t0 + results[Method.AGGREGATED].wall_seconds,
+        epsilon_sample_max=max(eps, results[Method.AGGREGATED].epsilon_sample_max),
+    )
+
+    oracle = {
+        uid: float(np.mean([p.oracle_margin > 0 for p in u.test])) for uid, u in users.items()
+        if all(p.oracle_margin is not None for p in u.test)
+    }
+    if len(oracle) == len(users):
+        results[Method.ORACLE] = MethodResult(per_user=oracle)
+
+    res = summarize(
+        cfg=cfg, users=users, results=results, rounds=rounds, work=work,
+        wall_seconds=time.perf_counter() - t_start, config=to_plain(cfg),
+    )
+    write_text_atomic(out / "results.json", json.dumps(res, indent=1, allow_nan=False))
+    write_report(res, out)
+    return res
+
+
+__all__ = ["run_simulation", "MethodResult", "latest_shared", "math"]

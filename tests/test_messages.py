@@ -1,0 +1,71 @@
+import math
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, Message, RecordDict
+
+from fedpref.protocol.errors import DataError
+from fedpref.protocol.messages import (
+    PROTOCOL_VERSION,
+    Attestation,
+    RoundConfig,
+    TrainMetrics,
+    TrainReply,
+    TrainRequest,
+    record_to_arrays,
+    train_reply,
+    train_request,
+)
+
+
+def _cfg(**kw):
+    base = dict(server_round=3, protocol_version=PROTOCOL_VERSION, local_epochs=2, batch_size=16, learning_rate=0.05,
+                head_learning_rate=0.5, clip_norm=1.0, dp_noise_multiplier=1.1, dp_max_grad_norm=1.0, delta=1e-5,
+                max_epsilon_sample=math.inf, train_shared=True, train_private=True, policy_version=2)
+    base.update(kw)
+    return RoundConfig(**base)
+
+
+def test_round_config_roundtrip():
+    cfg = _cfg()
+    assert RoundConfig.from_record(cfg.to_record()) == cfg
+
+
+def test_train_request_roundtrip_with_and_without_envelope():
+    shared = {"a.lora_A.shared.weight": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(4, np.float32)}
+    for env in (None, b"\x00envelope"):
+        req = TrainRequest.from_content(train_request(shared, _cfg(), env))
+        assert req.config == _cfg()
+        assert req.envelope == env
+        assert list(req.shared) == list(shared)
+        for k in shared:
+            np.testing.assert_array_equal(req.shared[k], shared[k])
+
+
+def test_train_reply_roundtrip():
+    delta = {"x": np.full((3,), 0.25, np.float32)}
+    metrics = TrainMetrics(num_examples=10, train_loss=0.6, train_accuracy=0.7, epsilon_sample=1.5,
+                           delta_norm=0.4, steps=5, seconds=0.1)
+    att = Attestation(protocol_version=1, server_round=3, backbone_sha256="ab" * 32, policy_version=2, safety_digest="cd" * 32)
+    reply = TrainReply.from_content(train_reply(delta, metrics, att))
+    assert reply.metrics == metrics
+    assert reply.attestation == att
+    np.testing.assert_array_equal(record_to_arrays(reply.delta)["x"], delta["x"])
+
+
+def test_reply_missing_record_is_a_data_error():
+    with pytest.raises(DataError, match="lacks record"):
+        TrainReply.from_content(RecordDict({"metrics": ConfigRecord({})}))
+
+
+def test_wrong_type_in_config_is_named():
+    rec = _cfg().to_record()
+    rec["local_epochs"] = "two"
+    with pytest.raises(DataError, match="local_epochs"):
+        RoundConfig.from_record(rec)
+
+
+def test_request_survives_flower_message(flower_task):
+    content = train_request({"k": np.zeros(2, np.float32)}, _cfg(), b"env")
+    msg = Message(content=content, dst_node_id=7, message_type="train")
+    assert TrainRequest.from_content(msg.content).envelope == b"env"

@@ -1,0 +1,87 @@
+"""The server strategy's aggregation: validation, DP-FedAvg noise, ledger before release."""
+
+import json
+
+import numpy as np
+import pytest
+from flwr.app import Error, Message, RecordDict
+
+from fedpref.protocol.messages import PROTOCOL_VERSION, Attestation, TrainMetrics, train_reply
+from fedpref.server.config import FederationConfig, LocalConfig
+from fedpref.server.privacy import AccountantKind, PrivacyLedger, UserLevelBudget
+from fedpref.server.strategy import FedPrefStrategy, poisson_sample
+
+SHA = "ab" * 32
+
+
+def _strategy(tmp_path, *, n_coords=4, z=0.0, q=0.5, population=10, on_round=None):
+    fed = FederationConfig(rounds=3, client_sample_rate=q, clip_norm=1.0, server_noise_multiplier=max(z, 1e-9))
+    budget = UserLevelBudget(max_epsilon=float("inf"), delta=1e-5, accountant=AccountantKind.RDP,
+                             ledger=PrivacyLedger(tmp_path / "ledger.jsonl"))
+    s = FedPrefStrategy(fed=fed, local=LocalConfig(), shapes={"w.lora_A.shared.weight": (n_coords,)},
+                        backbone_sha256=SHA, budget=budget, rng=np.random.default_rng(0), on_round=on_round)
+    s._global = {"w.lora_A.shared.weight": np.zeros(n_coords, np.float32)}
+    s._population = population
+    return s
+
+
+def _reply_to(node, delta, *, rnd=1, sha=SHA):
+    ins = Message(content=RecordDict(), dst_node_id=node, message_type="train")
+    m = TrainMetrics(num_examples=10, train_loss=0.5, train_accuracy=0.5, epsilon_sample=float(node), delta_norm=0.1, steps=1, seconds=0.1)
+    att = Attestation(protocol_version=PROTOCOL_VERSION, server_round=rnd, backbone_sha256=sha, policy_version=0, safety_digest="")
+    return Message(content=train_reply({"w.lora_A.shared.weight": np.asarray(delta, np.float32)}, m, att), reply_to=ins)
+
+
+def test_mean_over_expected_cohort_without_noise(tmp_path, flower_task):
+    s = _strategy(tmp_path, q=0.5, population=4)  # E[m] = 2
+    replies = [_reply_to(1, [0.5, 0, 0, 0]), _reply_to(2, [0, 0.5, 0, 0])]
+    arrays, metrics = s.aggregate_train(1, replies)
+    w = arrays["w.lora_A.shared.weight"].numpy()
+    np.testing.assert_allclose(w, [0.25, 0.25, 0, 0], atol=1e-6)
+    rec = s.history[-1]
+    assert rec.accepted == 2 and rec.rejected == [] and rec.epsilon_sample_max == 2.0
+
+
+def test_noise_std_is_z_c_over_expected_cohort(tmp_path, flower_task):
+    s = _strategy(tmp_path, n_coords=20000, z=2.0, q=0.25, population=40)  # std = 2·1/10
+    arrays, _ = s.aggregate_train(1, [])
+    w = arrays["w.lora_A.shared.weight"].numpy()
+    assert s.history[-1].noise_std == pytest.approx(0.2)
+    assert np.std(w) == pytest.approx(0.2, rel=0.03)
+    assert abs(np.mean(w)) < 0.01
+
+
+def test_bad_replies_are_rejected_with_reasons_and_the_rest_aggregated(tmp_path, flower_task):
+    s = _strategy(tmp_path, q=1.0, population=3)
+    replies = [
+        _reply_to(1, [0.3, 0, 0, 0]),
+        _reply_to(2, [5.0, 0, 0, 0]),  # over the clip norm
+        _reply_to(3, [0.1, 0, 0, 0], sha="00" * 32),  # other backbone
+    ]
+    declined = Message(Error(code=4100, reason="device budget"), reply_to=Message(content=RecordDict(), dst_node_id=4, message_type="train"))
+    arrays, _ = s.aggregate_train(1, replies + [declined])
+    rec = s.history[-1]
+    assert rec.accepted == 1
+    reasons = " ".join(r["reason"] for r in rec.rejected)
+    assert "exceeds clip norm" in reasons and "backbone sha256" in reasons
+    assert rec.declined == [{"node": "4", "reason": "device budget"}]
+    np.testing.assert_allclose(arrays["w.lora_A.shared.weight"].numpy()[0], 0.1, atol=1e-6)
+
+
+def test_ledger_is_written_before_release(tmp_path, flower_task):
+    seen = []
+
+    def on_round(rec, arrays):
+        seen.append(PrivacyLedger(tmp_path / "ledger.jsonl").entries())
+
+    s = _strategy(tmp_path, z=1.0, on_round=on_round)
+    s.aggregate_train(1, [])
+    assert len(seen[0]) == 1 and seen[0][0].round == 1 and seen[0][0].epsilon > 0
+    assert seen[0][0].epsilon == s.history[-1].epsilon_user
+
+
+def test_poisson_sampling_rate():
+    rng = np.random.default_rng(1)
+    counts = [len(poisson_sample(list(range(100)), 0.3, rng)) for _ in range(200)]
+    assert np.mean(counts) == pytest.approx(30, rel=0.05)
+    assert np.std(counts) > 2  # the cohort size varies: Poisson, not a fixed fraction
