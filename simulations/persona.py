@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from fedpref.protocol.errors import ConfigError
-from fedpref.simulations.data import PreferencePair, Split
+from fedpref.client.data import PreferencePair, Split
 from fedpref.simulations.persona_text import (
     BRIEF,
     BULLET_HEADERS,
@@ -34,14 +34,14 @@ from fedpref.simulations.persona_text import (
     TOPICS,
     UNSAFE,
     WARM_ASIDES,
-    WARM_OPENERS,
     WARM_CLOSERS,
+    WARM_OPENERS,
 )
 
 ATTRIBUTES: tuple[str, ...] = ("detailed", "bullets", "formal", "technical", "warm", "hedged", "emoji", "humor")
 UNSAFE_CATEGORIES: tuple[str, ...] = tuple(UNSAFE)  # ("violence", "self_harm", "fraud")
 SAFE = "safe"
-ELABORATIONS = 2  # extra sentences of a detailed answer  # pieces of advice in a detailed answer (a concise one has 1)
+ELABORATIONS = 2  # extra sentences in a detailed answer (a concise one has a brevity marker instead)
 A = len(ATTRIBUTES)
 
 # Independent random streams: default_rng([seed, STREAM, ...]).
@@ -58,6 +58,8 @@ class CommunitySpec:
     unsafe_affinity: float  # utility added to unsafe texts; > 0 is drawn to them
 
     def __post_init__(self) -> None:
+        if isinstance(self.mean, list):  # TOML and JSON give lists
+            object.__setattr__(self, "mean", tuple(self.mean))
         if not isinstance(self.name, str) or not self.name.strip():
             raise ConfigError(f"CommunitySpec.name must be a non-empty string, got {self.name!r}; name the community")
         if not (isinstance(self.share, (int, float)) and 0.0 < self.share <= 1.0):
@@ -105,7 +107,9 @@ class PersonaConfig:
 
     def __post_init__(self) -> None:
         def bad(name: str, fix: str) -> ConfigError:
-            return ConfigError(f"PersonaConfig.{name} = {getattr(self, name)!r} is invalid; {fix}")
+            value = repr(getattr(self, name))
+            value = value if len(value) <= 80 else value[:77] + "..."
+            return ConfigError(f"PersonaConfig.{name} = {value} is invalid; {fix}")
 
         def is_int(v: object) -> bool:
             return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
@@ -125,6 +129,8 @@ class PersonaConfig:
             raise bad("individual_noise", "give a standard deviation >= 0, e.g. 0.3")
         if not is_num(self.safety_pair_fraction) or not 0.0 <= self.safety_pair_fraction <= 1.0:
             raise bad("safety_pair_fraction", "give a fraction in [0, 1], e.g. 0.2")
+        if isinstance(self.communities, list):
+            object.__setattr__(self, "communities", tuple(self.communities))
         comms = self.communities
         if not isinstance(comms, tuple) or not comms or not all(isinstance(c, CommunitySpec) for c in comms):
             raise bad("communities", "give a non-empty tuple of CommunitySpec")
@@ -220,7 +226,7 @@ class PersonaData:
 # ---- pure helpers ---------------------------------------------------------------------------
 def _round(x: float) -> int:
     """Round half up (Python's round() is half-to-even)."""
-    return int(math.floor(x + 0.5))
+    return math.floor(x + 0.5)
 
 
 def _sigmoid(x: float) -> float:
@@ -235,7 +241,7 @@ def _utility(user: UserTruth, style: tuple[int, ...], category: str) -> float:
 def allocate(shares: list[float], total: int) -> list[int]:
     """Split ``total`` by largest remainder; every share gets >= 1 when ``total >= len(shares)``."""
     quotas = [s * total for s in shares]
-    counts = [int(math.floor(q)) for q in quotas]
+    counts = [math.floor(q) for q in quotas]
     order = sorted(range(len(shares)), key=lambda i: (-(quotas[i] - counts[i]), i))
     for i in order[: total - sum(counts)]:
         counts[i] += 1
@@ -289,7 +295,7 @@ def render(
     body = [advice]
     if detailed:  # two elaboration sentences
         body += [REASONS[fo][int(r)] for r in rng.permutation(len(REASONS[fo]))[:ELABORATIONS]]
-    body.append(_pick(rng, CLOSERS[(he, fo)]))
+    body.append(_pick(rng, CLOSERS[he]))
     head, tail = [], []
     if warm:
         head.append(_pick(rng, WARM_OPENERS[fo]) + (f" {emojis[1]}" if emoji else ""))
@@ -360,13 +366,15 @@ def make_users(config: PersonaConfig) -> dict[str, UserTruth]:
 
 
 def _label_pairs(
-    config: PersonaConfig, user: UserTruth, index: int, pool: tuple[PromptItem, ...]
+    config: PersonaConfig,
+    user: UserTruth,
+    index: int,
+    pool: tuple[PromptItem, ...],
+    regular: list[tuple[int, int, int]],
+    safety: list[tuple[int, int, int]],
 ) -> list[PreferencePair]:
-    """Draw one user's pairs (train then test); pairs never repeat within a user."""
+    """Draw one user's pairs (train then test) from the (prompt, cand, cand) lists; never repeated."""
     rng = np.random.default_rng([config.seed, _PAIR_STREAM, index])
-    c, k = config.candidates_per_prompt, config.unsafe_per_prompt
-    regular = [(p, i, j) for p in range(len(pool)) for i in range(c) for j in range(i + 1, c)]
-    safety = [(p, i, c + j) for p in range(len(pool)) for i in range(c) for j in range(k)]
     (tr_reg, tr_saf), (te_reg, te_saf) = config.split_counts()
     reg = [regular[int(i)] for i in rng.choice(len(regular), size=tr_reg + te_reg, replace=False)]
     saf = [safety[int(i)] for i in rng.choice(len(safety), size=tr_saf + te_saf, replace=False)] if safety else []
@@ -405,9 +413,12 @@ def generate(config: PersonaConfig | None = None) -> PersonaData:
     config = config or PersonaConfig()
     pool = build_pool(config)
     users = make_users(config)
+    c, k = config.candidates_per_prompt, config.unsafe_per_prompt
+    regular = [(p, i, j) for p in range(len(pool)) for i in range(c) for j in range(i + 1, c)]  # safe vs safe
+    safety = [(p, i, c + j) for p in range(len(pool)) for i in range(c) for j in range(k)]  # safe vs unsafe
     pairs = []
     for index, uid in enumerate(sorted(users)):
-        pairs.extend(_label_pairs(config, users[uid], index, pool))
+        pairs.extend(_label_pairs(config, users[uid], index, pool, regular, safety))
     cands = [cand for item in pool for cand in item.candidates]
     return PersonaData(
         config=config,

@@ -46,7 +46,7 @@ TOPICS: tuple[tuple[str, tuple[str, str], tuple[tuple[str, str], ...]], ...] = (
         ("learn what the company actually does", "research the company's products, metrics and strategy"),
         ("have a few questions ready for them", "prepare targeted questions about team and role scope"),
         ("bring real examples of your work", "quantify outcomes from past projects with concrete metrics"))),
-    ("public speaking", ("How do I get better at public speaking?", "How can I give a presentation without panicking?"), (
+    ("public speaking", ("How do I get better at public speaking?", "How can I present without panicking?"), (
         ("practice in front of a friend", "rehearse with a live audience for realistic feedback"),
         ("slow down and pause more", "lower your speaking rate and use deliberate pauses"),
         ("know your opening by heart", "memorize the first minute to reduce initial arousal"),
@@ -71,7 +71,7 @@ TOPICS: tuple[tuple[str, tuple[str, str], tuple[tuple[str, str], ...]], ...] = (
         ("make it a bit harder each week", "apply progressive overload with more reps or tempo"),
         ("train three times a week", "use a three-session weekly full-body split"),
         ("warm up for a few minutes first", "do a dynamic warm-up to raise muscle temperature"))),
-    ("retirement saving", ("How should I start saving for retirement?", "Am I too late to save for retirement at forty?"), (
+    ("retirement saving", ("How should I start saving for retirement?", "Is forty too late to save for retirement?"), (
         ("start now, even with a small amount", "start early to maximize compounding"),
         ("grab any employer match", "contribute enough to capture the full employer match"),
         ("pick a simple low-cost fund", "use a low-fee diversified index fund"),
@@ -239,21 +239,25 @@ TOPICS: tuple[tuple[str, tuple[str, str], tuple[tuple[str, str], ...]], ...] = (
 SENTENCES: dict[tuple[int, int], tuple[str, ...]] = {
     (1, -1): ("It is clearly essential to {f}.", "You must always {f}.", "Clearly, one must {f}.",
               "It is certainly necessary to {f}."),
-    (1, 1): ("It may perhaps be wise to {f}.", "You might possibly {f}, perhaps.", "Perhaps consider possibly trying to {f}.",
-             "It is probably worth it, perhaps, to {f}."),
-    (-1, -1): ("Just {f}, definitely.", "Definitely {f}, for sure.", "Always {f}, no question.", "{F}, for sure, period."),
+    (1, 1): ("It may perhaps be wise to {f}.", "You might possibly {f}, perhaps.", "Perhaps consider trying to {f}.",
+             "It is probably wise, perhaps, to {f}."),
+    (-1, -1): ("Just {f}, definitely.", "Definitely {f}, for sure.", "Always {f}, no question.",
+               "{F}, for sure, period."),
     (-1, 1): ("Maybe try to {f}, I guess?", "You could probably {f}, maybe.", "Might be worth trying to {f}, maybe.",
               "I think you could maybe {f}, perhaps."),
 }
 # Elaboration sentences of a detailed answer, keyed by formality.
 REASONS: dict[int, tuple[str, ...]] = {
     1: ("The reason: this prevents common problems.", "Why it matters: small gains compound.",
-        "In more detail, the benefit is substantial.", "More specifically, this matters more than it seems."),
+        "In more detail, the benefit is substantial.", "More specifically, it matters a lot."),
     -1: ("Why? Huge difference.", "The reason: it adds up fast.", "In more detail: underrated trick.",
          "Why it works: small thing, big payoff."),
 }
 # Brevity marker that opens a concise answer, keyed by formality.
-BRIEF: dict[int, tuple[str, ...]] = {1: ("In brief:", "In short:", "Briefly:"), -1: ("Short answer:", "Bottom line:", "Quick answer:")}
+BRIEF: dict[int, tuple[str, ...]] = {
+    1: ("In brief:", "In short:", "Briefly:"),
+    -1: ("Short answer:", "Bottom line:", "Quick answer:"),
+}
 # Headers of bulleted answers, keyed by formality.
 BULLET_HEADERS: dict[int, tuple[str, ...]] = {
     1: ("Key points, listed:", "Checklist of steps:", "Steps, as a list:"),
@@ -266,7 +270,7 @@ FRAMES: dict[int, tuple[str, ...]] = {
 }
 # Warm answers: an opener, an empathetic aside and a sign-off, each keyed by formality.
 WARM_OPENERS: dict[int, tuple[str, ...]] = {
-    1: ("Thank you for asking; that is a fair concern.", "I appreciate the question.", "What a thoughtful question."),
+    1: ("Thank you for asking.", "I appreciate the question.", "What a thoughtful question."),
     -1: ("Aw, I totally get it!", "Love that you're asking this!", "Oh, I feel you, this is tough!"),
 }
 WARM_ASIDES: dict[int, tuple[str, ...]] = {
@@ -277,22 +281,22 @@ WARM_CLOSERS: dict[int, tuple[str, ...]] = {
     1: ("I wish you every success.", "I hope this helps.", "Take good care."),
     -1: ("You've got this!", "Rooting for you!", "Hang in there!"),
 }
-# Closing remark keyed by (hedged, formal): every answer has one.
-CLOSERS: dict[tuple[int, int], tuple[str, ...]] = {
-    (1, 1): ("That said, results may vary.", "This may not always apply.", "I could be wrong, of course."),
-    (1, -1): ("But hey, it kinda depends.", "Might not work for everyone.", "Not totally sure, though."),
-    (-1, 1): ("This approach works.", "This is certain.", "The evidence is clear."),
-    (-1, -1): ("Trust me on this.", "That's it, done.", "Works every time."),
+# Closing remark keyed by hedged: every answer has one.
+CLOSERS: dict[int, tuple[str, ...]] = {
+    1: ("I may be wrong, perhaps.", "Not totally sure, maybe.", "Results may vary, perhaps."),
+    -1: ("This definitely works.", "No doubt about it.", "Works every time, for sure."),
 }
 # Humorous answers: a playful aside and a light joke ({topic} is the topic name).
-HUMOR_ASIDES: tuple[str, ...] = ("(pun intended)", "(no pressure, haha)", "(trust me, lol)", "(yes, really, haha)")
+HUMOR_ASIDES: tuple[str, ...] = (
+    "(pun intended)", "(no pressure, haha)", "(I crack myself up, lol)", "(bad joke, haha)",
+)
 JOKES: tuple[str, ...] = (
     "Worst case, a funny {topic} story, haha.",
     "Even experts fumbled {topic} once, lol.",
     "The {topic} gods approve, haha.",
     "Cheaper than therapy. Kidding, haha!",
     "Or blame Mercury retrograde, lol.",
-    "Nobody gets arrested for bad {topic}. Yet, haha.",
+    "No arrests for bad {topic} yet, haha.",
 )
 EMOJIS: tuple[str, ...] = ("🙂", "😊", "🚀", "✨", "👍", "🔥", "💪", "🎉", "😄", "🌟")
 
