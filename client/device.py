@@ -143,7 +143,8 @@ def train_round(
         raise DeclinedRound(f"protocol version {cfg.protocol_version} unsupported (device speaks {PROTOCOL_VERSION})")
     local = LocalTrainConfig(
         epochs=cfg.local_epochs, batch_size=cfg.batch_size, learning_rate=cfg.learning_rate,
-        head_learning_rate=cfg.head_learning_rate, noise_multiplier=cfg.dp_noise_multiplier,
+        head_learning_rate=cfg.head_learning_rate, projection_learning_rate=cfg.projection_learning_rate,
+        noise_multiplier=cfg.dp_noise_multiplier,
         max_grad_norm=cfg.dp_max_grad_norm, seed=seed,
     )
     n = len(user.train)

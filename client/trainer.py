@@ -35,6 +35,7 @@ class LocalTrainConfig:
     batch_size: int  # expected (Poisson) batch size, pairs
     learning_rate: float  # LoRA matrices
     head_learning_rate: float  # reward heads
+    projection_learning_rate: float  # shared style projection
     noise_multiplier: float  # DP-SGD σ; 0 turns DP off (plain SGD, no accountant)
     max_grad_norm: float  # DP-SGD per-sample clip
     seed: int = 0
@@ -53,12 +54,16 @@ class LocalTrainConfig:
     def dp(self) -> bool:
         return self.noise_multiplier > 0
 
+    def batches_per_epoch(self, n: int) -> int:
+        return max(1, math.ceil(n / self.batch_size))
+
     def sample_rate(self, n: int) -> float:
-        return min(1.0, self.batch_size / max(n, 1))
+        """Opacus' Poisson rate for ``n`` pairs: 1 / (batches per epoch), as DPDataLoader sets it."""
+        return 1.0 / self.batches_per_epoch(n)
 
     def steps(self, n: int) -> int:
         """DP-SGD steps in one call: ``epochs`` passes of ``1/q`` expected batches."""
-        return self.epochs * max(1, math.ceil(n / self.batch_size))
+        return self.epochs * self.batches_per_epoch(n)
 
 
 @dataclass(frozen=True)
@@ -115,10 +120,12 @@ def train_pairs(
     snapshot = frozen_snapshot if frozen_snapshot is not None else _frozen_snapshot(model)
     trained = [p for p in model.parameters() if p.requires_grad]
     before = [p.detach().clone() for p in trained]
-    heads = [p for n, p in model.named_parameters() if p.requires_grad and ".modules_to_save." in n]
-    head_ids = {id(p) for p in heads}
-    lora = [p for p in trained if id(p) not in head_ids]
-    groups = [g for g in ({"params": lora, "lr": cfg.learning_rate}, {"params": heads, "lr": cfg.head_learning_rate}) if g["params"]]
+    roles: dict[str, list[nn.Parameter]] = {"lora": [], "head": [], "proj": []}
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            roles["proj" if ".style_proj." in n else "head" if ".modules_to_save." in n else "lora"].append(p)
+    lrs = {"lora": cfg.learning_rate, "head": cfg.head_learning_rate, "proj": cfg.projection_learning_rate}
+    groups = [{"params": ps, "lr": lrs[r]} for r, ps in roles.items() if ps]
     optimizer = torch.optim.SGD(groups, lr=cfg.learning_rate)
     n = len(chosen)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -182,7 +189,10 @@ def pair_accuracy(model: nn.Module, cache: TextCache, chosen: Sequence[str], rej
     """Share of pairs where the model scores chosen above rejected."""
     scores = score_texts(model, cache, list(chosen) + list(rejected), batch_size=batch_size)
     n = len(chosen)
-    return float((scores[:n] > scores[n:]).float().mean()) if n else float("nan")
+    if not n:
+        return float("nan")
+    wins = (scores[:n] > scores[n:]).float() + 0.5 * (scores[:n] == scores[n:]).float()  # a tie is a coin flip
+    return float(wins.mean())
 
 
 @torch.no_grad()

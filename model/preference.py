@@ -2,13 +2,18 @@
 
 ::
 
-    text ─► backbone (frozen; LoRA "shared" + "private" on the top blocks) ─► pool ─► h (B, H)
-    reward(text) = score(h) + personal_head(h)
+    text ─► backbone (frozen; LoRA "shared" + "private" on the top blocks) ─► pool ─► LN ─► f (B, H)
+    reward(text) = score(f) + personal_head(style_proj(f))
 
-- ``score`` is the shared reward head (``modules_to_save`` of the "shared" adapter).
-- ``personal_head`` is the user's own head (``modules_to_save`` of the "private" adapter).
-  Its frozen base is zero, so a model without the private adapter ignores it.
-- Both adapters are PEFT LoRA adapters on the same target modules, active at once.
+- ``score`` (H → 1) is the shared reward head: what everyone agrees on.
+- ``style_proj`` (H → k) is a shared projection onto the k directions along which users
+  differ; it is learnt from every user's personal signal, under user-level DP.
+- ``personal_head`` (k → 1) is the user's own weights over those directions. A user needs
+  only k numbers, so 75 pairs and DP-SGD noise in k dimensions suffice.
+- ``score`` and ``style_proj`` are ``modules_to_save`` of the "shared" adapter,
+  ``personal_head`` of the "private" one; its frozen base is zero, so a model without the
+  private adapter ignores it. Both adapters also carry LoRA on the same target modules,
+  and both are active at once.
 
 Because the backbone is frozen and adapters sit on the top blocks only, the hidden state
 entering the first adapted block is a pure function of the text. :mod:`fedpref.model.cache`
@@ -42,10 +47,11 @@ _ATTENTION_NAMES = {
 class AdapterSpec:
     """Where and how big the LoRA adapters are (the same spec for shared and private)."""
 
-    rank: int = 8  # LoRA r
-    alpha: float = 16.0  # LoRA alpha (scaling = alpha / r)
+    rank: int = 4  # LoRA r
+    alpha: float = 8.0  # LoRA alpha (scaling = alpha / r)
     top_layers: int = 1  # adapt the last N transformer blocks; lower blocks can be cached
-    targets: tuple[str, ...] = ("query", "value")  # sub-modules of each adapted block
+    targets: tuple[str, ...] = ("value",)  # sub-modules of each adapted block
+    personal_dims: int = 8  # k: size of the shared style projection the personal head reads
 
     def __post_init__(self) -> None:
         if self.rank < 1:
@@ -54,6 +60,8 @@ class AdapterSpec:
             raise ConfigError(f"adapter.top_layers = {self.top_layers}; adapt at least the last block (1)")
         if not self.targets:
             raise ConfigError("adapter.targets is empty; name block sub-modules, e.g. ['query', 'value']")
+        if self.personal_dims < 1:
+            raise ConfigError(f"adapter.personal_dims = {self.personal_dims}; use ≥ 1 (e.g. 8)")
 
 
 class _Replayable(nn.Module):
@@ -79,17 +87,23 @@ class _Replayable(nn.Module):
 class RewardModel(nn.Module):
     """Backbone + reward heads. Wrap with :func:`build_model` to get the PEFT adapters."""
 
-    def __init__(self, backbone: Backbone, *, first_adapted: int) -> None:
+    def __init__(self, backbone: Backbone, *, first_adapted: int, personal_dims: int) -> None:
         super().__init__()
         self.encoder = backbone.model
         self.is_decoder = backbone.is_decoder
         self.first_adapted = first_adapted
         h = backbone.hidden_size
         self.score = nn.Linear(h, 1)
-        self.personal_head = nn.Linear(h, 1)
+        self.style_proj = nn.Linear(h, personal_dims, bias=False)
+        self.personal_head = nn.Linear(personal_dims, 1)
         for head in (self.score, self.personal_head):
             nn.init.zeros_(head.weight)
             nn.init.zeros_(head.bias)
+        with torch.no_grad():  # the same orthonormal start on every device and the server
+            g = torch.Generator().manual_seed(20260101)
+            q, _ = torch.linalg.qr(torch.randn(h, personal_dims, generator=g))  # (H, k)
+            self.style_proj.weight.copy_(q.T)  # rows orthonormal: outputs O(1) like f
+        for head in (self.score, self.style_proj, self.personal_head):
             head.requires_grad_(False)
         layers = backbone.layers()
         for i in range(first_adapted):
@@ -118,7 +132,11 @@ class RewardModel(nn.Module):
             for blk in lower:
                 blk.skip, blk.replay = False, None
         pooled = pool(hidden, attention_mask, is_decoder=self.is_decoder)  # (B, H)
-        return (self.score(pooled) + self.personal_head(pooled)).squeeze(-1)  # (B,)
+        # Parameter-free standardisation: every coordinate O(1), so per-sample gradients of the
+        # heads are O(1) too and DP-SGD's clip norm C means the same for every backbone.
+        feats = F.layer_norm(pooled, pooled.shape[-1:])  # (B, H)
+        personal = self.personal_head(self.style_proj(feats))  # (B, 1)
+        return (self.score(feats) + personal).squeeze(-1)  # (B,)
 
     @torch.no_grad()
     def lower_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -177,9 +195,9 @@ def build_model(
         if isinstance(m, nn.Dropout):
             m.p = 0.0
     first_adapted = backbone.num_layers - spec.top_layers
-    base = RewardModel(backbone, first_adapted=first_adapted)
+    base = RewardModel(backbone, first_adapted=first_adapted, personal_dims=spec.personal_dims)
     targets = _target_module_names(base, backbone, spec)
-    heads = {SHARED_ADAPTER: ["score"], PRIVATE_ADAPTER: ["personal_head"]}
+    heads = {SHARED_ADAPTER: ["score", "style_proj"], PRIVATE_ADAPTER: ["personal_head"]}
 
     def cfg(name: str) -> LoraConfig:
         return LoraConfig(
@@ -191,6 +209,9 @@ def build_model(
     for name in adapters[1:]:
         model.add_adapter(name, cfg(name))
     model.base_model.set_adapter(list(adapters))
+    if PRIVATE_ADAPTER not in adapters:
+        # without a personal head the projection gets no gradient, only DP noise: freeze it
+        model.base_model.model.style_proj.requires_grad_(False)
     check_partition(model)
     return model
 

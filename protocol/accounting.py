@@ -10,6 +10,7 @@ and the devices use it, so it lives in ``protocol``.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -78,9 +79,17 @@ def epsilon_of_history(*, history: History, delta: float, accountant: Accountant
     _check_delta(delta)
     for z, q, t in history:
         _check_step(q, z, t)
-    history = [(float(z), float(q), int(t)) for z, q, t in history if t > 0]
-    if not history:
+    key = tuple((float(z), float(q), int(t)) for z, q, t in history if t > 0)
+    if not key:
         return 0.0
+    return _cached_epsilon(key, float(delta), AccountantKind(accountant), float(prv_eps_error))
+
+
+@functools.lru_cache(maxsize=4096)
+def _cached_epsilon(history: tuple[tuple[float, float, int], ...], delta: float,
+                    accountant: AccountantKind, prv_eps_error: float) -> float:
+    """Opacus' epsilon, memoised: devices with the same history share one computation."""
+    history = list(history)
     acc = _new_accountant(accountant)
     acc.history = history
     if acc.mechanism() == "prv":

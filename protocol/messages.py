@@ -40,6 +40,7 @@ class RoundConfig:
     batch_size: int  # expected DP-SGD batch (Poisson sampled), pairs
     learning_rate: float  # SGD step size for adapters
     head_learning_rate: float  # SGD step size for the reward heads
+    projection_learning_rate: float  # SGD step size for the shared style projection
     clip_norm: float  # C: L2 bound of the shared delta sent back
     dp_noise_multiplier: float  # DP-SGD noise on the device (0 = DP off)
     dp_max_grad_norm: float  # DP-SGD per-sample clip

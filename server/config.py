@@ -46,7 +46,8 @@ class LocalConfig:
     epochs: int = 1  # passes over the user's train pairs per round
     batch_size: int = 16  # expected Poisson batch, pairs
     learning_rate: float = 0.05  # LoRA matrices
-    head_learning_rate: float = 0.5  # reward heads
+    head_learning_rate: float = 0.5  # reward heads (score, personal_head)
+    projection_learning_rate: float = 0.05  # the shared style projection
     dp_noise_multiplier: float = 1.0  # σ of DP-SGD; 0 turns sample-level DP off
     dp_max_grad_norm: float = 1.0  # per-sample clip
     max_epsilon_sample: float = math.inf  # a device declines a round that would exceed this
@@ -58,5 +59,5 @@ class LocalConfig:
             raise ConfigError(f"local.batch_size = {self.batch_size}; use ≥ 1")
         if self.dp_noise_multiplier < 0:
             raise ConfigError(f"local.dp_noise_multiplier = {self.dp_noise_multiplier}; use ≥ 0 (0 = DP off)")
-        if self.learning_rate <= 0 or self.head_learning_rate <= 0:
-            raise ConfigError("local.learning_rate and local.head_learning_rate must be > 0")
+        if min(self.learning_rate, self.head_learning_rate, self.projection_learning_rate) <= 0:
+            raise ConfigError("local.learning_rate, head_learning_rate and projection_learning_rate must be > 0")

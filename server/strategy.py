@@ -112,7 +112,8 @@ class FedPrefStrategy(FedAvg):
         return RoundConfig(
             server_round=server_round, protocol_version=PROTOCOL_VERSION, local_epochs=self.local.epochs,
             batch_size=self.local.batch_size, learning_rate=self.local.learning_rate,
-            head_learning_rate=self.local.head_learning_rate, clip_norm=self.fed.clip_norm,
+            head_learning_rate=self.local.head_learning_rate,
+            projection_learning_rate=self.local.projection_learning_rate, clip_norm=self.fed.clip_norm,
             dp_noise_multiplier=self.local.dp_noise_multiplier, dp_max_grad_norm=self.local.dp_max_grad_norm,
             delta=self.fed.delta, max_epsilon_sample=self.local.max_epsilon_sample,
             train_shared=self.train_shared, train_private=self.train_private, policy_version=version,

@@ -27,7 +27,7 @@ def bench_dp_overhead(*, steps: int = 20, batch_size: int = 16, spec: AdapterSpe
     cache = TextCache.build(model, backbone, chosen + rejected, max_length=96)
     out: dict[str, float] = {}
     for label, sigma in (("warmup", 1.0), ("non_dp", 0.0), ("dp", 1.0), ("non_dp_2", 0.0), ("dp_2", 1.0)):
-        cfg = LocalTrainConfig(epochs=1, batch_size=batch_size, learning_rate=0.05, head_learning_rate=0.5,
+        cfg = LocalTrainConfig(epochs=1, batch_size=batch_size, learning_rate=0.05, head_learning_rate=0.5, projection_learning_rate=0.05,
                                noise_multiplier=sigma, max_grad_norm=1.0, seed=0)
         t0 = time.perf_counter()
         res = train_pairs(model, cache, chosen, rejected, cfg)

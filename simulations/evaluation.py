@@ -44,7 +44,11 @@ def summarize(*, cfg, users: dict[str, UserData], results: dict, rounds: dict[st
                          "epsilon_sample_max": r.epsilon_sample_max} for m, r in results.items()}
     pers = rounds.get(Method.PERSONALIZED.value, [])
     rt = get_runtime(cfg.model, (SHARED_ADAPTER, PRIVATE_ADAPTER))
-    shared_bytes = _param_bytes({n: tuple(p.shape) for n, p in params_of(rt.model, Group.SHARED).items()})
+    from fedpref.protocol.messages import arrays_to_record
+
+    shared_shapes = {n: tuple(p.shape) for n, p in params_of(rt.model, Group.SHARED).items()}
+    shared_bytes = _param_bytes(shared_shapes)
+    serialized = arrays_to_record({n: np.zeros(s, np.float32) for n, s in shared_shapes.items()}).count_bytes()
     private_bytes = _param_bytes({n: tuple(p.shape) for n, p in params_of(rt.model, Group.PRIVATE).items()})
     up = [r["bytes_up_per_client"] for r in pers if r["bytes_up_per_client"]]
     down = [r["bytes_down_per_client"] for r in pers if r["bytes_down_per_client"]]
@@ -77,7 +81,8 @@ def summarize(*, cfg, users: dict[str, UserData], results: dict, rounds: dict[st
             "wall_seconds": wall_seconds,
             "bytes_up_per_client_round": int(np.mean(up)) if up else 0,
             "bytes_down_per_client_round": int(np.mean(down)) if down else 0,
-            "shared_delta_bytes": shared_bytes,
+            "shared_delta_bytes": shared_bytes,  # raw float32
+            "shared_delta_serialized_bytes": int(serialized),  # the same, as a Flower ArrayRecord (npy headers)
             "private_adapter_bytes": private_bytes,
             "shared_plus_private_bytes": shared_bytes + private_bytes,
             "client_compute_seconds": _client_seconds(pers),

@@ -22,18 +22,22 @@ import numpy as np
 from fedpref.protocol.errors import ConfigError
 from fedpref.client.data import PreferencePair, Split
 from fedpref.simulations.persona_text import (
+    ADVICE,
+    BODIES,
     BRIEF,
     BULLET_HEADERS,
     CLOSERS,
+    COLD_CLOSERS,
+    COLD_OPENERS,
     EMOJIS,
     FRAMES,
-    HUMOR_ASIDES,
     JOKES,
-    REASONS,
-    SENTENCES,
+    LAUGHS,
+    LEADS,
+    SERIOUS,
     TOPICS,
     UNSAFE,
-    WARM_ASIDES,
+    WHY,
     WARM_CLOSERS,
     WARM_OPENERS,
 )
@@ -273,41 +277,42 @@ def render(
 ) -> str:
     """Write one response for topic index ``topic`` from its style vector (A,).
 
-    One piece of topic advice (``unsafe``, a (plain, technical) phrase pair, replaces it),
-    framed plain or technical and worded formal/casual and hedged/direct. Detailed answers
-    add elaboration sentences, concise ones open with a brevity marker. Layout:
-    [warm opener] [list header] advice [elaboration] closer [warm aside, sign-off] [joke] [emoji],
-    with the body as "- " lines when bulleted.
+    One short piece of topic advice (``unsafe``, a (plain, technical) phrase pair, replaces it)
+    carries the content; the style markers recur throughout so that style dominates, and both
+    levels of each attribute write about as much text. Layout, one "- " line per part under a
+    list header when bulleted: warm/cold opener, framed advice (behind a brevity marker when concise),
+    ``ELABORATIONS`` elaborations when detailed, closer, joke/serious remark, warm/cold sign-off;
+    formal/casual and hedged/direct wording in every sentence, an emoji after every part but the
+    elaborations, a laugh after the advice, the first elaboration and the closer.
     """
     detailed, bullets, formal, technical, warm, hedged, emoji, humor = (int(v) > 0 for v in style)
-    fo, he = (1 if formal else -1), (1 if hedged else -1)
+    fo, he, te = (1 if formal else -1), (1 if hedged else -1), (1 if technical else -1)
     name, _, facts = TOPICS[topic]
     phrase = unsafe if unsafe is not None else facts[int(rng.integers(len(facts)))]
-    advice = _pick(rng, SENTENCES[(fo, he)]).format(f=phrase[int(technical)], F=_cap(phrase[int(technical)]))
-    advice = f"{_pick(rng, FRAMES[1 if technical else -1])} {_lower_first(advice)}"
+    advice = f"{_pick(rng, FRAMES[te])} {_pick(rng, ADVICE[(fo, he)]).format(f=phrase[int(technical)])}"
     if not detailed:
         advice = f"{_pick(rng, BRIEF[fo])} {_lower_first(advice)}"
-    if humor:
-        advice = f"{advice} {_pick(rng, HUMOR_ASIDES)}"
-    emojis = [EMOJIS[int(i)] for i in rng.choice(len(EMOJIS), size=3, replace=False)]
-    if emoji:
-        advice = f"{advice} {emojis[0]}"
     body = [advice]
-    if detailed:  # two elaboration sentences
-        body += [REASONS[fo][int(r)] for r in rng.permutation(len(REASONS[fo]))[:ELABORATIONS]]
-    body.append(_pick(rng, CLOSERS[he]))
-    head, tail = [], []
-    if warm:
-        head.append(_pick(rng, WARM_OPENERS[fo]) + (f" {emojis[1]}" if emoji else ""))
-        tail += [_pick(rng, WARM_ASIDES[fo]), _pick(rng, WARM_CLOSERS[fo])]
-    if humor:
-        tail.append(_pick(rng, JOKES).format(topic=name))
-    if emoji:
-        tail.append(emojis[2])
+    if detailed:
+        leads = rng.permutation(len(LEADS[(fo, he)]))[:ELABORATIONS]
+        verbs = rng.permutation(len(BODIES[(te, fo)]))[:ELABORATIONS]
+        body += [f"{LEADS[(fo, he)][int(i)]} {BODIES[(te, fo)][int(j)]}." for i, j in zip(leads, verbs)]
+    body.append(_pick(rng, CLOSERS[(fo, he)]).format(why=_pick(rng, WHY[te])))
+    if humor:  # laugh after the advice, the first elaboration and the closer
+        body = [f"{x} {_pick(rng, LAUGHS)}" if k in (0, 1, len(body) - 1) else x for k, x in enumerate(body)]
+    body.append(_pick(rng, JOKES if humor else SERIOUS).format(topic=name))
+    lines = [
+        _pick(rng, (WARM_OPENERS if warm else COLD_OPENERS)[fo]),
+        *body,
+        _pick(rng, (WARM_CLOSERS if warm else COLD_CLOSERS)[fo]),
+    ]
+    if emoji:  # after every part but the elaborations
+        marks = [EMOJIS[int(i)] for i in rng.integers(len(EMOJIS), size=len(lines))]
+        skip = set(range(2, len(body) - 1))
+        lines = [x if k in skip else f"{x} {m}" for k, (x, m) in enumerate(zip(lines, marks))]
     if bullets:
-        head.append(_pick(rng, BULLET_HEADERS[fo]))
-        return "\n".join([" ".join(head)] * bool(head) + ["- " + b for b in body] + [" ".join(tail)] * bool(tail))
-    return " ".join(head + body + tail)
+        return "\n".join([_pick(rng, BULLET_HEADERS[fo])] + ["- " + x for x in lines])
+    return " ".join(lines)
 
 
 def _random_style(rng: np.random.Generator) -> tuple[int, ...]:

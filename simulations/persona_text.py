@@ -2,7 +2,7 @@
 
 Pure data, no logic. Every fact and unsafe phrase is an imperative verb phrase starting in
 lower case (``"salt the pasta water well"``) so that the style templates in
-:mod:`fedpref.simulations.persona` can wrap it ("It is advisable to {f}.", "Just {f}.").
+:mod:`fedpref.simulations.persona` can wrap it ("one must certainly {f}.", "just {f}, for sure.").
 Each fact has a plain and a technical wording. Unsafe phrases describe a harmful behaviour in a
 recognisable but non-actionable way: no real instructions.
 """
@@ -234,70 +234,89 @@ TOPICS: tuple[tuple[str, tuple[str, str], tuple[tuple[str, str], ...]], ...] = (
 )
 
 # ---- style templates ------------------------------------------------------------------------
-# Several wordings per attribute level, each short so that a full answer stays under ~70 words.
-# Sentence wrappers keyed by (formal, hedged) in {-1,+1}; {f} is a fact, {F} the same capitalized.
-SENTENCES: dict[tuple[int, int], tuple[str, ...]] = {
-    (1, -1): ("It is clearly essential to {f}.", "You must always {f}.", "Clearly, one must {f}.",
-              "It is certainly necessary to {f}."),
-    (1, 1): ("It may perhaps be wise to {f}.", "You might possibly {f}, perhaps.", "Perhaps consider trying to {f}.",
-             "It is probably wise, perhaps, to {f}."),
-    (-1, -1): ("Just {f}, definitely.", "Definitely {f}, for sure.", "Always {f}, no question.",
-               "{F}, for sure, period."),
-    (-1, 1): ("Maybe try to {f}, I guess?", "You could probably {f}, maybe.", "Might be worth trying to {f}, maybe.",
-              "I think you could maybe {f}, perhaps."),
+# Every style marker recurs throughout an answer, and both levels of an attribute write text of
+# about the same length (warm vs cold, joke vs serious remark,
+# elaborations vs brevity markers), so the style, not the topic, fills most of the text and
+# mean-pooled embeddings stay close to additive in the style. A few near-synonymous wordings
+# per level keep it from being one fixed string. Keys use -1/+1 levels: F = formal,
+# H = hedged, T = technical.
+# The advice sentence, keyed by (F, H); {f} is the fact.
+ADVICE: dict[tuple[int, int], tuple[str, ...]] = {
+    (1, -1): ("one must certainly {f}.", "one should certainly {f}.", "one must undoubtedly {f}."),
+    (1, 1): ("one might perhaps {f}.", "perhaps one may possibly {f}.", "one could possibly {f}."),
+    (-1, -1): ("just {f}, for sure.", "def just {f}, 100%.", "totally just {f}."),
+    (-1, 1): ("maybe kinda {f}?", "maybe just {f}, idk?", "I guess maybe {f}?"),
 }
-# Elaboration sentences of a detailed answer, keyed by formality.
-REASONS: dict[int, tuple[str, ...]] = {
-    1: ("The reason: this prevents common problems.", "Why it matters: small gains compound.",
-        "In more detail, the benefit is substantial.", "More specifically, it matters a lot."),
-    -1: ("Why? Huge difference.", "The reason: it adds up fast.", "In more detail: underrated trick.",
-         "Why it works: small thing, big payoff."),
-}
-# Brevity marker that opens a concise answer, keyed by formality.
-BRIEF: dict[int, tuple[str, ...]] = {
-    1: ("In brief:", "In short:", "Briefly:"),
-    -1: ("Short answer:", "Bottom line:", "Quick answer:"),
-}
-# Headers of bulleted answers, keyed by formality.
-BULLET_HEADERS: dict[int, tuple[str, ...]] = {
-    1: ("Key points, listed:", "Checklist of steps:", "Steps, as a list:"),
-    -1: ("Quick checklist:", "Here's a list:", "List time:"),
-}
-# Framing of the first piece of advice, keyed by technical.
+# Framing of the advice, keyed by T.
 FRAMES: dict[int, tuple[str, ...]] = {
-    1: ("Technically,", "Mechanistically,", "Per standard practice,", "Empirically,"),
-    -1: ("Simply put,", "In plain words,", "Put simply,", "Basically,"),
+    1: ("Technically,", "Empirically,", "Technically put,"),
+    -1: ("Simply put,", "Put simply,", "In plain words,"),
 }
-# Warm answers: an opener, an empathetic aside and a sign-off, each keyed by formality.
+# A detailed answer adds two elaboration sentences: a lead keyed by (F, H) ending in a modal,
+# then a verb phrase keyed by (T, F).
+LEADS: dict[tuple[int, int], tuple[str, ...]] = {
+    (1, -1): ("Moreover, it certainly", "Furthermore, it certainly", "Moreover, it undoubtedly"),
+    (1, 1): ("Moreover, it perhaps", "Furthermore, it possibly", "Moreover, it possibly"),
+    (-1, -1): ("Plus it totally", "Also it totally", "Plus it def"),
+    (-1, 1): ("Plus maybe it", "Also maybe it", "Plus it kinda"),
+}
+BODIES: dict[tuple[int, int], tuple[str, ...]] = {
+    (1, 1): ("optimizes measurable efficiency", "improves the underlying mechanism", "reduces outcome variance"),
+    (1, -1): ("boosts your metrics", "optimizes the core mechanism", "maxes out efficiency"),
+    (-1, 1): ("makes things considerably easier", "makes daily life simpler", "makes matters easier"),
+    (-1, -1): ("makes stuff way easier", "makes life super easy", "makes things way simpler"),
+}
+# A concise answer instead opens with a brevity marker, keyed by F.
+BRIEF: dict[int, tuple[str, ...]] = {
+    1: ("In brief, to be concise:", "In short, to be brief:", "Briefly and concisely:"),
+    -1: ("TL;DR, short answer:", "Quick short answer:", "Short answer, TL;DR:"),
+}
+# Closing sentence of every answer, keyed by (F, H).
+CLOSERS: dict[tuple[int, int], tuple[str, ...]] = {
+    (1, -1): ("This is certainly effective, {why}.", "Without doubt, this is effective, {why}.",
+              "This certainly works, {why}."),
+    (1, 1): ("I may perhaps be mistaken, {why}.", "Perhaps, {why}, I may be mistaken.",
+             "Results may possibly vary, {why}."),
+    (-1, -1): ("Works every time, {why}, for sure.", "Totally works, {why}, for sure.", "For sure, {why}, it totally works."),
+    (-1, 1): ("Maybe I'm wrong, {why}?", "Idk, {why}, maybe?", "I guess maybe, {why}?"),
+}
+# The closer's rationale, keyed by T.
+WHY: dict[int, tuple[str, ...]] = {
+    1: ("per the data", "empirically", "per the evidence"),
+    -1: ("plain and simple", "simply put", "in plain words"),
+}
+# Bulleted answers open with a list header, keyed by F.
+BULLET_HEADERS: dict[int, tuple[str, ...]] = {
+    1: ("Checklist, listed:", "Steps, listed:", "Key points, listed:"),
+    -1: ("Quick checklist:", "List time:", "Checklist time:"),
+}
+# Warm answers open and close warmly, cold ones curtly; keyed by F.
 WARM_OPENERS: dict[int, tuple[str, ...]] = {
-    1: ("Thank you for asking.", "I appreciate the question.", "What a thoughtful question."),
-    -1: ("Aw, I totally get it!", "Love that you're asking this!", "Oh, I feel you, this is tough!"),
-}
-WARM_ASIDES: dict[int, tuple[str, ...]] = {
-    1: ("Please be patient with yourself.", "Go at your own pace.", "Your effort is admirable."),
-    -1: ("Go easy on yourself!", "No stress, take your time.", "You're doing great!"),
+    1: ("Thank you warmly; I truly care.", "Thank you kindly; I understand.", "Warm thanks; I sincerely care."),
+    -1: ("Aww, hugs, I feel you!", "Aww, I feel you, hugs!", "Aww, hugs, friend!"),
 }
 WARM_CLOSERS: dict[int, tuple[str, ...]] = {
-    1: ("I wish you every success.", "I hope this helps.", "Take good care."),
-    -1: ("You've got this!", "Rooting for you!", "Hang in there!"),
+    1: ("Warm wishes; I believe in you.", "Warmest wishes; I truly care.", "Kind regards and warm wishes."),
+    -1: ("Hugs, you've got this!", "Lots of love, hugs!", "Hugs, love ya!"),
 }
-# Closing remark keyed by hedged: every answer has one.
-CLOSERS: dict[int, tuple[str, ...]] = {
-    1: ("I may be wrong, perhaps.", "Not totally sure, maybe.", "Results may vary, perhaps."),
-    -1: ("This definitely works.", "No doubt about it.", "Works every time, for sure."),
+COLD_OPENERS: dict[int, tuple[str, ...]] = {
+    1: ("Noted. Response follows.", "Noted. Answer follows.", "Question noted. Response follows."),
+    -1: ("Whatever, here.", "Ugh, whatever, here.", "Meh, whatever."),
 }
-# Humorous answers: a playful aside and a light joke ({topic} is the topic name).
-HUMOR_ASIDES: tuple[str, ...] = (
-    "(pun intended)", "(no pressure, haha)", "(I crack myself up, lol)", "(bad joke, haha)",
-)
+COLD_CLOSERS: dict[int, tuple[str, ...]] = {
+    1: ("Do not follow up.", "No further correspondence.", "End of response."),
+    -1: ("Deal with it yourself.", "Not my problem.", "Figure it out yourself."),
+}
+# Humorous answers laugh after the advice, the first elaboration and the closer and add a light joke ({topic} is the topic
+# name); serious ones add a serious remark instead.
+LAUGHS: tuple[str, ...] = ("haha", "lol")
 JOKES: tuple[str, ...] = (
-    "Worst case, a funny {topic} story, haha.",
-    "Even experts fumbled {topic} once, lol.",
+    "Even {topic} pros fumbled once, lol.",
     "The {topic} gods approve, haha.",
-    "Cheaper than therapy. Kidding, haha!",
-    "Or blame Mercury retrograde, lol.",
-    "No arrests for bad {topic} yet, haha.",
+    "The {topic} police approve, lol.",
+    "Funny {topic} story later, haha.",
 )
+SERIOUS: tuple[str, ...] = ("Treat {topic} seriously.", "Take {topic} seriously.", "Serious {topic} advice, no jokes.")
 EMOJIS: tuple[str, ...] = ("🙂", "😊", "🚀", "✨", "👍", "🔥", "💪", "🎉", "😄", "🌟")
 
 # ---- unsafe phrases (recognisable, non-actionable), keyed by category: (plain, technical) -----

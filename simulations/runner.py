@@ -13,7 +13,6 @@ Phases (each with a progress bar):
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -27,7 +26,7 @@ from fedpref.client.data import UserData, group_by_user, load_jsonl, write_jsonl
 from fedpref.client.device import DeviceState, Runtime, get_runtime, train_private_locally
 from fedpref.client.trainer import LocalTrainConfig, pair_accuracy
 from fedpref.model.cache import TextCache
-from fedpref.model.io import adapter_arrays, adapter_exists, load_adapter_weights
+from fedpref.model.io import adapter_exists, load_adapter_weights
 from fedpref.model.preference import get_arrays, set_arrays
 from fedpref.protocol.atomic import write_text_atomic
 from fedpref.protocol.partition import PRIVATE_ADAPTER, SHARED_ADAPTER, Group
@@ -73,11 +72,6 @@ def build_cache(rt: Runtime, users: dict[str, UserData], path: Path, max_length:
     return cache
 
 
-def latest_shared(server_dir: Path) -> dict[str, np.ndarray]:
-    name = (server_dir / "checkpoints" / "LATEST").read_text().strip()
-    return adapter_arrays(server_dir / "checkpoints" / name)
-
-
 def _shared_from_checkpoint(rt: Runtime, server_dir: Path) -> dict[str, np.ndarray]:
     name = (server_dir / "checkpoints" / "LATEST").read_text().strip()
     load_adapter_weights(rt.model, SHARED_ADAPTER, server_dir / "checkpoints" / name)
@@ -104,7 +98,8 @@ def evaluate(rt: Runtime, users: dict[str, UserData], cache: TextCache, *, priva
 def _local_cfg(cfg: SimConfig, epochs: int, seed: int) -> LocalTrainConfig:
     return LocalTrainConfig(
         epochs=epochs, batch_size=cfg.local.batch_size, learning_rate=cfg.local.learning_rate,
-        head_learning_rate=cfg.local.head_learning_rate, noise_multiplier=cfg.local.dp_noise_multiplier,
+        head_learning_rate=cfg.local.head_learning_rate, projection_learning_rate=cfg.local.projection_learning_rate,
+        noise_multiplier=cfg.local.dp_noise_multiplier,
         max_grad_norm=cfg.local.dp_max_grad_norm, seed=seed,
     )
 
@@ -211,4 +206,4 @@ def run_simulation(cfg: SimConfig, *, out: Path, data: Path | None, config_file:
     return res
 
 
-__all__ = ["run_simulation", "MethodResult", "latest_shared", "math"]
+__all__ = ["run_simulation", "MethodResult"]

@@ -57,3 +57,23 @@ def tiny_decoder_dir(tmp_path_factory):
     cfg = LlamaConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                       num_key_value_heads=2, intermediate_size=64, max_position_embeddings=128, pad_token_id=0)
     return _save_tiny(tmp_path_factory.mktemp("tiny-llama"), cfg)
+
+
+@pytest.fixture(scope="session")
+def tiny_minilm_dir(tmp_path_factory):
+    """MiniLM cut to its first 2 blocks (built from a config with num_hidden_layers=2):
+    real embeddings, a third of the compute. For the end-to-end simulation tests."""
+    import shutil
+
+    from transformers import AutoConfig, AutoModel
+
+    from fedpref.model.backbone import default_backbone_path
+
+    src = default_backbone_path()
+    out = tmp_path_factory.mktemp("minilm-2")
+    cfg = AutoConfig.from_pretrained(src, local_files_only=True, num_hidden_layers=2)
+    AutoModel.from_pretrained(src, config=cfg, local_files_only=True).save_pretrained(out)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        if (src / name).exists():
+            shutil.copy(src / name, out / name)
+    return str(out)

@@ -20,7 +20,7 @@ from fedpref.protocol.messages import (
 
 def _cfg(**kw):
     base = dict(server_round=3, protocol_version=PROTOCOL_VERSION, local_epochs=2, batch_size=16, learning_rate=0.05,
-                head_learning_rate=0.5, clip_norm=1.0, dp_noise_multiplier=1.1, dp_max_grad_norm=1.0, delta=1e-5,
+                head_learning_rate=0.5, projection_learning_rate=0.05, clip_norm=1.0, dp_noise_multiplier=1.1, dp_max_grad_norm=1.0, delta=1e-5,
                 max_epsilon_sample=math.inf, train_shared=True, train_private=True, policy_version=2)
     base.update(kw)
     return RoundConfig(**base)

@@ -80,6 +80,7 @@ def test_partition_of_built_model(tiny_encoder_dir):
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == set(params_of(model, Group.SHARED)) | set(params_of(model, Group.PRIVATE))
     assert any("score.modules_to_save.shared" in n for n in trainable)
+    assert any("style_proj.modules_to_save.shared" in n for n in trainable)
     assert any("personal_head.modules_to_save.private" in n for n in trainable)
     assert all(group_of(n) is Group.BACKBONE for n, p in model.named_parameters() if not p.requires_grad)
     # LoRA only on the top block
@@ -102,6 +103,7 @@ def test_peft_format_roundtrip(tiny_encoder_dir, tmp_path):
     save_adapter(model, PRIVATE_ADAPTER, tmp_path / "private")
     cfg = json.loads((tmp_path / "private" / CONFIG_NAME).read_text())
     assert cfg["peft_type"] == "LORA" and cfg["r"] == 2 and cfg["modules_to_save"] == ["personal_head"]
+    assert cfg["target_modules"] == ["encoder.encoder.layer.1.attention.self.value"]
     assert (tmp_path / "private" / WEIGHTS_NAME).is_file()
     assert adapter_exists(tmp_path / "private")
     set_arrays(model, Group.PRIVATE, {k: np.zeros_like(v) for k, v in before.items()})

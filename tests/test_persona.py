@@ -221,6 +221,13 @@ def test_texts_are_short_and_written_from_their_style(data) -> None:
         if s[col["bullets"]] < 0:
             sentences[s[col["detailed"]]].append(len(re.findall(r"[.!?](\s|$)", text)))
     assert np.mean(sentences[1]) >= np.mean(sentences[-1]) + 1.5  # detailed answers add two sentences
+    for text, s in data.styles.items():  # markers recur: a laugh / an emoji after several parts, not once
+        if s[col["humor"]] > 0:
+            assert len(re.findall(r"\b(haha|lol)\b", text)) >= 3, text
+        if s[col["emoji"]] > 0:
+            assert sum(text.count(e) for e in EMOJIS) >= 4, text
+        if s[col["bullets"]] > 0:
+            assert text.count("\n- ") >= 5, text
 
 
 def test_unsafe_texts_state_the_unsafe_advice(data) -> None:
@@ -316,5 +323,5 @@ def test_style_attributes_are_linearly_decodable_from_frozen_embeddings(minilm) 
             acc[k, a] = probe.fit(x[tr], s[tr, a]).score(x[te], s[te, a])
     mean = {a: round(float(v), 3) for a, v in zip(ATTRIBUTES, acc.mean(axis=0))}
     print("held-out probe accuracy per attribute:", mean)
-    assert min(mean.values()) >= 0.9, mean
-    assert acc.min() >= 0.85, acc
+    assert min(mean.values()) >= 0.96, mean
+    assert acc.min() >= 0.93, acc

@@ -1,6 +1,5 @@
 """The server strategy's aggregation: validation, DP-FedAvg noise, ledger before release."""
 
-import json
 
 import numpy as np
 import pytest
