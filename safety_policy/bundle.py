@@ -27,13 +27,13 @@ import json
 import math
 import os
 import re
-import secrets
 import stat
 from collections.abc import Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from fedpref.protocol.atomic import write_bytes_atomic as write_file_atomic  # one atomic writer for the project
 from fedpref.protocol.errors import ConfigError
 from fedpref.safety_policy.dsse import b64decode_strict, strict_json_loads
 from fedpref.safety_policy.errors import (
@@ -103,31 +103,6 @@ def format_rfc3339(moment: datetime) -> str:
     moment = moment.astimezone(timezone.utc)
     fmt = "%Y-%m-%dT%H:%M:%S.%fZ" if moment.microsecond else "%Y-%m-%dT%H:%M:%SZ"
     return moment.strftime(fmt)
-
-
-def write_file_atomic(path: str | os.PathLike[str], data: bytes, *, mode: int = 0o644) -> None:
-    """Write ``data`` to ``path`` atomically: temp file in the same folder, fsync, os.replace,
-    then fsync the folder. The temp file is created with ``mode`` and removed on failure."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(6)}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def file_entry(data: bytes) -> dict[str, Any]:
