@@ -69,7 +69,7 @@ def make_client_app(defaults: dict | None = None) -> ClientApp:
 
 
 def handle_train(msg: Message, context: Context, run_config: dict) -> Message:
-    run = from_run_config(run_config)
+    run = from_run_config(run_config, run_id=context.run_id)
     try:
         users = _users(run.data)
         user = _user_for(context, users)

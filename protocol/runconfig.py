@@ -52,7 +52,12 @@ class AppRun:
         return self.workdir / "server"
 
 
-def from_run_config(rc: dict[str, Any], *, base: Path | None = None) -> AppRun:
+def from_run_config(rc: dict[str, Any], *, base: Path | None = None, run_id: int | None = None) -> AppRun:
+    """Typed settings from a Flower run config.
+
+    Relative paths are relative to the app (this repository). ``{run_id}`` in ``workdir`` is
+    replaced by Flower's run id, so every ``flwr run`` gets its own ledger and checkpoints.
+    """
     def get(key: str, default: Any) -> Any:
         return rc.get(key, default)
 
@@ -76,7 +81,7 @@ def from_run_config(rc: dict[str, Any], *, base: Path | None = None) -> AppRun:
     return AppRun(
         config_file=str(get("config", "")),
         data=path(data),
-        workdir=path(str(get("workdir", "results/flwr"))),
+        workdir=path(str(get("workdir", "results/flwr")).replace("{run_id}", str(run_id if run_id is not None else 0))),
         method=method,
         cache=str(get("cache", "")),
         seed=int(get("seed", 0)),

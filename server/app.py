@@ -127,7 +127,8 @@ def make_server_app(defaults: dict | None = None) -> ServerApp:
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        run = from_run_config({**base, **dict(context.run_config)})
+        run = from_run_config({**base, **dict(context.run_config)}, run_id=context.run_id)
+        log.warning("fedpref: checkpoints, ledger and history go to %s", run.server_dir)
         run_federation(grid, run, load_server_settings(run.config_file))
 
     return app

@@ -69,3 +69,14 @@ def test_request_survives_flower_message(flower_task):
     content = train_request({"k": np.zeros(2, np.float32)}, _cfg(), b"env")
     msg = Message(content=content, dst_node_id=7, message_type="train")
     assert TrainRequest.from_content(msg.content).envelope == b"env"
+
+
+def test_run_config_paths_and_run_id(tmp_path):
+    from fedpref.protocol.runconfig import APP_ROOT, Method, from_run_config
+
+    run = from_run_config({"data": "simulations/data/persona-small.jsonl", "workdir": "~/x/{run_id}", "method": "aggregated"}, run_id=42)
+    assert run.data == APP_ROOT / "simulations" / "data" / "persona-small.jsonl" and run.data.is_file()
+    assert run.workdir.name == "42" and run.workdir.is_absolute() and "~" not in str(run.workdir)
+    assert run.method is Method.AGGREGATED
+    with pytest.raises(Exception, match="personalized"):
+        from_run_config({"data": "d.jsonl", "method": "local"})
