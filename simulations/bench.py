@@ -35,7 +35,7 @@ def bench_dp_overhead(*, steps: int = 20, batch_size: int = 16, spec: AdapterSpe
     non_dp = (out["non_dp"] + out["non_dp_2"]) / 2
     dp = (out["dp"] + out["dp_2"]) / 2
     result = {
-        "backbone": str(backbone.path.name), "threads": torch.get_num_threads(), "batch_size": batch_size,
+        "backbone": str(backbone.path), "backbone_sha256": backbone.sha256[:16], "threads": torch.get_num_threads(), "batch_size": batch_size,
         "steps_per_mode": steps, "non_dp_step_s": non_dp, "dp_step_s": dp, "dp_over_non_dp": dp / non_dp,
     }
     print(json.dumps(result, indent=1))
