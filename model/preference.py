@@ -51,7 +51,7 @@ class AdapterSpec:
     alpha: float = 8.0  # LoRA alpha (scaling = alpha / r)
     top_layers: int = 1  # adapt the last N transformer blocks; lower blocks can be cached
     targets: tuple[str, ...] = ("value",)  # sub-modules of each adapted block
-    personal_dims: int = 8  # k: size of the shared style projection the personal head reads
+    personal_dims: int = 8  # k: size of the shared style projection the personal head reads; 0 = none (head reads f)
 
     def __post_init__(self) -> None:
         if self.rank < 1:
@@ -60,8 +60,8 @@ class AdapterSpec:
             raise ConfigError(f"adapter.top_layers = {self.top_layers}; adapt at least the last block (1)")
         if not self.targets:
             raise ConfigError("adapter.targets is empty; name block sub-modules, e.g. ['query', 'value']")
-        if self.personal_dims < 1:
-            raise ConfigError(f"adapter.personal_dims = {self.personal_dims}; use ≥ 1 (e.g. 8)")
+        if self.personal_dims < 0:
+            raise ConfigError(f"adapter.personal_dims = {self.personal_dims}; use ≥ 1 (e.g. 8), or 0 for no projection")
 
 
 class _Replayable(nn.Module):
@@ -94,17 +94,19 @@ class RewardModel(nn.Module):
         self.first_adapted = first_adapted
         h = backbone.hidden_size
         self.score = nn.Linear(h, 1)
-        self.style_proj = nn.Linear(h, personal_dims, bias=False)
-        self.personal_head = nn.Linear(personal_dims, 1)
+        self.personal_head = nn.Linear(personal_dims or h, 1)
         for head in (self.score, self.personal_head):
             nn.init.zeros_(head.weight)
             nn.init.zeros_(head.bias)
-        with torch.no_grad():  # the same orthonormal start on every device and the server
-            g = torch.Generator().manual_seed(20260101)
-            q, _ = torch.linalg.qr(torch.randn(h, personal_dims, generator=g))  # (H, k)
-            self.style_proj.weight.copy_(q.T)  # rows orthonormal: outputs O(1) like f
-        for head in (self.score, self.style_proj, self.personal_head):
             head.requires_grad_(False)
+        self.style_proj: nn.Module = nn.Identity()
+        if personal_dims:
+            self.style_proj = nn.Linear(h, personal_dims, bias=False)
+            with torch.no_grad():  # the same orthonormal start on every device and the server
+                g = torch.Generator().manual_seed(20260101)
+                q, _ = torch.linalg.qr(torch.randn(h, personal_dims, generator=g))  # (H, k)
+                self.style_proj.weight.copy_(q.T)  # rows orthonormal: outputs O(1) like f
+            self.style_proj.requires_grad_(False)
         layers = backbone.layers()
         for i in range(first_adapted):
             layers[i] = _Replayable(layers[i])
@@ -197,7 +199,7 @@ def build_model(
     first_adapted = backbone.num_layers - spec.top_layers
     base = RewardModel(backbone, first_adapted=first_adapted, personal_dims=spec.personal_dims)
     targets = _target_module_names(base, backbone, spec)
-    heads = {SHARED_ADAPTER: ["score", "style_proj"], PRIVATE_ADAPTER: ["personal_head"]}
+    heads = {SHARED_ADAPTER: ["score", "style_proj"] if spec.personal_dims else ["score"], PRIVATE_ADAPTER: ["personal_head"]}
 
     def cfg(name: str) -> LoraConfig:
         return LoraConfig(
@@ -209,7 +211,7 @@ def build_model(
     for name in adapters[1:]:
         model.add_adapter(name, cfg(name))
     model.base_model.set_adapter(list(adapters))
-    if PRIVATE_ADAPTER not in adapters:
+    if PRIVATE_ADAPTER not in adapters and spec.personal_dims:
         # without a personal head the projection gets no gradient, only DP noise: freeze it
         model.base_model.model.style_proj.requires_grad_(False)
     check_partition(model)

@@ -138,3 +138,12 @@ def test_digest_changes_with_any_bit(tiny_encoder_dir):
 def test_bradley_terry_loss_values():
     assert bradley_terry_loss(torch.tensor([0.0]), torch.tensor([0.0])).item() == pytest.approx(np.log(2))
     assert bradley_terry_loss(torch.tensor([10.0]), torch.tensor([0.0])).item() < 1e-4
+
+
+def test_personal_head_without_projection(tiny_encoder_dir):
+    """personal_dims = 0: the private head reads the standardised features directly."""
+    model = build_model(load_backbone(tiny_encoder_dir), AdapterSpec(rank=2, personal_dims=0))
+    names = [n for n, _ in model.named_parameters()]
+    assert not any("style_proj" in n for n in names)
+    head = params_of(model, Group.PRIVATE)
+    assert any(n.endswith("personal_head.modules_to_save.private.weight") and p.shape == (1, 32) for n, p in head.items())
