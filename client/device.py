@@ -32,6 +32,7 @@ from fedpref.protocol.messages import (
     Attestation,
     TrainMetrics,
     TrainRequest,
+    l2_norm,
     train_reply,
 )
 from fedpref.protocol.partition import PRIVATE_ADAPTER, SHARED_ADAPTER, Group
@@ -119,7 +120,7 @@ def user_cache(rt: Runtime, user: UserData, state: DeviceState, shared_cache: Te
 
 def clip(delta: dict[str, np.ndarray], clip_norm: float) -> tuple[dict[str, np.ndarray], float]:
     """Scale ``delta`` so its global L2 norm is at most ``clip_norm``; returns the raw norm."""
-    norm = float(np.sqrt(sum(float(np.sum(np.square(v, dtype=np.float64))) for v in delta.values())))
+    norm = l2_norm(delta)
     scale = min(1.0, clip_norm / norm) if norm > 0 else 1.0
     # float32 rounding can push the norm a hair above C; shrink by 1 ulp-ish margin
     return {k: (v * scale * (1 - 1e-7)).astype(np.float32) for k, v in delta.items()}, norm

@@ -117,6 +117,11 @@ def _typed_fields(cls: type, record: object) -> dict:
     return out
 
 
+def l2_norm(arrays: dict[str, np.ndarray]) -> float:
+    """Global L2 norm over named arrays, accumulated in float64 (the clip/validation norm)."""
+    return float(np.sqrt(sum(float(np.sum(np.square(a, dtype=np.float64))) for a in arrays.values())))
+
+
 def arrays_to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
     """Name → numpy array, in the given order, to a Flower ArrayRecord."""
     return ArrayRecord.from_array_dict({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})

@@ -30,12 +30,13 @@ from fedpref.protocol.messages import (
     RoundConfig,
     TrainReply,
     arrays_to_record,
+    l2_norm,
     record_to_arrays,
     train_request,
 )
 from fedpref.server.config import FederationConfig, LocalConfig
 from fedpref.server.privacy import UserLevelBudget
-from fedpref.server.validation import Expected, RejectedUpdate, l2_norm, validate_reply
+from fedpref.server.validation import Expected, RejectedUpdate, validate_reply
 
 log = logging.getLogger("fedpref.server")
 

@@ -13,7 +13,7 @@ import numpy as np
 from flwr.app import ArrayRecord
 
 from fedpref.protocol.errors import DataError
-from fedpref.protocol.messages import PROTOCOL_VERSION, TrainReply
+from fedpref.protocol.messages import PROTOCOL_VERSION, TrainReply, l2_norm
 
 NORM_TOLERANCE = 1e-6  # relative slack on ‖delta‖ ≤ C for float32 rounding
 
@@ -31,10 +31,6 @@ class Expected:
     backbone_sha256: str
     policy_version: int = 0
     safety_digest: str = ""
-
-
-def l2_norm(arrays: dict[str, np.ndarray]) -> float:
-    return float(np.sqrt(sum(float(np.sum(np.square(a, dtype=np.float64))) for a in arrays.values())))
 
 
 def validate_reply(reply: TrainReply, exp: Expected) -> dict[str, np.ndarray]:

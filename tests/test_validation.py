@@ -8,7 +8,8 @@ from hypothesis import given, settings, strategies as st
 
 from fedpref.client.device import clip
 from fedpref.protocol.messages import PROTOCOL_VERSION, Attestation, TrainMetrics, TrainReply, train_reply
-from fedpref.server.validation import Expected, RejectedUpdate, l2_norm, validate_reply
+from fedpref.protocol.messages import l2_norm
+from fedpref.server.validation import Expected, RejectedUpdate, validate_reply
 
 SHAPES = {"a.lora_A.shared.weight": (2, 3), "score.modules_to_save.shared.bias": (1,)}
 SHA = "ab" * 32
