@@ -11,7 +11,6 @@ import json
 import os
 from pathlib import Path
 
-import numpy as np
 import torch
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
@@ -56,7 +55,3 @@ def load_adapter_weights(model: torch.nn.Module, adapter: str, path: str | os.Pa
     unexpected = [k for k in result.unexpected_keys if f".{adapter}." in k or "lora" in k]
     if unexpected:
         raise DataError(f"{weights}: unexpected tensors {unexpected[:3]}; the adapter was saved for another model")
-
-
-def adapter_arrays(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
-    return {k: v.numpy() for k, v in load_file(str(Path(path) / WEIGHTS_NAME)).items()}

@@ -97,13 +97,7 @@ def run_federation(grid: Grid, run: AppRun, settings: ServerSettings, *, clock=t
     arrays = arrays_to_record(initial)
     try:
         for rnd in range(1, fed.rounds + 1):
-            exceeds, eps = budget.would_exceed(sample_rate=fed.client_sample_rate, noise_multiplier=fed.server_noise_multiplier)
-            if exceeds:
-                strategy.stopped_reason = (
-                    f"stopped before round {rnd}: it would bring ε_user to {eps:.3f} > "
-                    f"max_epsilon_user {fed.max_epsilon_user} (δ={fed.delta})"
-                )
-                log.warning(strategy.stopped_reason)
+            if not strategy.budget_allows(rnd):
                 break
             messages = list(strategy.configure_train(rnd, arrays, None, grid))  # type: ignore[arg-type]
             replies = grid.send_and_receive(messages, timeout=fed.round_timeout_s) if messages else []

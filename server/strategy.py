@@ -23,7 +23,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from fedpref.protocol.errors import BudgetExceededError, DataError
+from fedpref.protocol.errors import DataError
 from fedpref.protocol.messages import (
     K_SHARED,
     PROTOCOL_VERSION,
@@ -124,20 +124,27 @@ class FedPrefStrategy(FedAvg):
         """E[m] = q·N, the fixed denominator that bounds one user's influence by C/E[m]."""
         return max(self.fed.client_sample_rate * self._population, 1e-12)
 
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        self._t0 = self.clock()
+    def budget_allows(self, server_round: int) -> bool:
+        """Whether round ``server_round`` fits the ε_user budget; if not, records why it stops.
+
+        ``aggregate_train``'s ledger charge refuses an over-budget round too, so skipping
+        this check can never release such a round.
+        """
         exceeds, eps = self.budget.would_exceed(
             sample_rate=self.fed.client_sample_rate, noise_multiplier=self.fed.server_noise_multiplier
         )
         if exceeds:
             self.stopped_reason = (
-                f"round {server_round} would bring ε_user to {eps:.3f} > budget {self.fed.max_epsilon_user} "
-                f"(δ={self.fed.delta}); training stopped"
+                f"stopped before round {server_round}: it would bring ε_user to {eps:.3f} > "
+                f"max_epsilon_user {self.fed.max_epsilon_user} (δ={self.fed.delta})"
             )
             log.warning(self.stopped_reason)
-            raise BudgetExceededError(self.stopped_reason)
+        return not exceeds
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self._t0 = self.clock()
         self._global = record_to_arrays(arrays)
         node_ids = self._wait_for_nodes(grid)
         self._population = len(node_ids)

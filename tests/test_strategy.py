@@ -84,3 +84,20 @@ def test_poisson_sampling_rate():
     counts = [len(poisson_sample(list(range(100)), 0.3, rng)) for _ in range(200)]
     assert np.mean(counts) == pytest.approx(30, rel=0.05)
     assert np.std(counts) > 2  # the cohort size varies: Poisson, not a fixed fraction
+
+
+def test_budget_stops_before_the_round_that_would_exceed(tmp_path):
+    from fedpref.protocol.accounting import epsilon
+
+    fed = FederationConfig(rounds=5, client_sample_rate=0.5, server_noise_multiplier=1.0)
+    cap = (epsilon(sample_rate=0.5, noise_multiplier=1.0, steps=2, delta=1e-5)
+           + epsilon(sample_rate=0.5, noise_multiplier=1.0, steps=3, delta=1e-5)) / 2
+    budget = UserLevelBudget(max_epsilon=cap, delta=1e-5, accountant=AccountantKind.RDP,
+                             ledger=PrivacyLedger(tmp_path / "ledger.jsonl"))
+    s = FedPrefStrategy(fed=fed, local=LocalConfig(), shapes={"w.lora_A.shared.weight": (2,)}, backbone_sha256=SHA,
+                        budget=budget, rng=np.random.default_rng(0))
+    for rnd in (1, 2):
+        assert s.budget_allows(rnd)
+        budget.charge(round=rnd, sample_rate=0.5, noise_multiplier=1.0, clip_norm=1.0, participants=1, now=0.0)
+    assert not s.budget_allows(3)
+    assert "round 3" in s.stopped_reason and len(budget.ledger.entries()) == 2
