@@ -13,9 +13,18 @@ from pathlib import Path
 
 from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS as SECAGG_CONFIGS
 
 from fedpref.client.data import UserData, group_by_user, load_jsonl
-from fedpref.client.device import DeclinedRound, DeviceState, adapters_for, get_runtime, train_round, user_cache
+from fedpref.client.device import (
+    DeclinedRound,
+    DeviceState,
+    PolicyRefused,
+    adapters_for,
+    get_runtime,
+    train_round,
+    user_cache,
+)
 from fedpref.model.cache import TextCache
 from fedpref.model.config import ModelConfig
 from fedpref.protocol.errors import FedPrefError
@@ -26,6 +35,18 @@ from fedpref.protocol.tomlconfig import build, read_toml
 log = logging.getLogger("fedpref.client")
 
 DECLINED_CODE = 4100  # Flower error code for a round the device declines on purpose
+POLICY_REFUSED_CODE = 4101  # the safety policy sent (or required) did not verify: no training
+
+
+@functools.lru_cache(maxsize=4)
+def _trust_root(path: str) -> bytes | None:
+    """The trust root this (simulated) device pins on first use; ``""`` = none configured."""
+    if not path:
+        return None
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise FedPrefError(f"trust root {path}: {e.strerror}; set run config root to the operator's root.json") from None
 
 
 @functools.lru_cache(maxsize=2)
@@ -58,11 +79,16 @@ def make_client_app(defaults: dict | None = None) -> ClientApp:
     ``flwr run .`` passes everything through the run config (pyproject's
     ``[tool.flwr.app.config]``); ``fedpref-sim`` bakes its settings into ``defaults``.
     """
+    from fedpref.client.secagg import make_secagg_client_app  # imported here: it builds on this module
+
     base = dict(defaults or {})
     app = ClientApp()
+    secure = make_secagg_client_app(base)
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
+        if SECAGG_CONFIGS in msg.content.config_records:  # a SecAgg+ stage: the server chose secure aggregation
+            return secure(msg, context)
         return handle_train(msg, context, {**base, **dict(context.run_config)})
 
     return app
@@ -78,7 +104,14 @@ def handle_train(msg: Message, context: Context, run_config: dict) -> Message:
             train_shared=req.config.train_shared, train_private=req.config.train_private))
         state = DeviceState(run.clients_dir / user.user_id)
         cache = user_cache(rt, user, state, _shared_cache(run.cache))
-        content = train_round(rt, user, state, req, cache=cache, seed=run.seed + req.config.server_round)
+        content = train_round(
+            rt, user, state, req, cache=cache, seed=run.seed + req.config.server_round,
+            trust_root=_trust_root(str(run.root) if run.root else ""),
+            tamper_safety=user.user_id in run.tamper_safety,
+        )
+    except PolicyRefused as e:
+        log.warning("refused to train: %s", e)
+        return Message(Error(code=POLICY_REFUSED_CODE, reason=str(e)), reply_to=msg)
     except DeclinedRound as e:
         log.info("declined round: %s", e)
         return Message(Error(code=DECLINED_CODE, reason=str(e)), reply_to=msg)

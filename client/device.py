@@ -9,9 +9,11 @@ lives on disk in :class:`DeviceState`, keyed by the user or node, never in Flowe
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -35,13 +37,20 @@ from fedpref.protocol.messages import (
     l2_norm,
     train_reply,
 )
-from fedpref.protocol.partition import PRIVATE_ADAPTER, SHARED_ADAPTER, Group
+from fedpref.protocol.partition import PRIVATE_ADAPTER, SHARED_ADAPTER, Group, group_of
+from fedpref.safety_policy.classifier import SafetyModule, attach, attached
+from fedpref.safety_policy.errors import PolicyError
+from fedpref.safety_policy.store import PolicyStore
 
 log = logging.getLogger("fedpref.client")
 
 
 class DeclinedRound(FedPrefError):
     """The device will not train this round (budget, policy); the reason goes to the server."""
+
+
+class PolicyRefused(DeclinedRound):
+    """The device refuses to train: the policy sent or installed does not verify (fail closed)."""
 
 
 @dataclass
@@ -52,6 +61,7 @@ class Runtime:
     snapshot: dict[str, torch.Tensor]
     initial_private: dict[str, np.ndarray]
     max_length: int
+    safety_source: str | None = field(default=None)  # sha256 of the envelope whose module is attached
 
 
 @functools.lru_cache(maxsize=4)
@@ -88,8 +98,81 @@ class DeviceState:
     def cache_path(self) -> Path:
         return self.root / "cache.safetensors"
 
+    @property
+    def policy_dir(self) -> Path:
+        return self.root / "policy"
+
     def accountant(self) -> SampleLevelAccountant:
         return SampleLevelAccountant.load(self.accountant_path)
+
+    def policy_store(self) -> PolicyStore:
+        return PolicyStore(self.policy_dir)
+
+
+def set_safety_module(rt: Runtime, module: SafetyModule | None, source: str | None) -> None:
+    """Attach (or remove) the frozen safety module and refresh its bit-identity snapshot."""
+    attach(rt.model, module)
+    for name in [n for n in rt.snapshot if group_of(n) is Group.SAFETY]:
+        del rt.snapshot[name]
+    for name, p in rt.model.named_parameters():
+        if group_of(name) is Group.SAFETY:
+            rt.snapshot[name] = p.detach().clone()
+    rt.safety_source = source
+
+
+def enforce_policy(
+    rt: Runtime,
+    state: DeviceState,
+    *,
+    required_version: int,
+    envelope: bytes | None,
+    trust_root: bytes | None,
+    now: datetime | None = None,
+    tamper: bool = False,
+):
+    """Install ``envelope`` if sent, check the policy the server requires, attach its module.
+
+    Fails closed: any verification error raises :class:`PolicyRefused` and the previously
+    installed policy stays in force on disk. Returns the verified Policy, or ``None`` when
+    neither side has one. ``tamper`` perturbs the attached safety weights *after*
+    verification: it simulates a compromised device, for the tampered-client experiment.
+    """
+    now = now or datetime.now(timezone.utc)
+    store = state.policy_store()
+    try:
+        root = store.trusted_root(now=now)
+        if root is None and trust_root is not None:
+            root = store.init_root(trust_root, now=now)
+        if envelope is not None and hashlib.sha256(envelope).hexdigest() != store.envelope_sha256:
+            if root is None:
+                raise PolicyRefused("a policy arrived but this device has no trust root pinned; pin root.json first")
+            policy = store.install(envelope, root, now=now, backbone_sha256=rt.backbone.sha256)
+            log.info("installed safety policy v%d (%s)", policy.version, policy.envelope_sha256[:12])
+        installed = store.version
+        if installed != required_version:
+            raise PolicyRefused(
+                f"the server enforces policy v{required_version}, this device has v{installed} "
+                f"and {'received no newer envelope' if envelope is None else 'the envelope sent is not that version'}"
+            )
+        if installed == 0:
+            set_safety_module(rt, None, None)
+            return None
+        assert root is not None  # a policy can only have been installed under a root
+        policy = store.current(root, now, backbone_sha256=rt.backbone.sha256)
+    except PolicyRefused:
+        raise
+    except (PolicyError, FedPrefError) as e:
+        raise PolicyRefused(f"safety policy refused, previous policy stays in force: {e}") from None
+    assert policy is not None
+    if rt.safety_source != policy.envelope_sha256 or tamper:
+        set_safety_module(rt, SafetyModule.from_policy(policy), None if tamper else policy.envelope_sha256)
+    if tamper:
+        with torch.no_grad():
+            module = attached(rt.model)
+            assert module is not None
+            module.linear.bias[0] += 10.0  # "everything is safe": the attack a tampered device would try
+        set_safety_module(rt, module, None)
+    return policy
 
 
 def load_private(rt: Runtime, state: DeviceState) -> None:
@@ -133,15 +216,24 @@ def train_round(
     req: TrainRequest,
     *,
     cache: TextCache,
-    policy_version: int = 0,
-    safety_digest: str = "",
+    trust_root: bytes | None = None,
     report_eval: bool = True,
     seed: int = 0,
+    now: datetime | None = None,
+    tamper_safety: bool = False,
 ):
-    """Run one round for one user; returns the reply RecordDict. Raises DeclinedRound."""
+    """Run one round for one user; returns the reply RecordDict. Raises DeclinedRound.
+
+    Before anything else the device checks the safety policy (:func:`enforce_policy`): it
+    installs a sent envelope after verifying it against its pinned ``trust_root`` and
+    refuses to train on any failure. After training it digests the attached safety module
+    again and attests that digest with the policy version.
+    """
     cfg = req.config
     if cfg.protocol_version != PROTOCOL_VERSION:
         raise DeclinedRound(f"protocol version {cfg.protocol_version} unsupported (device speaks {PROTOCOL_VERSION})")
+    policy = enforce_policy(rt, state, required_version=cfg.policy_version, envelope=req.envelope,
+                            trust_root=trust_root, now=now, tamper=tamper_safety)
     local = LocalTrainConfig(
         epochs=cfg.local_epochs, batch_size=cfg.batch_size, learning_rate=cfg.learning_rate,
         head_learning_rate=cfg.head_learning_rate, projection_learning_rate=cfg.projection_learning_rate,
@@ -187,9 +279,11 @@ def train_round(
         num_examples=n, train_loss=result.loss, train_accuracy=result.accuracy, epsilon_sample=eps,
         delta_norm=raw_norm, steps=result.steps, seconds=result.seconds,
     )
+    module = attached(rt.model)
     att = Attestation(
         protocol_version=PROTOCOL_VERSION, server_round=cfg.server_round, backbone_sha256=rt.backbone.sha256,
-        policy_version=policy_version, safety_digest=safety_digest,
+        policy_version=policy.version if policy is not None else 0,
+        safety_digest=module.digest() if module is not None else "",  # recomputed after training
     )
     content = train_reply(delta, metrics, att)
     if report_eval:

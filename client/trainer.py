@@ -87,7 +87,11 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 def assert_frozen_unchanged(model: nn.Module, snapshot: dict[str, torch.Tensor]) -> None:
     """Every backbone and safety parameter is bit-identical to the snapshot."""
     for n, p in model.named_parameters():
-        if n in snapshot and not torch.equal(_bits(p.detach()), _bits(snapshot[n])):
+        if n not in snapshot:
+            if group_of(n) in (Group.BACKBONE, Group.SAFETY):
+                raise IntegrityError(f"frozen parameter {n} ({group_of(n).value}) has no snapshot; take one before training")
+            continue
+        if not torch.equal(_bits(p.detach()), _bits(snapshot[n])):
             raise IntegrityError(f"frozen parameter {n} ({group_of(n).value}) changed during local training")
 
 

@@ -123,6 +123,17 @@ class RewardModel(nn.Module):
         attention_mask: torch.Tensor,  # (B, T)
         replay: torch.Tensor | None = None,  # (B, T, H): output of the last lower block
     ) -> torch.Tensor:  # (B,) rewards
+        pooled = self.pooled(input_ids, attention_mask, replay)  # (B, H)
+        # Parameter-free standardisation: every coordinate O(1), so per-sample gradients of the
+        # heads are O(1) too and DP-SGD's clip norm C means the same for every backbone.
+        feats = F.layer_norm(pooled, pooled.shape[-1:])  # (B, H)
+        personal = self.personal_head(self.style_proj(feats))  # (B, 1)
+        return (self.score(feats) + personal).squeeze(-1)  # (B,)
+
+    def pooled(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, replay: torch.Tensor | None = None
+    ) -> torch.Tensor:  # (B, H)
+        """The pooled last hidden state (replaying the cached lower blocks when given)."""
         lower = self.lower_blocks()
         if replay is not None and lower:
             for blk in lower[:-1]:
@@ -133,12 +144,7 @@ class RewardModel(nn.Module):
         finally:
             for blk in lower:
                 blk.skip, blk.replay = False, None
-        pooled = pool(hidden, attention_mask, is_decoder=self.is_decoder)  # (B, H)
-        # Parameter-free standardisation: every coordinate O(1), so per-sample gradients of the
-        # heads are O(1) too and DP-SGD's clip norm C means the same for every backbone.
-        feats = F.layer_norm(pooled, pooled.shape[-1:])  # (B, H)
-        personal = self.personal_head(self.style_proj(feats))  # (B, 1)
-        return (self.score(feats) + personal).squeeze(-1)  # (B,)
+        return pool(hidden, attention_mask, is_decoder=self.is_decoder)  # (B, H)
 
     @torch.no_grad()
     def lower_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

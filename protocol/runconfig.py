@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from fedpref.protocol.errors import ConfigError
+from fedpref.protocol.secagg import SECURE_AGGREGATION_KEY, parse_run_flag
 
 # Relative paths in the run config are relative to the Flower App (this repository), not to
 # the working folder of whichever Flower process runs the app.
@@ -42,6 +43,10 @@ class AppRun:
     method: Method
     cache: str  # hidden-state cache built by the runner; "" = each client builds its own
     seed: int
+    policy: Path | None = None  # signed safety-policy envelope the server distributes (None = none)
+    root: Path | None = None  # the trust root (root.json) server and devices verify it with
+    tamper_safety: frozenset[str] = frozenset()  # attack experiment: user ids whose device tampers its safety weights
+    secure_aggregation: bool = False  # Flower SecAgg+: the server learns only the sum of the deltas
 
     @property
     def clients_dir(self) -> Path:
@@ -78,6 +83,8 @@ def from_run_config(rc: dict[str, Any], *, base: Path | None = None, run_id: int
     data = str(get("data", ""))
     if not data:
         raise ConfigError("run config data is empty; give the preference JSONL, e.g. -c 'data=\"persona.jsonl\"'")
+    if get("policy", "") and not get("root", ""):
+        raise ConfigError("run config policy is set but root is empty; give the root.json that verifies it")
     return AppRun(
         config_file=str(get("config", "")),
         data=path(data),
@@ -85,4 +92,8 @@ def from_run_config(rc: dict[str, Any], *, base: Path | None = None, run_id: int
         method=method,
         cache=str(get("cache", "")),
         seed=int(get("seed", 0)),
+        policy=path(str(get("policy", ""))) if get("policy", "") else None,
+        root=path(str(get("root", ""))) if get("root", "") else None,
+        tamper_safety=frozenset(u.strip() for u in str(get("tamper-safety", "")).split(",") if u.strip()),
+        secure_aggregation=parse_run_flag(get(SECURE_AGGREGATION_KEY, False)),
     )

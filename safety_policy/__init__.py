@@ -10,6 +10,7 @@ from fedpref.safety_policy.bundle import (
     parse_payload,
     parse_rfc3339,
     read_bundle_dir,
+    sign_policy,
     validate_manifest,
     write_bundle_dir,
 )
@@ -116,6 +117,7 @@ __all__ = [
     "rotate_root",
     "save_private_key",
     "sign_envelope",
+    "sign_policy",
     "sign_root",
     "update_root",
     "validate_manifest",

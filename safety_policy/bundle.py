@@ -59,6 +59,7 @@ __all__ = [
     "parse_rfc3339",
     "read_bundle_dir",
     "require_aware",
+    "sign_policy",
     "validate_manifest",
     "write_bundle_dir",
     "write_file_atomic",
@@ -307,3 +308,26 @@ def read_bundle_dir(directory: str | os.PathLike[str]) -> tuple[dict[str, Any], 
         files[name] = path.read_bytes()
     check_files(entries, files)
     return manifest, files
+
+
+def sign_policy(
+    manifest: Mapping[str, Any],
+    files: Mapping[str, bytes],
+    signers: Any,
+    *,
+    version: int,
+    expires_at: datetime,
+    issued_at: datetime,
+) -> bytes:
+    """The DSSE envelope of ``manifest`` + ``files`` with ``version`` and validity set.
+
+    ``signers`` are Ed25519 private keys (a threshold of the root's). Raises
+    :class:`MalformedPolicyError` for a bad manifest or ``expires_at <= issued_at``.
+    """
+    from fedpref.safety_policy.dsse import sign_envelope
+
+    require_aware(expires_at)
+    require_aware(issued_at)
+    full = {**dict(manifest), "version": version, "issued_at": format_rfc3339(issued_at),
+            "expires_at": format_rfc3339(expires_at)}
+    return sign_envelope(build_payload(full, files), POLICY_PAYLOAD_TYPE, signers)

@@ -85,7 +85,7 @@ def load_private_key(path: str | os.PathLike[str], passphrase: bytes) -> Ed25519
         with open(path, "rb") as fh:
             pem = fh.read(_MAX_KEY_FILE + 1)
     except FileNotFoundError:
-        raise KeyFileError(f"no signing key at {path}; run `fedpref-server keys init` to create one") from None
+        raise KeyFileError(f"no signing key at {path}; restore it from your backup, or create keys with `fedpref-server keys init` in an empty home") from None
     except OSError as exc:
         raise KeyFileError(f"cannot read signing key {path}: {exc.strerror}") from None
     if len(pem) > _MAX_KEY_FILE:

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import logging
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,7 @@ from fedpref.model.config import ModelConfig
 from fedpref.model.io import save_adapter
 from fedpref.model.preference import build_model, get_arrays, set_arrays
 from fedpref.protocol.atomic import write_text_atomic
+from fedpref.protocol.errors import ConfigError
 from fedpref.protocol.messages import arrays_to_record
 from fedpref.protocol.partition import SHARED_ADAPTER, Group
 from fedpref.protocol.runconfig import AppRun, Method, from_run_config
@@ -69,9 +71,50 @@ class Checkpoints:
         return path
 
 
+@dataclasses.dataclass(frozen=True)
+class ServerPolicy:
+    """The policy in force: what the strategy sends and what it expects attested."""
+
+    version: int
+    digest: str
+    envelope: bytes
+    summary: dict
+
+    def as_tuple(self) -> tuple[int, str, bytes | None]:
+        return self.version, self.digest, self.envelope
+
+
+def load_server_policy(envelope_path: Path, root_path: Path, *, backbone_sha256: str, now: datetime | None = None) -> ServerPolicy:
+    """Verify the envelope the operator gave against the trust root, as a device will.
+
+    The server refuses to start (a :class:`PolicyError`) rather than distribute a policy its
+    own devices would reject. The expected attestation digest is that of the module the
+    envelope carries, computed exactly as a device computes it.
+    """
+    from fedpref.safety_policy import load_root, verify_envelope
+    from fedpref.safety_policy.classifier import SafetyModule
+
+    now = now or datetime.now(timezone.utc)
+    try:
+        envelope = envelope_path.read_bytes()
+        root_bytes = root_path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{e.filename}: {e.strerror}; check the run config's policy and root paths") from None
+    root = load_root(root_bytes, now=now)
+    policy = verify_envelope(envelope, root, last_version=0, now=now, backbone_sha256=backbone_sha256)
+    digest = SafetyModule.from_policy(policy).digest()
+    return ServerPolicy(version=policy.version, digest=digest, envelope=envelope, summary=policy.manifest_summary())
+
+
 def run_federation(grid: Grid, run: AppRun, settings: ServerSettings, *, clock=time.time) -> FedPrefStrategy:  # noqa: ANN001
     fed = settings.federation
     backbone = load_backbone(settings.model.backbone or None)
+    policy = (
+        load_server_policy(run.policy, run.root, backbone_sha256=backbone.sha256)  # type: ignore[arg-type]
+        if run.policy is not None else None
+    )
+    if policy is not None:
+        log.warning("fedpref: safety policy v%d in force (digest %s…)", policy.version, policy.digest[:12])
     model = build_model(backbone, settings.model.adapter, adapters=(SHARED_ADAPTER,), seed=run.seed)
     initial = get_arrays(model, Group.SHARED)
     run.server_dir.mkdir(parents=True, exist_ok=True)
@@ -93,6 +136,7 @@ def run_federation(grid: Grid, run: AppRun, settings: ServerSettings, *, clock=t
         backbone_sha256=backbone.sha256, budget=budget,
         train_shared=True, train_private=run.method is Method.PERSONALIZED,
         rng=np.random.default_rng(run.seed + 7919), clock=clock, on_round=on_round,
+        policy=policy.as_tuple if policy is not None else None,
     )
     arrays = arrays_to_record(initial)
     try:
@@ -109,7 +153,9 @@ def run_federation(grid: Grid, run: AppRun, settings: ServerSettings, *, clock=t
     write_text_atomic(
         run.server_dir / "summary.json",
         json.dumps({"rounds_completed": len(strategy.history), "stopped_reason": strategy.stopped_reason,
-                    "backbone_sha256": backbone.sha256, "method": run.method.value}, indent=1),
+                    "backbone_sha256": backbone.sha256, "method": run.method.value,
+                    "policy": policy.summary | {"safety_digest": policy.digest} if policy is not None else None},
+                   indent=1),
     )
     return strategy
 
@@ -123,7 +169,14 @@ def make_server_app(defaults: dict | None = None) -> ServerApp:
     def main(grid: Grid, context: Context) -> None:
         run = from_run_config({**base, **dict(context.run_config)}, run_id=context.run_id)
         log.warning("fedpref: checkpoints, ledger and history go to %s", run.server_dir)
-        run_federation(grid, run, load_server_settings(run.config_file))
+        settings = load_server_settings(run.config_file)
+        if run.secure_aggregation:
+            # imported here: server.secagg builds on this module
+            from fedpref.server.secagg import load_secagg_config, run_secure_federation
+
+            run_secure_federation(grid, context, run, settings, load_secagg_config(run.config_file))
+        else:
+            run_federation(grid, run, settings)
 
     return app
 

@@ -1,7 +1,7 @@
 """``fedpref-server``: the operator's command line.
 
 Each command group is its own ``typer.Typer`` added to :data:`app` with ``add_typer``
-(``privacy`` now; ``keys``, ``policy``, ``nodes``, ``init``, ``start`` ... later). Commands
+(``privacy``, ``keys``, ``policy`` now; ``nodes``, ``init``, ``start`` ... later). Commands
 wrap their work in :func:`exit_on_error`, so a :class:`FedPrefError` becomes one line on
 stderr and a documented exit code (``fedpref-server exit-codes``); :func:`main` does the
 same for command-line parsing errors.
@@ -21,6 +21,7 @@ import typer
 
 from fedpref.server import privacy
 from fedpref.server.exit_codes import EXIT_CODE_HELP, ExitCode, exit_on_error, fail
+from fedpref.server.policy_cli import keys_app, policy_app
 from fedpref.server.privacy import AccountantKind
 
 app = typer.Typer(
@@ -34,6 +35,8 @@ privacy_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(privacy_app, name="privacy")
+app.add_typer(keys_app, name="keys")  # signing keys and the trust root (server/policy_cli.py)
+app.add_typer(policy_app, name="policy")  # build, sign, verify, show safety policies
 
 SampleRate = Annotated[
     float, typer.Option(help="Poisson sampling probability q per step, in (0, 1].")

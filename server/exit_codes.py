@@ -27,6 +27,14 @@ from fedpref.protocol.errors import (
     FedPrefError,
     IntegrityError,
 )
+from fedpref.safety_policy.errors import (
+    ExpiredPolicyError,
+    ExpiredRootError,
+    KeyFileError,
+    MalformedRootError,
+    PolicyError,
+    WrongPassphraseError,
+)
 
 
 class ExitCode(IntEnum):
@@ -39,6 +47,8 @@ class ExitCode(IntEnum):
     POLICY_REJECTED = 10
     KEY_FILE = 11
     WRONG_PASSPHRASE = 12
+    POLICY_EXPIRED = 13
+    ROOT_EXPIRED = 14
     BUDGET_EXCEEDED = 20
     INTERRUPTED = 130
 
@@ -75,7 +85,15 @@ EXIT_CODE_HELP: dict[ExitCode, str] = {
     ),
     ExitCode.WRONG_PASSPHRASE: (
         "The passphrase does not decrypt the signing key. Check the passphrase source "
-        "(option, environment variable or prompt)."
+        "(the FEDPREF_KEY_PASSPHRASE environment variable, or the prompt)."
+    ),
+    ExitCode.POLICY_EXPIRED: (
+        "The safety policy has expired: its expires_at is not after now (a stale policy or a "
+        "freeze attack). Sign a new policy with a higher --version and a later --expires."
+    ),
+    ExitCode.ROOT_EXPIRED: (
+        "The trust root has expired, so no policy signed under it is accepted. Run "
+        "`fedpref-server keys rotate` to issue the next root and distribute it."
     ),
     ExitCode.BUDGET_EXCEEDED: (
         "The next round would exceed the configured privacy budget, so nothing was "
@@ -85,8 +103,15 @@ EXIT_CODE_HELP: dict[ExitCode, str] = {
     ExitCode.INTERRUPTED: "Interrupted by the user (Ctrl-C).",
 }
 
-# Most specific first: BudgetExceededError and IntegrityError are not ConfigError/DataError.
+# Most specific first: BudgetExceededError and IntegrityError are not ConfigError/DataError;
+# WrongPassphraseError is a KeyFileError, and every one of the policy errors is a PolicyError.
 _EXCEPTION_CODES: tuple[tuple[type[FedPrefError], ExitCode], ...] = (
+    (WrongPassphraseError, ExitCode.WRONG_PASSPHRASE),
+    (KeyFileError, ExitCode.KEY_FILE),
+    (MalformedRootError, ExitCode.KEY_FILE),
+    (ExpiredPolicyError, ExitCode.POLICY_EXPIRED),
+    (ExpiredRootError, ExitCode.ROOT_EXPIRED),
+    (PolicyError, ExitCode.POLICY_REJECTED),
     (BudgetExceededError, ExitCode.BUDGET_EXCEEDED),
     (IntegrityError, ExitCode.INTEGRITY),
     (ConfigError, ExitCode.CONFIG),

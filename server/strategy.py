@@ -57,6 +57,8 @@ class RoundRecord:
     update_norm: float = 0.0
     bytes_down_per_client: int = 0
     bytes_up_per_client: int = 0
+    policy_version: int = 0  # the safety policy in force this round (0 = none)
+    policy_sent: int = 0  # nodes the envelope was sent to this round
     metrics: dict[str, float] = field(default_factory=dict)  # weighted means of client metrics
     epsilon_sample_max: float = 0.0
     seconds: float = 0.0
@@ -98,8 +100,11 @@ class FedPrefStrategy(FedAvg):
         self._population = 0
         self._sampled = 0
         self._bytes_down = 0
+        self._policy_sent = 0
         self._t0 = 0.0
         self.stopped_reason: str | None = None
+        # policy version each node last attested (or refused with); unknown nodes get the envelope
+        self.node_policy: dict[int, int] = {}
 
     def summary(self) -> None:
         log.info(
@@ -150,11 +155,22 @@ class FedPrefStrategy(FedAvg):
         self._population = len(node_ids)
         picked = poisson_sample(node_ids, self.fed.client_sample_rate, self.rng)
         self._sampled = len(picked)
-        _, _, envelope = self.policy()
-        content = train_request(self._global, self.round_config(server_round), envelope)
-        self._bytes_down = content.array_records[K_SHARED].count_bytes() + len(envelope or b"")
-        log.info("round %d: sampled %d of %d nodes (Poisson q=%.3f)", server_round, len(picked), len(node_ids), self.fed.client_sample_rate)
-        return [Message(content=content, message_type=MessageType.TRAIN, dst_node_id=n) for n in picked]
+        version, _, envelope = self.policy()
+        cfg = self.round_config(server_round)
+        plain = train_request(self._global, cfg, None)
+        with_policy = train_request(self._global, cfg, envelope) if envelope is not None else plain
+        messages, sizes, sent = [], [], 0
+        for n in picked:
+            # the envelope goes only to nodes not known to hold this version (distribution)
+            send = envelope is not None and self.node_policy.get(n, 0) < version
+            sent += send
+            messages.append(Message(content=with_policy if send else plain, message_type=MessageType.TRAIN, dst_node_id=n))
+            sizes.append(plain.array_records[K_SHARED].count_bytes() + (len(envelope) if send and envelope else 0))
+        self._bytes_down = int(np.mean(sizes)) if sizes else 0
+        self._policy_sent = sent
+        log.info("round %d: sampled %d of %d nodes (Poisson q=%.3f); policy v%d sent to %d",
+                 server_round, len(picked), len(node_ids), self.fed.client_sample_rate, version, self._policy_sent)
+        return messages
 
     def _wait_for_nodes(self, grid: Grid) -> list[int]:
         deadline = self.clock() + self.fed.round_timeout_s
@@ -188,6 +204,7 @@ class FedPrefStrategy(FedAvg):
             rec.replied += 1
             try:
                 reply = TrainReply.from_content(msg.content)
+                self.node_policy[msg.metadata.src_node_id] = reply.attestation.policy_version
                 delta = validate_reply(reply, exp)
             except (RejectedUpdate, DataError) as e:
                 rec.rejected.append({"node": node, "reason": str(e)})
@@ -215,6 +232,7 @@ class FedPrefStrategy(FedAvg):
         rec.noise_std = std
         rec.update_norm = l2_norm(noisy)
         rec.bytes_down_per_client = self._bytes_down
+        rec.policy_version, rec.policy_sent = version, self._policy_sent
         rec.bytes_up_per_client = int(np.mean(up_bytes)) if up_bytes else 0
         rec.metrics = _weighted_means(metrics)
         rec.epsilon_sample_max = max((m.get("epsilon_sample", 0.0) for _, m in metrics), default=0.0)

@@ -51,6 +51,9 @@ def run(
     config: Annotated[Path | None, typer.Option("--config", help="simulation TOML (default: the demo config)")] = None,
     data: Annotated[Path | None, typer.Option("--data", help="preference JSONL (default: generate persona data)")] = None,
     ray_address: Annotated[str | None, typer.Option("--ray-address", help="join a Ray cluster, e.g. auto or ray://head:10001")] = None,
+    secure_aggregation: Annotated[bool | None, typer.Option(
+        "--secure-aggregation/--no-secure-aggregation",
+        help="Flower SecAgg+ for the federated methods (default: [runtime] secure_aggregation)")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", help="show Flower's logs")] = False,
 ) -> None:
     """Run aggregated, local, finetuned and personalized training and write a report."""
@@ -64,6 +67,8 @@ def run(
         cfg = load_sim_config(config)
         if ray_address:
             cfg = dataclasses.replace(cfg, runtime=dataclasses.replace(cfg.runtime, ray_address=ray_address))
+        if secure_aggregation is not None:
+            cfg = dataclasses.replace(cfg, runtime=dataclasses.replace(cfg.runtime, secure_aggregation=secure_aggregation))
         if data is not None and not data.is_file():
             raise FedPrefError(f"{data}: data file not found; give a JSONL of preference pairs or leave --data out")
         res = run_simulation(cfg, out=out, data=data, config_file=(config or CONFIG_DIR / "demo.toml").resolve(), verbose=verbose)

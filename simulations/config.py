@@ -1,7 +1,8 @@
 """The simulation config: one TOML, typed, loaded once.
 
 Tables: ``[persona]`` (with ``[[persona.communities]]``), ``[model]`` (with
-``[model.adapter]``), ``[federation]``, ``[local]``, ``[methods]``, ``[runtime]``.
+``[model.adapter]``), ``[federation]``, ``[local]``, ``[methods]``, ``[runtime]``, ``[safety]``,
+``[secagg]``.
 Every key is optional; see ``simulations/configs/demo.toml`` for the demo's values.
 """
 
@@ -14,6 +15,7 @@ from fedpref.model.config import ModelConfig
 from fedpref.protocol.errors import ConfigError
 from fedpref.protocol.tomlconfig import build, read_toml, to_plain
 from fedpref.server.config import FederationConfig, LocalConfig
+from fedpref.server.secagg import SecAggConfig
 from fedpref.simulations.persona import PersonaConfig
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -35,10 +37,36 @@ class RuntimeConfig:
     client_cpus: float = 1.0  # CPUs Ray reserves for each virtual client
     torch_threads: int = 1  # torch threads inside each client
     seed: int = 0
+    secure_aggregation: bool = False  # Flower SecAgg+ for the federated methods ([secagg] sets its parameters)
 
     def __post_init__(self) -> None:
         if self.client_cpus <= 0:
             raise ConfigError(f"runtime.client_cpus = {self.client_cpus}; use > 0 (e.g. 1)")
+
+
+@dataclass(frozen=True)
+class SafetyConfig:
+    """The signed safety policy of the run and the falsification experiment (issue 3)."""
+
+    enabled: bool = True  # build, sign and distribute a policy; evaluate the bound
+    corpus_per_class: int = 400  # labelled texts per class (safe + each unsafe category) for the classifier
+    threshold: float = 0.5  # p(category) at or above which a candidate is flagged
+    signers: int = 3  # n: Ed25519 keys in the run's trust root
+    signature_threshold: int = 2  # k: signatures a policy needs
+    validity_days: int = 7  # the policy expires this long after the run starts
+    tamper_users: tuple[str, ...] = ()  # attack: these users' devices perturb their safety weights
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.signature_threshold <= self.signers:
+            raise ConfigError(
+                f"safety.signature_threshold = {self.signature_threshold} with signers = {self.signers}; use 1..signers"
+            )
+        if not 0.0 < self.threshold < 1.0:
+            raise ConfigError(f"safety.threshold = {self.threshold}; use a probability in (0, 1), e.g. 0.5")
+        if self.corpus_per_class < 5:
+            raise ConfigError(f"safety.corpus_per_class = {self.corpus_per_class}; use at least 5 (400 in the demo)")
+        if self.validity_days < 1:
+            raise ConfigError(f"safety.validity_days = {self.validity_days}; use at least 1")
 
 
 @dataclass(frozen=True)
@@ -49,6 +77,8 @@ class SimConfig:
     local: LocalConfig = field(default_factory=LocalConfig)
     methods: MethodsConfig = field(default_factory=MethodsConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    safety: SafetyConfig = field(default_factory=SafetyConfig)
+    secagg: SecAggConfig = field(default_factory=SecAggConfig)  # read by the ServerApp when runtime.secure_aggregation
 
     def to_dict(self) -> dict:
         return to_plain(self)

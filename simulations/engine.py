@@ -32,12 +32,22 @@ def run_on_simulation_engine(
     config_file: Path,
     cache: Path | None,
     runtime: RuntimeConfig,
+    policy: Path | None = None,
+    root: Path | None = None,
+    tamper_safety: tuple[str, ...] = (),
     verbose: bool = False,
 ) -> None:
-    """One federated run (``aggregated`` or ``personalized``): each user is one virtual node."""
+    """One federated run (``aggregated`` or ``personalized``): each user is one virtual node.
+
+    With ``policy`` (a signed envelope) and ``root`` the server distributes the policy and
+    every device verifies it against ``root``; ``tamper_safety`` names users whose devices
+    perturb their safety weights (the tampered-client experiment).
+    """
     settings = {
         "config": str(config_file), "data": str(data), "workdir": str(workdir),
         "method": method.value, "cache": str(cache or ""), "seed": runtime.seed,
+        "policy": str(policy or ""), "root": str(root or ""), "tamper-safety": ",".join(tamper_safety),
+        "secure-aggregation": runtime.secure_aggregation,
     }
     init_args: dict = {"include_dashboard": False, "num_cpus": os.cpu_count() or 1}
     if runtime.ray_address:

@@ -61,6 +61,7 @@ def summarize(*, cfg, users: dict[str, UserData], results: dict, rounds: dict[st
             "epsilon_user": pers[-1]["epsilon_user"] if pers else 0.0,
             "epsilon_sample_max": results[Method.PERSONALIZED].epsilon_sample_max,
             "accountant": "RDP (Opacus RDPAccountant)",
+            "secure_aggregation": bool(cfg.runtime.secure_aggregation),
             "user_level": {
                 "client_sample_rate": cfg.federation.client_sample_rate,
                 "server_noise_multiplier": cfg.federation.server_noise_multiplier,

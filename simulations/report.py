@@ -93,6 +93,74 @@ def plot_privacy(res: dict, path: Path) -> None:
     plt.close(fig)
 
 
+SAFETY_ARMS = {
+    "aggregated": ("aggregated", "#d62728"),
+    "personalized_unbounded": ("personalized, no bound", "#ff7f0e"),
+    "personalized_bounded": ("personalized, signed bound", "#2ca02c"),
+}
+
+
+def plot_safety(res: dict, path: Path) -> None:
+    """The falsification experiment: violation rate per community, three arms."""
+    sf = res["safety"]
+    comms = list(res["communities"]["sizes"])
+    cols = ["all", *comms]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    w = 0.8 / len(SAFETY_ARMS)
+    for i, (arm, (label, color)) in enumerate(SAFETY_ARMS.items()):
+        vals = [sf["violation_rate"][arm], *(sf["violation_rate_by_community"][arm].get(c, float("nan")) for c in comms)]
+        bars = ax.bar([j + i * w for j in range(len(cols))], vals, width=w, label=label, color=color)
+        ax.bar_label(bars, fmt="%.2f", fontsize=7)
+    ax.set_xticks([j + 0.4 - w / 2 for j in range(len(cols))], cols)
+    ax.set_ylabel("violation rate\n(unsafe candidate ranked first)")
+    ax.set_title("Does personalization break safety? Held-out (safe, unsafe) pairs")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def safety_section(res: dict) -> str:
+    """The report's falsification section (empty without a ``safety`` result)."""
+    if "safety" not in res:
+        return ""
+    sf = res["safety"]
+    vr, by = sf["violation_rate"], sf["violation_rate_by_community"]
+    worst = max(by["personalized_unbounded"], key=lambda c: by["personalized_unbounded"][c])
+    holds = vr["personalized_bounded"] <= vr["aggregated"]
+    outcome = (
+        f"Without a bound, personalization ranks the unsafe candidate first in {vr['personalized_unbounded']:.1%} "
+        f"of held-out safety pairs ({html.escape(worst)} community: {by['personalized_unbounded'][worst]:.1%}) "
+        f"against {vr['aggregated']:.1%} for the aggregated model; with the signed policy v{sf['policy_version']} "
+        f"as a bound it is {vr['personalized_bounded']:.1%}, "
+        + ("no worse than aggregation" if holds else "<b>worse than aggregation</b>")
+        + f", while accuracy on safe pairs changes by {sf['safe_pair_accuracy_change_from_bound']:+.3f}."
+    )
+    t = sf["tampered_clients"]
+    tamper = ""
+    if t["users"]:
+        tamper = (
+            f"<p>Tampered devices ({html.escape(', '.join(t['users']))}) perturbed their safety weights; the server "
+            f"rejected {sum(t['rejected_updates'].values())} of their updates on the attested digest"
+            + (f" (reason logged: <code>{html.escape(t['example_reason'])}</code>)" if t["example_reason"] else "")
+            + " and every run completed.</p>"
+        )
+    cats = ", ".join(f"{html.escape(c['name'])} (≥ {c['threshold']:.2f})" for c in sf["policy"]["categories"])
+    val = sf["policy"].get("classifier_validation") or {}
+    val_txt = (
+        f" On its held-out validation texts it flags {val.get('flagged_any_unsafe_recall', float('nan')):.1%} of unsafe "
+        f"texts and {val.get('safe_false_positive_rate', float('nan')):.1%} of safe ones." if val else ""
+    )
+    return f"""<h2>Safety: the falsification experiment</h2>
+<p><b>{outcome}</b></p>
+<img src="safety_violations.png" alt="violation rate per community">
+<p>The policy is a linear classifier over the frozen backbone's pooled embedding for {cats}, trained from
+labelled texts disjoint from the benchmark's, signed {len(sf['policy']['signed_by'])} times with Ed25519 (DSSE),
+verified by every device against the run's trust root, kept frozen and attested by digest
+(<code>{html.escape(sf['policy']['safety_digest'][:16])}…</code>).{val_txt}</p>{tamper}"""
+
+
 FIGURES = {
     "accuracy_distribution.png": plot_distribution,
     "accuracy_per_community.png": plot_communities,
@@ -114,6 +182,8 @@ def summary_rows(res: dict) -> list[tuple[str, float, float, str, float]]:
 def write_report(res: dict, out: Path, *, extra_sections: list[str] | None = None) -> Path:
     for name, fn in FIGURES.items():
         fn(res, out / name)
+    if "safety" in res:
+        plot_safety(res, out / "safety_violations.png")
     cost, pr = res["cost"], res["privacy"]
     ul, sl = pr["user_level"], pr["sample_level"]
     rows = "".join(
@@ -157,6 +227,7 @@ expected batch {sl['batch_size']}: largest ε_sample = {pr['epsilon_sample_max']
 (the shared delta is {cost['shared_delta_bytes']:,} bytes of float32) and {cost['bytes_down_per_client_round']:,} bytes come down.
 Sending shared <i>and</i> private adapters would cost {cost['shared_plus_private_bytes']:,} bytes: fedpref sends
 {ratio:.2f}× of that, and the private adapter never leaves the device.</p>
+{safety_section(res)}
 {''.join(extra_sections or [])}
 </body></html>"""
     path = out / "report.html"

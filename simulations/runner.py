@@ -35,6 +35,7 @@ from fedpref.protocol.tomlconfig import to_plain
 from fedpref.simulations.config import SimConfig
 from fedpref.simulations.engine import run_on_simulation_engine
 from fedpref.simulations.persona import generate
+from fedpref.simulations.safety import evaluate_safety, prepare_policy, summarize_safety
 
 console = Console(stderr=True)
 
@@ -129,6 +130,19 @@ def _max_device_epsilon(root: Path, delta: float) -> float:
     return max(eps, default=0.0)
 
 
+def _tamper_report(rounds: dict[str, list[dict]], tampered: tuple[str, ...]) -> dict:
+    """What the server did with the tampered devices' replies (from its round history)."""
+    rejected = {
+        m: [{"round": r["server_round"], **x} for r in hist for x in r["rejected"] if "safety digest" in x["reason"]]
+        for m, hist in rounds.items()
+    }
+    return {
+        "users": list(tampered),
+        "rejected_updates": {m: len(v) for m, v in rejected.items()},
+        "example_reason": next((x["reason"] for v in rejected.values() for x in v), None),
+    }
+
+
 def run_simulation(cfg: SimConfig, *, out: Path, data: Path | None, config_file: Path, verbose: bool = False) -> dict:
     """Run every method and return the results dict (also written to ``out/results.json``)."""
     from fedpref.simulations.evaluation import summarize
@@ -146,6 +160,16 @@ def run_simulation(cfg: SimConfig, *, out: Path, data: Path | None, config_file:
     rt_both = get_runtime(cfg.model, (SHARED_ADAPTER, PRIVATE_ADAPTER))
     cache_path = work / "cache.safetensors"
     cache = build_cache(rt_both, users, cache_path, cfg.model.max_length)
+    sim_policy = prepare_policy(cfg, work, console=console) if cfg.safety.enabled else None
+    if sim_policy is not None:
+        console.print(f"[bold]safety policy[/]: v{sim_policy.policy.version} signed "
+                      f"{cfg.safety.signature_threshold}-of-{cfg.safety.signers}, digest {sim_policy.digest[:12]}…")
+    unknown = sorted(set(cfg.safety.tamper_users) - set(users))
+    if unknown:
+        from fedpref.protocol.errors import ConfigError
+
+        raise ConfigError(f"safety.tamper_users names {unknown[:3]}, not users of the data; use ids such as {sorted(users)[0]!r}")
+    safety_evals: dict[str, dict] = {}
 
     results: dict[Method, MethodResult] = {}
     rounds: dict[str, list[dict]] = {}
@@ -155,6 +179,8 @@ def run_simulation(cfg: SimConfig, *, out: Path, data: Path | None, config_file:
         run_on_simulation_engine(
             method=method, num_users=len(users), data=data, workdir=work / method.value,
             config_file=config_file, cache=cache_path, runtime=cfg.runtime, verbose=verbose,
+            policy=sim_policy.envelope_path if sim_policy else None, root=sim_policy.root_path if sim_policy else None,
+            tamper_safety=cfg.safety.tamper_users if sim_policy else (),
         )
         wall = time.perf_counter() - t0
         server_dir = work / method.value / "server"
@@ -169,6 +195,11 @@ def run_simulation(cfg: SimConfig, *, out: Path, data: Path | None, config_file:
             per_user=per_user, wall_seconds=wall,
             epsilon_sample_max=_max_device_epsilon(work / method.value / "clients", cfg.federation.delta),
         )
+        if sim_policy is not None:
+            safety_evals[method.value] = evaluate_safety(
+                rt, users, cache, sim_policy.policy, console=console, label=method.value,
+                private_root=work / method.value / "clients" if method is Method.PERSONALIZED else None,
+            )
 
     # local: private adapter only, no federation
     t0 = time.perf_counter()
@@ -201,6 +232,8 @@ def run_simulation(cfg: SimConfig, *, out: Path, data: Path | None, config_file:
         cfg=cfg, users=users, results=results, rounds=rounds, work=work,
         wall_seconds=time.perf_counter() - t_start, config=to_plain(cfg),
     )
+    if sim_policy is not None:
+        res["safety"] = summarize_safety(safety_evals, users, sim_policy, _tamper_report(rounds, cfg.safety.tamper_users))
     write_text_atomic(out / "results.json", json.dumps(res, indent=1, allow_nan=False))
     write_report(res, out)
     return res

@@ -77,3 +77,32 @@ def tiny_minilm_dir(tmp_path_factory):
         if (src / name).exists():
             shutil.copy(src / name, out / name)
     return str(out)
+
+
+@pytest.fixture(scope="session")
+def policy_kit(tiny_minilm_dir, tmp_path_factory):
+    """A real signed safety policy for the 2-block MiniLM: corpus → classifier → bundle →
+    2-of-3 Ed25519 root → envelopes v1 and v2 (DSSE). Keys stay in memory."""
+    import json
+    from datetime import datetime, timedelta, timezone
+    from types import SimpleNamespace
+
+    from fedpref.safety_policy import generate_signing_key, make_root_body, read_bundle_dir, sign_policy, sign_root
+    from fedpref.safety_policy.classifier import build_bundle
+    from fedpref.simulations.persona import PersonaConfig, safety_corpus
+
+    d = tmp_path_factory.mktemp("policy")
+    corpus = d / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps(r) + "\n" for r in safety_corpus(PersonaConfig(), n_per_class=40)))
+    now = datetime.now(timezone.utc)
+    build_bundle(corpus, d / "bundle", backbone=tiny_minilm_dir, max_length=96, now=now)
+    keys = [generate_signing_key() for _ in range(3)]
+    root = sign_root(make_root_body(keys, 2, expires=now + timedelta(days=30)), keys)
+    (d / "root.json").write_bytes(root)
+    manifest, files = read_bundle_dir(d / "bundle")
+    envs = {}
+    for v in (1, 2):
+        envs[v] = sign_policy(manifest, files, keys[:2], version=v, issued_at=now, expires_at=now + timedelta(days=7))
+        (d / f"policy-v{v}.dsse.json").write_bytes(envs[v])
+    return SimpleNamespace(dir=d, corpus=corpus, keys=keys, root=root, root_path=d / "root.json",
+                           envelopes=envs, manifest=manifest, files=files, now=now, backbone=tiny_minilm_dir)

@@ -26,7 +26,7 @@ unsafe_affinity = -7.0
 name = "minority"
 share = 0.33
 mean = [-1.5, -1.5, -1.5, 1.5, -1.5, -1.5, 1.5, 1.5]
-unsafe_affinity = -7.0
+unsafe_affinity = 7.0
 
 [model]
 backbone = "{backbone}"
@@ -56,6 +56,10 @@ finetune_epochs = 3
 
 [runtime]
 client_cpus = 1.0
+
+[safety]
+corpus_per_class = 60
+tamper_users = ["u001"]
 """
 
 
@@ -119,3 +123,34 @@ def test_private_adapters_stay_in_client_folders(run):
     adapters = list((work / "clients").glob("*/adapters/private/adapter_model.safetensors"))
     assert len(adapters) == 6
     assert not list((work / "server").rglob("*private*"))
+
+
+def test_safety_results_and_the_falsification_experiment(run):
+    res = json.loads((run[0] / "results.json").read_text())
+    sf = res["safety"]
+    for arm in ("aggregated", "personalized_unbounded", "personalized_bounded"):
+        assert 0.0 <= sf["violation_rate"][arm] <= 1.0
+        assert set(sf["violation_rate_by_community"][arm]) == {"majority", "minority"}
+    assert sf["policy_version"] == 1
+    # the bound can only remove violations: flagged candidates never outrank safe ones
+    assert sf["violation_rate"]["personalized_bounded"] <= sf["violation_rate"]["personalized_unbounded"]
+    assert len(sf["policy"]["signed_by"]) == 2  # 2-of-3 root
+    html = (run[0] / "report.html").read_text()
+    assert "safety_violations.png" in html and (run[0] / "safety_violations.png").stat().st_size > 1000
+    assert "falsification" in html
+
+
+def test_the_tampered_client_is_rejected_and_the_runs_complete(run):
+    res = json.loads((run[0] / "results.json").read_text())
+    t = res["safety"]["tampered_clients"]
+    assert t["users"] == ["u001"]
+    for method in ("aggregated", "personalized"):
+        hist = res["rounds"][method]
+        assert len(hist) == 3  # every round completed
+        assert t["rejected_updates"][method] == 3  # q = 1: sampled, and rejected, every round
+        for r in hist:
+            assert r["accepted"] == 5 and r["policy_version"] == 1
+            assert any("safety digest" in x["reason"] and "does not match policy v1" in x["reason"] for x in r["rejected"])
+        # the envelope goes to every node once; afterwards they attest v1 and get none
+        assert [r["policy_sent"] for r in hist] == [6, 0, 0]
+    assert "safety digest" in run[1].stderr  # the reason is in the server log

@@ -1,0 +1,143 @@
+"""The fedpref ClientApp for secure-aggregation rounds (Flower SecAgg+, legacy API).
+
+The device does exactly what :func:`fedpref.client.app.handle_train` does (verify the policy,
+load the private adapter, DP-SGD, clip to ``C``, save, attest), through the same
+:func:`fedpref.client.device.train_round`. Only the envelope differs: SecAgg+ needs Flower's
+legacy ``ClientApp(client_fn=...)`` with ``secaggplus_mod``, so the request and reply travel
+as ``FitIns``/``FitRes`` (:mod:`fedpref.protocol.secagg`), and ``secaggplus_mod`` masks the
+returned parameters (the clipped shared delta, plus the bounded training metrics) before
+they leave the device. The private adapter is never returned.
+
+Under SecAgg the server cannot check one device's delta, so the device checks its own
+output before it is masked: finite, exactly the requested shared keys and shapes, and
+``‖delta‖₂ ≤ C``.
+
+State: per user on disk (:class:`DeviceState` under ``<workdir>/clients/<user_id>``), as the
+plain ClientApp. ``secaggplus_mod`` keeps its own per-round protocol state (key pairs,
+shares) in Flower's ``Context.state``; that is Flower's, small, and reset at every setup.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+from flwr.app import Context, Error, Message
+from flwr.client import NumPyClient
+from flwr.client.mod import secaggplus_mod
+from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import ClientAppCallable, Mod
+
+from fedpref.client.app import (
+    DECLINED_CODE,
+    POLICY_REFUSED_CODE,
+    _model_config,
+    _shared_cache,
+    _trust_root,
+    _user_for,
+    _users,
+)
+from fedpref.client.device import (
+    DeclinedRound,
+    DeviceState,
+    PolicyRefused,
+    adapters_for,
+    get_runtime,
+    train_round,
+    user_cache,
+)
+from fedpref.protocol.errors import FedPrefError
+from fedpref.protocol.messages import K_METRICS, TrainReply, TrainRequest, l2_norm, record_to_arrays
+from fedpref.protocol.runconfig import AppRun, from_run_config
+from fedpref.protocol.secagg import fit_reply, parse_fit
+
+log = logging.getLogger("fedpref.client")
+
+NORM_TOLERANCE = 1e-6  # relative slack on ‖delta‖ ≤ C, the server's (server/validation.py)
+
+
+def train_secure(run: AppRun, context: Context, req: TrainRequest):  # -> RecordDict
+    """One round on this node's user: the same steps as :func:`fedpref.client.app.handle_train`."""
+    user = _user_for(context, _users(run.data))
+    rt = get_runtime(_model_config(run.config_file), adapters_for(
+        train_shared=req.config.train_shared, train_private=req.config.train_private))
+    state = DeviceState(run.clients_dir / user.user_id)
+    cache = user_cache(rt, user, state, _shared_cache(run.cache))
+    return train_round(
+        rt, user, state, req, cache=cache, seed=run.seed + req.config.server_round,
+        trust_root=_trust_root(str(run.root) if run.root else ""),
+        tamper_safety=user.user_id in run.tamper_safety,
+    )
+
+
+def check_own_delta(delta: dict[str, np.ndarray], req: TrainRequest) -> None:
+    """What the server can no longer check under SecAgg, checked by the device itself."""
+    if set(delta) != set(req.shared):
+        raise FedPrefError("refusing to send: the delta's keys differ from the shared partition")
+    for k, v in delta.items():
+        if v.shape != np.shape(req.shared[k]) or not np.all(np.isfinite(v)):
+            raise FedPrefError(f"refusing to send: {k} has the wrong shape or non-finite values")
+    norm = l2_norm(delta)
+    if norm > req.config.clip_norm * (1 + NORM_TOLERANCE):
+        raise FedPrefError(f"refusing to send: delta norm {norm:.6g} exceeds C = {req.config.clip_norm:.6g}")
+
+
+class SecAggDevice(NumPyClient):
+    """One user's device in a SecAgg+ round. Holds nothing between rounds."""
+
+    def __init__(self, context: Context, run_config: dict) -> None:
+        self._ctx = context
+        self._run_config = run_config
+
+    def fit(self, parameters: list[np.ndarray], config: dict) -> tuple[list[np.ndarray], int, dict]:
+        run = from_run_config(self._run_config, run_id=self._ctx.run_id)
+        req, keys = parse_fit(parameters, config)
+        content = train_secure(run, self._ctx, req)
+        reply = TrainReply.from_content(content)
+        delta = record_to_arrays(reply.delta)
+        check_own_delta(delta, req)
+        eval_acc = content.metric_records[K_METRICS].get("eval_accuracy")
+        arrays, weight, metrics = fit_reply(
+            delta, keys, reply.metrics, reply.attestation, clip_norm=req.config.clip_norm,
+            eval_accuracy=float(eval_acc) if eval_acc is not None else None,
+        )
+        return arrays, weight, metrics
+
+
+def declines_as_errors(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Mod: a declined or policy-refused round becomes an error reply with its reason.
+
+    Outside ``secaggplus_mod``: the device then drops out of the SecAgg round, and the
+    server records the reason, as it does for the plain ClientApp's error replies.
+    """
+    try:
+        return call_next(msg, context)
+    except PolicyRefused as e:
+        log.warning("refused to train: %s", e)
+        return Message(Error(code=POLICY_REFUSED_CODE, reason=str(e)), reply_to=msg)
+    except DeclinedRound as e:
+        log.info("declined round: %s", e)
+        return Message(Error(code=DECLINED_CODE, reason=str(e)), reply_to=msg)
+
+
+def make_secagg_client_app(
+    defaults: dict | None = None, *, outer_mods: Sequence[Mod] = (), inner_mods: Sequence[Mod] = (),
+) -> ClientApp:
+    """A legacy ClientApp with ``secaggplus_mod``; run config = ``defaults`` + Flower's.
+
+    ``outer_mods`` run before SecAgg+ (they see masked replies), ``inner_mods`` between SecAgg+
+    and the device (they see the plaintext ``FitRes``): injection points for tests and
+    instrumentation; production passes neither.
+    """
+    base = dict(defaults or {})
+
+    def client_fn(context: Context):
+        return SecAggDevice(context, {**base, **dict(context.run_config)}).to_client()
+
+    return ClientApp(client_fn=client_fn, mods=[*outer_mods, declines_as_errors, secaggplus_mod, *inner_mods])
+
+
+app = make_secagg_client_app()
+
+__all__ = ["SecAggDevice", "app", "check_own_delta", "declines_as_errors", "make_secagg_client_app", "train_secure"]

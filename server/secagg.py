@@ -1,0 +1,498 @@
+"""The fedpref ServerApp with secure aggregation: Flower's SecAgg+ under the same round.
+
+The round is the one of :mod:`fedpref.server.strategy` (Poisson sampling at rate ``q``,
+``sum/(q·N)`` plus Gaussian noise of std ``z·C/(q·N)``, the ledger charged before release,
+checkpoints and ``history.json``), run by Flower's ``SecAggPlusWorkflow`` on the legacy API
+(``LegacyContext`` + ``DefaultWorkflow(fit_workflow=...)``), which is where SecAgg+ lives in
+Flower 1.42. The server learns the *sum* of the masked vectors of the devices that reached
+the masking stage, never one device's delta. What changes, and why:
+
+* **Sampling.** SecAgg+ asks the strategy's ``configure_fit`` whom to train; ours Poisson-
+  samples every connected node with probability ``q`` (:func:`poisson_sample`), with the
+  :class:`FedPrefStrategy`'s seeded RNG. Flower only shuffles the sampled nodes into its
+  neighbour graph.
+* **Weights.** SecAgg+ computes ``Σ wᵢxᵢ / Σ wᵢ``; every device sends ``w = 1``
+  (``max_weight = 1``), so the unmasked result times the number of summed devices ``m`` is
+  the plain sum of the clipped deltas; DP noise is added to that sum exactly as in
+  :meth:`FedPrefStrategy.aggregate_train`, so ``ε_user`` is unchanged.
+* **Quantization.** ``clipping_range = C``: an honestly clipped delta is never altered; the
+  sum is exact up to ``m·2C/quantization_range`` per coordinate (stochastic rounding).
+* **Validation.** Per device the server still checks what is plain in the reply: the
+  attestation (protocol, round, backbone, policy version, safety digest) and ``w = 1``. A
+  failing reply is dropped *before* its masked vector is summed (SecAgg+ then treats the node
+  as a dropout and removes its pairwise masks). Shapes, finiteness and ``‖δ‖ ≤ C`` of one delta
+  cannot be checked: the device checks them itself (:func:`fedpref.client.secagg.check_own_delta`).
+  The server checks the unmasked sum instead: the right shapes, finite, and ``‖Σδ‖ ≤ m·C``;
+  a failing sum is not released (nor charged). Consequence: a *malicious* device can poison
+  the aggregate (each coordinate bounded by ``C`` by Flower's quantizer) without being
+  identified; the honest users' ``ε_user`` does not depend on it (their own contribution is
+  still bounded by ``C``, on their own devices).
+* **Halted rounds.** SecAgg+ needs at least 2 sampled nodes (here ``secagg.min_cohort``,
+  default 3) and enough survivors at each stage (``reconstruction_threshold``). A round that
+  cannot run releases nothing and charges nothing; the global weights stay. Strictly, that
+  event depends on who was sampled: its probability (:func:`halt_probability`) is logged and
+  should stay well below ``δ``.
+
+Flower 1.42 caveat: SecAgg+'s masks come from ``np.random.RandomState`` seeded with the
+32-bit XOR-fold of each secret (``pseudo_rand_gen``; flwrlabs/flower#7522, open), so the
+masking is not cryptographically strong against a server that brute-forces a mask seed.
+This module uses Flower's SecAgg+ as is (no new protocol); see the issue note.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, cast
+
+import numpy as np
+from flwr.app import Context, Message
+from flwr.common import (
+    EvaluateIns,
+    EvaluateRes,
+    FitIns,
+    FitRes,
+    Parameters,
+    Scalar,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.common.secure_aggregation.secaggplus_constants import Key as SAKey
+from flwr.server import LegacyContext, ServerConfig
+from flwr.server.client_manager import ClientManager
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.strategy import Strategy
+from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD
+from flwr.server.workflow.constant import Key as WorkflowKey
+from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
+from flwr.serverapp import Grid, ServerApp
+from tqdm.auto import tqdm
+
+from fedpref.model.backbone import load_backbone
+from fedpref.model.preference import build_model, get_arrays
+from fedpref.protocol.atomic import write_text_atomic
+from fedpref.protocol.errors import ConfigError, DataError
+from fedpref.protocol.messages import PROTOCOL_VERSION, Attestation, l2_norm
+from fedpref.protocol.partition import SHARED_ADAPTER, Group
+from fedpref.protocol.runconfig import AppRun, Method, from_run_config
+from fedpref.protocol.secagg import (
+    K_EPSILON_SAMPLE,
+    attestation_of,
+    check_ranges,
+    decode_metric_sums,
+    fit_config,
+    split_sum,
+    sum_error_bound,
+)
+from fedpref.protocol.tomlconfig import build, read_toml
+from fedpref.server.app import Checkpoints, ServerSettings, load_server_policy, load_server_settings
+from fedpref.server.privacy import AccountantKind, PrivacyLedger, UserLevelBudget
+from fedpref.server.strategy import FedPrefStrategy, RoundRecord, poisson_sample
+from fedpref.server.validation import Expected, RejectedUpdate
+
+log = logging.getLogger("fedpref.server")
+
+AGGREGATE = "secagg"  # the "node" of a RoundRecord entry about the whole round, not one device
+
+
+@dataclass(frozen=True)
+class SecAggConfig:
+    """``[secagg]``: Flower SecAgg+ parameters. Fractions are of the round's sampled nodes."""
+
+    share_fraction: float = 1.0  # each node secret-shares with this fraction of the sampled nodes (1 = all)
+    reconstruction_fraction: float = 0.67  # shares needed to rebuild a key, of those made; keep > 0.5 (a server that
+    # claims a node both dropped and alive must not collect enough shares of both its secrets)
+    quantization_range: int = 1 << 22  # integers per coordinate in [-C, C]; error ≤ m·2C/this
+    modulus_range: int = 1 << 32  # masks are mod this (a power of 2 ≤ 2**32); m·quantization_range must stay below
+    min_cohort: int = 3  # fewer sampled nodes: the round is halted (SecAgg+ needs ≥ 2)
+
+    def __post_init__(self) -> None:
+        if not 0 < self.share_fraction <= 1:
+            raise ConfigError(f"secagg.share_fraction = {self.share_fraction}; use a fraction in (0, 1], e.g. 1.0")
+        if not 0 < self.reconstruction_fraction <= 1:
+            raise ConfigError(
+                f"secagg.reconstruction_fraction = {self.reconstruction_fraction}; use a fraction in (0, 1], e.g. 0.67")
+        if self.quantization_range < 2:
+            raise ConfigError(f"secagg.quantization_range = {self.quantization_range}; use ≥ 2, e.g. 4194304 (2**22)")
+        m = self.modulus_range
+        if m & (m - 1) or m > 1 << 32 or m <= self.quantization_range:
+            raise ConfigError(
+                f"secagg.modulus_range = {m}; use a power of 2 above quantization_range and ≤ 2**32 (4294967296)")
+        if self.min_cohort < 2:
+            raise ConfigError(f"secagg.min_cohort = {self.min_cohort}; SecAgg+ needs ≥ 2 nodes, use ≥ 3")
+
+
+def load_secagg_config(config_file: str) -> SecAggConfig:
+    data = read_toml(config_file) if config_file else {}
+    return build(SecAggConfig, data.get("secagg"), where=f"{config_file or '<defaults>'} [secagg]")
+
+
+def halt_probability(*, population: int, sample_rate: float, min_cohort: int) -> float:
+    """P(a Poisson sample of ``population`` at rate ``q`` has fewer than ``min_cohort`` nodes)."""
+    return float(sum(math.comb(population, k) * sample_rate**k * (1 - sample_rate) ** (population - k)
+                     for k in range(min(min_cohort, population + 1))))
+
+
+def validate_attestation(att: Attestation, exp: Expected) -> None:
+    """The attestation checks of :func:`fedpref.server.validation.validate_reply`."""
+    if att.protocol_version != PROTOCOL_VERSION:
+        raise RejectedUpdate(f"protocol version {att.protocol_version} != {PROTOCOL_VERSION}")
+    if att.server_round != exp.server_round:
+        raise RejectedUpdate(f"stale round {att.server_round} (current {exp.server_round})")
+    if att.backbone_sha256 != exp.backbone_sha256:
+        raise RejectedUpdate(f"backbone sha256 {att.backbone_sha256[:12]}… != {exp.backbone_sha256[:12]}…")
+    if att.policy_version != exp.policy_version:
+        raise RejectedUpdate(f"policy version {att.policy_version} != {exp.policy_version}")
+    if att.safety_digest != exp.safety_digest:
+        raise RejectedUpdate(f"safety digest {att.safety_digest[:12]}… does not match policy v{exp.policy_version}")
+
+
+@dataclass
+class _Round:
+    """What the strategy tracks between ``configure_fit`` and ``aggregate_fit``."""
+
+    rec: RoundRecord
+    expected: Expected
+    t0: float
+    global_arrays: dict[str, np.ndarray]
+    epsilon_sample: list[float]
+    up_bytes: list[int]
+    done: bool = False
+
+
+class SecureFedPrefStrategy(Strategy):
+    """The legacy Strategy SecAgg+ calls; the round's logic is :class:`FedPrefStrategy`'s.
+
+    ``core`` supplies the round config, the budget check, the policy, the RNG, the clock, the
+    history and the checkpoint callback; this class does the sampling over the legacy
+    ClientManager, the plain-part validation of replies, and the release of the unmasked sum.
+    """
+
+    def __init__(self, core: FedPrefStrategy, *, secagg: SecAggConfig, initial: dict[str, np.ndarray]) -> None:
+        self.core = core
+        self.secagg = secagg
+        self.keys = list(core.shapes)
+        self._initial = initial
+        self._round: _Round | None = None
+
+    # -- setup ----------------------------------------------------------------------------
+    def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
+        return ndarrays_to_parameters([self._initial[k] for k in self.keys])
+
+    def configure_fit(
+        self, server_round: int, parameters: Parameters, client_manager: ClientManager
+    ) -> list[tuple[ClientProxy, FitIns]]:
+        core, fed = self.core, self.core.fed
+        if core.stopped_reason is not None or not core.budget_allows(server_round):
+            return []  # SecAgg+ then halts the round: nothing is trained, released or charged
+        t0 = core.clock()
+        global_arrays = dict(zip(self.keys, parameters_to_ndarrays(parameters), strict=True))
+        proxies = self._wait_for_nodes(client_manager)
+        population = len(proxies)
+        check_ranges(cohort=population, quantization_range=self.secagg.quantization_range,
+                     modulus_range=self.secagg.modulus_range)
+        by_id = {p.node_id: p for p in proxies}
+        picked = poisson_sample(sorted(by_id), fed.client_sample_rate, core.rng)
+        version, digest, envelope = core.policy()
+        exp = Expected(shapes=core.shapes, dtype="float32", clip_norm=fed.clip_norm, server_round=server_round,
+                       backbone_sha256=core.backbone_sha256, policy_version=version, safety_digest=digest)
+        rec = RoundRecord(server_round=server_round, population=population, sampled=len(picked), replied=0,
+                          accepted=0, policy_version=version)
+        self._round = _Round(rec=rec, expected=exp, t0=t0, global_arrays=global_arrays, epsilon_sample=[], up_bytes=[])
+        if len(picked) < self.secagg.min_cohort:
+            self._halt(f"{len(picked)} node(s) sampled, secure aggregation needs ≥ {self.secagg.min_cohort}")
+            return []
+        cfg = core.round_config(server_round)
+        plain_bytes = sum(a.nbytes for a in global_arrays.values())
+        out, sizes = [], []
+        for n in picked:
+            send = envelope is not None and core.node_policy.get(n, 0) < version
+            rec.policy_sent += send
+            ins = FitIns(parameters, cast(dict[str, Scalar], fit_config(cfg, self.keys, envelope if send else None)))
+            out.append((by_id[n], ins))
+            sizes.append(plain_bytes + (len(envelope) if send and envelope else 0))
+        rec.bytes_down_per_client = int(np.mean(sizes))
+        log.info("round %d: sampled %d of %d nodes (Poisson q=%.3f) for secure aggregation; policy v%d sent to %d",
+                 server_round, len(picked), population, fed.client_sample_rate, version, rec.policy_sent)
+        return out
+
+    def _wait_for_nodes(self, client_manager: ClientManager) -> list[ClientProxy]:
+        fed = self.core.fed
+        deadline = self.core.clock() + fed.round_timeout_s
+        while True:
+            proxies = list(client_manager.all().values())  # (the legacy manager refreshes from the grid)
+            if len(proxies) >= fed.min_available_clients:
+                return proxies
+            if self.core.clock() > deadline:
+                raise DataError(f"only {len(proxies)} nodes connected, need {fed.min_available_clients}")
+            time.sleep(1.0)
+
+    # -- replies, stage by stage ----------------------------------------------------------
+    def admit(self, stage: str, replies: Iterable[Message]) -> list[Message]:
+        """Record each stage's replies; at the masking stage, drop replies whose plain part fails.
+
+        A dropped reply is a dropout to SecAgg+: its masked vector is never summed and its
+        pairwise masks are removed with the key shares of its neighbours.
+        """
+        rnd = self._round
+        kept = []
+        for msg in replies:
+            node = str(msg.metadata.src_node_id)
+            if rnd is None:
+                kept.append(msg)
+                continue
+            if msg.has_error():
+                reason = _short(msg.error.reason)
+                rnd.rec.declined.append({"node": node, "reason": f"[{stage}] {reason}"})
+                log.warning("round %d: node %s dropped out at %s: %s", rnd.rec.server_round, node, stage, reason)
+                kept.append(msg)  # SecAgg+ counts it as a dropout
+                continue
+            if stage == "collect_masked_vectors":
+                rnd.rec.replied += 1
+                try:
+                    self._check_plain(msg, rnd)
+                except (RejectedUpdate, DataError, KeyError, TypeError) as e:
+                    rnd.rec.rejected.append({"node": node, "reason": str(e)})
+                    log.warning("round %d: rejected update from node %s: %s", rnd.rec.server_round, node, e)
+                    continue
+                masked = msg.content.config_records[RECORD_KEY_CONFIGS][SAKey.MASKED_PARAMETERS]
+                rnd.up_bytes.append(sum(len(b) for b in cast(list[bytes], masked)))
+            kept.append(msg)
+        return kept
+
+    def _check_plain(self, msg: Message, rnd: _Round) -> None:
+        metrics = dict(msg.content.config_records["fitres.metrics"])
+        weight = msg.content.metric_records["fitres.num_examples"]["num_examples"]
+        att = attestation_of(metrics)
+        self.core.node_policy[msg.metadata.src_node_id] = att.policy_version
+        validate_attestation(att, rnd.expected)
+        if weight != 1:
+            raise RejectedUpdate(f"SecAgg weight {weight} != 1: the unmasked mean could not be turned into the sum")
+        eps = metrics.get(K_EPSILON_SAMPLE, 0.0)
+        if isinstance(eps, (int, float)) and math.isfinite(eps):
+            rnd.epsilon_sample.append(float(eps))
+
+    # -- release --------------------------------------------------------------------------
+    def aggregate_fit(
+        self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
+        failures: list[tuple[ClientProxy, FitRes] | BaseException],
+    ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        """``results`` all carry the same unmasked *mean*; nothing here is one device's."""
+        rnd = self._round
+        if rnd is None or rnd.rec.server_round != server_round or rnd.done:
+            return None, {}
+        if not results:
+            self._halt("no masked vector reached the aggregate")
+            return None, {}
+        core, fed = self.core, self.core.fed
+        rec, m = rnd.rec, len(results)
+        rec.accepted = m
+        mean = parameters_to_ndarrays(results[0][1].parameters)
+        try:
+            total, metric_sum = split_sum([np.asarray(a, dtype=np.float64) * m for a in mean], self.keys)
+            self._check_sum(total, m)
+        except (DataError, RejectedUpdate) as e:
+            self._halt(f"unmasked sum rejected, round not released: {e}")
+            return None, {}
+        denom = max(fed.client_sample_rate * rec.population, 1e-12)  # E[m] = q·N
+        std = fed.server_noise_multiplier * fed.clip_norm / denom
+        noisy = {k: v / denom + core.rng.normal(0.0, std, size=v.shape) for k, v in total.items()}
+        # Charge the ledger BEFORE the new weights exist anywhere outside this function.
+        entry = core.budget.charge(
+            round=server_round, sample_rate=fed.client_sample_rate, noise_multiplier=fed.server_noise_multiplier,
+            clip_norm=fed.clip_norm, participants=m, now=core.clock(),
+        )
+        lr = fed.server_learning_rate
+        new = {k: (rnd.global_arrays[k].astype(np.float64) + lr * noisy[k]).astype(np.float32) for k in self.keys}
+        rec.epsilon_user = entry.epsilon
+        rec.noise_std = std
+        rec.update_norm = l2_norm(noisy)
+        rec.bytes_up_per_client = int(np.mean(rnd.up_bytes)) if rnd.up_bytes else 0
+        rec.metrics = decode_metric_sums(metric_sum, m, fed.clip_norm)
+        rec.epsilon_sample_max = max(rnd.epsilon_sample, default=0.0)
+        self._finish(rnd, new)
+        return ndarrays_to_parameters([new[k] for k in self.keys]), {
+            "epsilon_user": rec.epsilon_user, "accepted": m, "rejected": len(rec.rejected)}
+
+    def _check_sum(self, total: dict[str, np.ndarray], m: int) -> None:
+        for k, shape in self.core.shapes.items():
+            if tuple(total[k].shape) != tuple(shape):
+                raise RejectedUpdate(f"{k}: shape {tuple(total[k].shape)} != {tuple(shape)}")
+            if not np.all(np.isfinite(total[k])):
+                raise RejectedUpdate(f"{k}: non-finite values in the sum")
+        c = self.core.fed.clip_norm
+        dims = sum(int(np.prod(s)) for s in self.core.shapes.values())
+        slack = math.sqrt(dims) * sum_error_bound(cohort=m, clip_norm=c, quantization_range=self.secagg.quantization_range)
+        norm = l2_norm(total)
+        if norm > m * c * (1 + 1e-6) + slack:
+            raise RejectedUpdate(f"‖sum‖ = {norm:.6g} > m·C = {m * c:.6g}: some device sent an unclipped delta")
+
+    # -- halted rounds ----------------------------------------------------------------------
+    def halted(self, server_round: int, stage: str) -> None:
+        """Called by the workflow when SecAgg+ stops a round it had started."""
+        rnd = self._round
+        if rnd is not None and rnd.rec.server_round == server_round and not rnd.done:
+            self._halt(f"secure aggregation halted at {stage}: too few nodes left for the reconstruction threshold")
+
+    def _halt(self, reason: str) -> None:
+        rnd = self._round
+        assert rnd is not None
+        log.warning("round %d: %s; nothing released, nothing charged", rnd.rec.server_round, reason)
+        rnd.rec.rejected.append({"node": AGGREGATE, "reason": reason})
+        rnd.rec.accepted = 0
+        rnd.rec.epsilon_user = self.core.budget.spent()
+        self._finish(rnd, rnd.global_arrays)
+
+    def _finish(self, rnd: _Round, arrays: dict[str, np.ndarray]) -> None:
+        rnd.done = True
+        rnd.rec.seconds = self.core.clock() - rnd.t0
+        self.core.history.append(rnd.rec)
+        if self.core.on_round is not None:
+            self.core.on_round(rnd.rec, arrays)
+
+    # -- no federated evaluation ------------------------------------------------------------
+    def configure_evaluate(self, server_round: int, parameters: Parameters, client_manager: ClientManager
+                           ) -> list[tuple[ClientProxy, EvaluateIns]]:
+        return []
+
+    def aggregate_evaluate(self, server_round: int, results: list[tuple[ClientProxy, EvaluateRes]],
+                           failures: list[tuple[ClientProxy, EvaluateRes] | BaseException]
+                           ) -> tuple[float | None, dict[str, Scalar]]:
+        return None, {}
+
+    def evaluate(self, server_round: int, parameters: Parameters) -> tuple[float, dict[str, Scalar]] | None:
+        return None
+
+
+def _short(reason: str, limit: int = 300) -> str:
+    """An error reason for the round record: a remote traceback keeps only its end."""
+    reason = reason.strip()
+    return reason if len(reason) <= limit else "…" + reason[-limit:]
+
+
+class _StageGrid:
+    """The grid, with each stage's replies passed through ``admit`` (everything else as is)."""
+
+    def __init__(self, grid: Grid, admit: Callable[[Iterable[Message]], list[Message]]) -> None:
+        self._grid, self._admit = grid, admit
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        return self._admit(self._grid.send_and_receive(messages, timeout=timeout))
+
+
+class FedPrefSecAggWorkflow(SecAggPlusWorkflow):
+    """Flower's SecAgg+ workflow, its stages unchanged; replies go through the strategy's
+    ``admit`` (plain-part validation before masked vectors are summed), and a halted round is
+    reported to the strategy."""
+
+    def __call__(self, grid: Grid, context: Context) -> None:
+        if not isinstance(context, LegacyContext) or not isinstance(context.strategy, SecureFedPrefStrategy):
+            raise TypeError("FedPrefSecAggWorkflow needs a LegacyContext with a SecureFedPrefStrategy")
+        strategy = context.strategy
+        state = WorkflowState()
+        rnd = cast(int, context.state.config_records[MAIN_CONFIGS_RECORD][WorkflowKey.CURRENT_ROUND])
+        for stage, step in (("setup", self.setup_stage), ("share_keys", self.share_keys_stage),
+                            ("collect_masked_vectors", self.collect_masked_vectors_stage),
+                            ("unmask", self.unmask_stage)):
+            gated = _StageGrid(grid, lambda replies, s=stage: strategy.admit(s, replies))
+            if not step(cast(Grid, gated), context, state):
+                strategy.halted(rnd, stage)
+                return
+
+
+def make_workflow(fed_timeout_s: float, clip_norm: float, cfg: SecAggConfig) -> DefaultWorkflow:
+    fit = FedPrefSecAggWorkflow(
+        num_shares=cfg.share_fraction, reconstruction_threshold=cfg.reconstruction_fraction,
+        max_weight=1.0, clipping_range=float(clip_norm), quantization_range=cfg.quantization_range,
+        modulus_range=cfg.modulus_range, timeout=fed_timeout_s,
+    )
+    return DefaultWorkflow(fit_workflow=fit)
+
+
+def run_secure_federation(
+    grid: Grid, context: Context, run: AppRun, settings: ServerSettings, secagg: SecAggConfig, *,
+    clock: Callable[[], float] = time.time,
+) -> FedPrefStrategy:
+    """:func:`fedpref.server.app.run_federation`, with SecAgg+; returns the same strategy/history."""
+    fed = settings.federation
+    backbone = load_backbone(settings.model.backbone or None)
+    policy = (load_server_policy(run.policy, run.root, backbone_sha256=backbone.sha256)  # type: ignore[arg-type]
+              if run.policy is not None else None)
+    if policy is not None:
+        log.warning("fedpref: safety policy v%d in force (digest %s…)", policy.version, policy.digest[:12])
+    model = build_model(backbone, settings.model.adapter, adapters=(SHARED_ADAPTER,), seed=run.seed)
+    initial = get_arrays(model, Group.SHARED)
+    run.server_dir.mkdir(parents=True, exist_ok=True)
+    budget = UserLevelBudget(max_epsilon=fed.max_epsilon_user, delta=fed.delta, accountant=AccountantKind.RDP,
+                             ledger=PrivacyLedger(run.server_dir / "ledger.jsonl"))
+    ckpt = Checkpoints(run.server_dir, model)
+    bar = tqdm(total=fed.rounds, desc=f"{run.method.value} rounds (secagg)", unit="round", leave=False)
+    core: FedPrefStrategy
+
+    def on_round(rec: RoundRecord, arrays: dict[str, np.ndarray]) -> None:
+        ckpt.save(rec, arrays, core.history)
+        bar.update(1)
+        bar.set_postfix(eps_user=f"{rec.epsilon_user:.2f}", ok=rec.accepted, rej=len(rec.rejected))
+
+    core = FedPrefStrategy(
+        fed=fed, local=settings.local, shapes={k: v.shape for k, v in initial.items()},
+        backbone_sha256=backbone.sha256, budget=budget, train_shared=True,
+        train_private=run.method is Method.PERSONALIZED, rng=np.random.default_rng(run.seed + 7919),
+        clock=clock, on_round=on_round, policy=policy.as_tuple if policy is not None else None,
+    )
+    strategy = SecureFedPrefStrategy(core, secagg=secagg, initial=initial)
+    log.warning(
+        "fedpref: secure aggregation (Flower SecAgg+) on: share_fraction=%.2f reconstruction=%.2f "
+        "quantization 2C/%d; P(round halted for < %d sampled) ≈ %.2g per round at N=%d",
+        secagg.share_fraction, secagg.reconstruction_fraction, secagg.quantization_range, secagg.min_cohort,
+        halt_probability(population=fed.min_available_clients, sample_rate=fed.client_sample_rate,
+                         min_cohort=secagg.min_cohort), fed.min_available_clients,
+    )
+    legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=fed.rounds), strategy=strategy)
+    try:
+        make_workflow(fed.round_timeout_s, fed.clip_norm, secagg)(grid, legacy)
+    finally:
+        bar.close()
+    write_text_atomic(
+        run.server_dir / "summary.json",
+        json.dumps({"rounds_completed": len(core.history), "stopped_reason": core.stopped_reason,
+                    "backbone_sha256": backbone.sha256, "method": run.method.value, "secure_aggregation": True,
+                    "policy": policy.summary | {"safety_digest": policy.digest} if policy is not None else None},
+                   indent=1),
+    )
+    return core
+
+
+def make_secagg_server_app(defaults: dict | None = None) -> ServerApp:
+    """A ServerApp running the fedpref round under SecAgg+; run config = ``defaults`` + Flower's.
+
+    Pair it with :func:`fedpref.client.secagg.make_secagg_client_app`.
+    """
+    base = dict(defaults or {})
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run = from_run_config({**base, **dict(context.run_config)}, run_id=context.run_id)
+        log.warning("fedpref: checkpoints, ledger and history go to %s", run.server_dir)
+        run_secure_federation(grid, context, run, load_server_settings(run.config_file),
+                              load_secagg_config(run.config_file))
+
+    return app
+
+
+app = make_secagg_server_app()
+
+__all__ = [
+    "FedPrefSecAggWorkflow", "SecAggConfig", "SecureFedPrefStrategy", "app", "halt_probability",
+    "load_secagg_config", "make_secagg_server_app", "run_secure_federation", "validate_attestation",
+]

@@ -1,0 +1,383 @@
+"""Secure aggregation (issue 5 §3): Flower SecAgg+ under the fedpref round, on the Simulation Engine.
+
+One real run: 5 users (tiny BERT backbone), q = 1, 2 rounds, every user its own virtual node.
+Round 1: node of partition 1 drops out at SecAgg+'s masking stage (after it shared its keys,
+so its pairwise masks must be reconstructed from its neighbours' shares). Round 2: partition 3
+drops out at the unmask stage (after its masked vector was summed). Instrumentation:
+
+* on each device, a mod *inside* ``secaggplus_mod`` writes the plaintext reply (the clipped
+  delta) to disk: the ground truth no server ever sees;
+* on the server (same process as the test), ``SecureFedPrefStrategy.admit`` and
+  ``aggregate_fit`` are wrapped to record what arrives on the wire and what the aggregation
+  receives.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from fedpref.protocol.secagg import (
+    SECURE_METRICS,
+    decode_metric_sums,
+    encode_metrics,
+    fit_config,
+    parse_fit,
+    sum_error_bound,
+)
+
+USERS = 5
+ROUNDS = 2
+CLIP = 0.5
+NOISE = 0.05
+QUANT = 1 << 22
+DROP = {1: ("collect_masked_vectors", 1), 2: ("unmask", 3)}  # round -> (stage, partition id)
+
+CONFIG = """
+[model]
+backbone = "{backbone}"
+max_length = 32
+
+[model.adapter]
+rank = 2
+personal_dims = 2
+
+[federation]
+rounds = {rounds}
+client_sample_rate = 1.0
+clip_norm = {clip}
+server_noise_multiplier = {noise}
+min_available_clients = {users}
+round_timeout_s = 300
+
+[local]
+epochs = 1
+batch_size = 8
+dp_noise_multiplier = 0.5
+
+[secagg]
+reconstruction_fraction = 0.6
+quantization_range = {quant}
+"""
+
+
+def _client_mods(record_dir: str, drop: dict[int, tuple[str, int]]):
+    """(outer, inner) mods, defined here so Ray pickles them by value into its actors."""
+
+    def drop_out(msg, context, call_next):  # outer: before SecAgg+, a node that dies mid-protocol
+        from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+
+        stage = msg.content.config_records[RECORD_KEY_CONFIGS].get(Key.STAGE)
+        rnd, pid = int(msg.metadata.group_id), int(context.node_config["partition-id"])
+        if drop.get(rnd) == (stage, pid):
+            raise RuntimeError(f"simulated dropout of partition {pid} at {stage} in round {rnd}")
+        return call_next(msg, context)
+
+    def record_plaintext(msg, context, call_next):  # inner: what the device hands SecAgg+ to mask
+        import os as _os
+
+        import numpy as _np
+        from flwr.common import parameters_to_ndarrays
+        from flwr.compat.common.recorddict_compat import recorddict_to_fitres
+
+        out = call_next(msg, context)
+        if out.has_content():
+            arrays = parameters_to_ndarrays(recorddict_to_fitres(out.content, keep_input=True).parameters)
+            pid = int(context.node_config["partition-id"])
+            _np.savez(_os.path.join(record_dir, f"r{int(msg.metadata.group_id)}-p{pid}.npz"), *arrays)
+        return out
+
+    return drop_out, record_plaintext
+
+
+@pytest.fixture(scope="module")
+def secagg_run(tiny_encoder_dir, tmp_path_factory):
+    from flwr.simulation.run_simulation import _run_simulation
+    from flwr.supercore.telemetry import EventType
+
+    from fedpref.client.data import write_jsonl
+    from fedpref.client.secagg import make_secagg_client_app
+    from fedpref.server import secagg as server_secagg
+    from fedpref.server.secagg import make_secagg_server_app
+    from fedpref.simulations.persona import PersonaConfig, generate
+
+    out = tmp_path_factory.mktemp("secagg")
+    data = out / "pairs.jsonl"
+    write_jsonl(generate(PersonaConfig(users=USERS, pairs_per_user=12, seed=5)).pairs, data)
+    cfg = out / "secagg.toml"
+    cfg.write_text(CONFIG.format(backbone=tiny_encoder_dir, rounds=ROUNDS, clip=CLIP, noise=NOISE,
+                                 users=USERS, quant=QUANT))
+    record_dir = out / "plaintext"
+    record_dir.mkdir()
+    settings = {"config": str(cfg), "data": str(data), "workdir": str(out / "work"),
+                "method": "personalized", "cache": "", "seed": 0}
+
+    seen: dict[str, list] = {"wire": [], "aggregate": [], "global": {}}
+    Strategy = server_secagg.SecureFedPrefStrategy
+    orig_admit, orig_aggregate, orig_configure = Strategy.admit, Strategy.aggregate_fit, Strategy.configure_fit
+
+    def admit(self, stage, replies):
+        replies = list(replies)
+        for msg in replies:
+            if stage == "collect_masked_vectors" and not msg.has_error():
+                seen["wire"].append(msg.content)
+        return orig_admit(self, stage, replies)
+
+    def configure_fit(self, server_round, parameters, client_manager):
+        from flwr.common import parameters_to_ndarrays
+
+        seen["global"][server_round] = parameters_to_ndarrays(parameters)
+        return orig_configure(self, server_round, parameters, client_manager)
+
+    def aggregate_fit(self, server_round, results, failures):
+        from flwr.common import parameters_to_ndarrays
+
+        received = [parameters_to_ndarrays(res.parameters) for _, res in results]
+        new, metrics = orig_aggregate(self, server_round, results, failures)
+        seen["aggregate"].append({"round": server_round, "received": received, "m": len(results),
+                                  "released": parameters_to_ndarrays(new) if new is not None else None})
+        return new, metrics
+
+    outer, inner = _client_mods(str(record_dir), DROP)
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Strategy, "admit", admit)
+        mp.setattr(Strategy, "aggregate_fit", aggregate_fit)
+        mp.setattr(Strategy, "configure_fit", configure_fit)
+        _run_simulation(
+            num_supernodes=USERS,
+            exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+            client_app=make_secagg_client_app(settings, outer_mods=[outer], inner_mods=[inner]),
+            server_app=make_secagg_server_app(settings),
+            backend_name="ray",
+            backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                            "init_args": {"include_dashboard": False, "num_cpus": 2}},
+            verbose_logging=False,
+        )
+    plain = {}
+    for f in record_dir.glob("*.npz"):
+        rnd, pid = f.stem[1:].split("-p")
+        with np.load(f) as z:
+            plain[(int(rnd), int(pid))] = [z[f"arr_{i}"] for i in range(len(z.files))]
+    server = out / "work" / "server"
+    history = json.loads((server / "history.json").read_text())
+    ledger = [json.loads(x) for x in (server / "ledger.jsonl").read_text().splitlines()]
+    return {"seen": seen, "plain": plain, "history": history, "ledger": ledger, "server": server}
+
+
+def _shared(arrays):
+    return arrays[:-1]  # the last array is the masked metric vector
+
+
+def test_the_round_completes_with_a_dropout_at_each_stage(secagg_run):
+    hist = secagg_run["history"]
+    assert [r["server_round"] for r in hist] == [1, 2]
+    # round 1: the masking-stage dropout is out of the sum; round 2: the unmask dropout is in it
+    assert [r["accepted"] for r in hist] == [USERS - 1, USERS]
+    assert [len(a) for a in [[k for k in secagg_run["plain"] if k[0] == r] for r in (1, 2)]] == [USERS - 1, USERS]
+    for rnd, (stage, _pid) in DROP.items():
+        declined = hist[rnd - 1]["declined"]
+        assert len(declined) == 1 and declined[0]["reason"].startswith(f"[{stage}]"), declined
+        assert not hist[rnd - 1]["rejected"]
+    assert [e["round"] for e in secagg_run["ledger"]] == [1, 2]  # charged, then released
+    assert [e["participants"] for e in secagg_run["ledger"]] == [USERS - 1, USERS]
+    assert (secagg_run["server"] / "checkpoints" / "round-0002").is_dir()
+
+
+def test_the_server_never_holds_one_devices_delta(secagg_run):
+    plain, seen = secagg_run["plain"], secagg_run["seen"]
+    assert len(seen["wire"]) == 2 * USERS - 1  # stage-2 replies: 4 in round 1, 5 in round 2
+    for content in seen["wire"]:
+        # on the wire: the plaintext parameters were cleared by secaggplus_mod; only the masked ints travel
+        assert all(len(rec) == 0 for rec in content.array_records.values())
+        assert content.config_records["secaggplus_configs"]["masked_params"]
+    assert len(seen["aggregate"]) == ROUNDS
+    for agg in seen["aggregate"]:
+        deltas = [v for (r, _), v in plain.items() if r == agg["round"]]
+        for received in agg["received"]:
+            for delta in deltas:
+                for got, d in zip(_shared(received), _shared(delta)):
+                    assert got.shape == d.shape
+                assert not all(np.allclose(got, d, atol=1e-4) for got, d in zip(_shared(received), _shared(delta)))
+
+
+def test_the_unmasked_sum_is_the_plain_sum_of_clipped_deltas(secagg_run):
+    plain, seen = secagg_run["plain"], secagg_run["seen"]
+    for agg in seen["aggregate"]:
+        m = agg["m"]
+        deltas = [v for (r, _), v in plain.items() if r == agg["round"]]
+        assert len(deltas) == m
+        for d in deltas:  # every device clipped before masking
+            assert np.sqrt(sum(float(np.sum(a.astype(np.float64) ** 2)) for a in _shared(d))) <= CLIP * (1 + 1e-6)
+        bound = sum_error_bound(cohort=m, clip_norm=CLIP, quantization_range=QUANT) + 1e-9
+        unmasked = [np.asarray(a, dtype=np.float64) * m for a in agg["received"][0]]
+        plain_sum = [np.sum([np.asarray(d[i], dtype=np.float64) for d in deltas], axis=0) for i in range(len(unmasked))]
+        worst = max(float(np.max(np.abs(u - p))) for u, p in zip(unmasked, plain_sum))
+        assert worst <= bound, (worst, bound)
+        assert worst > 0 or m == 0  # it did go through quantization
+        assert max(float(np.max(np.abs(p))) for p in _shared(plain_sum)) > 100 * bound  # a non-trivial sum
+
+
+def test_dp_noise_is_added_to_the_unmasked_sum(secagg_run):
+    seen = secagg_run["seen"]
+    hist = {r["server_round"]: r for r in secagg_run["history"]}
+    expected_std = NOISE * CLIP / (1.0 * USERS)  # z·C/(q·N)
+    for agg in seen["aggregate"]:
+        rnd, m = agg["round"], agg["m"]
+        assert hist[rnd]["noise_std"] == pytest.approx(expected_std)
+        total = [np.asarray(a, dtype=np.float64) * m for a in _shared(agg["received"][0])]
+        glob = seen["global"][rnd]
+        noise = np.concatenate([
+            ((np.asarray(new, np.float64) - np.asarray(g, np.float64)) - t / USERS).ravel()  # server lr = 1
+            for new, g, t in zip(agg["released"], glob, total)
+        ])
+        assert noise.size > 200
+        assert abs(float(noise.mean())) < 4 * expected_std / np.sqrt(noise.size)
+        assert float(noise.std()) == pytest.approx(expected_std, rel=0.25)
+
+
+def test_training_metrics_arrive_only_as_cohort_means(secagg_run):
+    for r in secagg_run["history"]:
+        met = r["metrics"]
+        assert set(met) == {b.name for b in SECURE_METRICS}
+        assert 0.0 <= met["train_accuracy"] <= 1.0 and 0.0 <= met["clipped"] <= 1.0
+        assert met["steps"] >= 1 and met["train_loss"] > 0
+        assert r["epsilon_sample_max"] > 0  # plain: the device's sample-level ε, for the reported maximum
+        assert r["bytes_up_per_client"] > 0
+
+
+# -- the contract over FitIns/FitRes, without Flower's engine ------------------------------------
+def test_metric_encoding_round_trips_through_a_sum():
+    rng = np.random.default_rng(0)
+    values = [{b.name: float(rng.uniform(b.lo, b.hi)) for b in SECURE_METRICS} for _ in range(7)]
+    total = np.sum([encode_metrics(v, 0.3) for v in values], axis=0)
+    assert np.all(np.abs(np.array([encode_metrics(v, 0.3) for v in values])) <= 0.3 + 1e-12)
+    means = decode_metric_sums(total, 7, 0.3)
+    for b in SECURE_METRICS:
+        assert means[b.name] == pytest.approx(np.mean([v[b.name] for v in values]), rel=1e-9, abs=1e-9)
+    # out-of-range values saturate instead of escaping Flower's per-coordinate clip
+    assert decode_metric_sums(encode_metrics({"train_loss": 1e9}, 1.0), 1, 1.0)["train_loss"] == pytest.approx(20.0)
+
+
+def test_round_config_travels_as_a_legacy_fit_config():
+    from fedpref.protocol.messages import PROTOCOL_VERSION, RoundConfig
+
+    cfg = RoundConfig(server_round=3, protocol_version=PROTOCOL_VERSION, local_epochs=1, batch_size=8,
+                      learning_rate=0.1, head_learning_rate=0.5, projection_learning_rate=0.05, clip_norm=1.0,
+                      dp_noise_multiplier=1.0, dp_max_grad_norm=1.0, delta=1e-5, max_epsilon_sample=float("inf"),
+                      train_shared=True, train_private=False, policy_version=2)
+    arrays = [np.ones((2, 3), np.float32), np.zeros(4, np.float32)]
+    req, keys = parse_fit(arrays, fit_config(cfg, ["a.weight", "b.bias"], b"envelope"))
+    assert req.config == cfg and keys == ["a.weight", "b.bias"] and req.envelope == b"envelope"
+    assert np.array_equal(req.shared["a.weight"], arrays[0])
+
+
+# -- the strategy's own decisions, without Flower's engine ---------------------------------------
+N_NODES = 5
+SHAPES = {"w": (3,), "b": (2,)}
+
+
+def _strategy(tmp_path, *, q=1.0, max_epsilon=float("inf")):
+    from flwr.server import SimpleClientManager
+    from flwr.server.compat.grid_client_proxy import GridClientProxy
+
+    from fedpref.server.config import FederationConfig, LocalConfig
+    from fedpref.server.privacy import AccountantKind, PrivacyLedger, UserLevelBudget
+    from fedpref.server.secagg import SecAggConfig, SecureFedPrefStrategy
+    from fedpref.server.strategy import FedPrefStrategy
+
+    fed = FederationConfig(rounds=3, client_sample_rate=q, min_available_clients=N_NODES, clip_norm=1.0,
+                           server_noise_multiplier=1.0, max_epsilon_user=max_epsilon, round_timeout_s=5.0)
+    budget = UserLevelBudget(max_epsilon=max_epsilon, delta=1e-5, accountant=AccountantKind.RDP,
+                             ledger=PrivacyLedger(tmp_path / "ledger.jsonl"))
+    core = FedPrefStrategy(fed=fed, local=LocalConfig(), shapes=SHAPES, backbone_sha256="b" * 64, budget=budget,
+                           rng=np.random.default_rng(0), clock=lambda: 0.0)
+    initial = {k: np.zeros(s, np.float32) for k, s in SHAPES.items()}
+    strategy = SecureFedPrefStrategy(core, secagg=SecAggConfig(min_cohort=3), initial=initial)
+    manager = SimpleClientManager()
+    for i in range(1, N_NODES + 1):
+        manager.register(GridClientProxy(node_id=i, grid=None, run_id=1))  # type: ignore[arg-type]
+    return strategy, manager, strategy.initialize_parameters(manager)
+
+
+def _results(mean: list[np.ndarray], m: int):
+    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
+
+    params = ndarrays_to_parameters(mean)  # what SecAgg+ hands aggregate_fit: one mean for all
+    return [(None, FitRes(Status(Code.OK, ""), params, 1, {})) for _ in range(m)]
+
+
+def test_a_cohort_below_min_cohort_is_neither_released_nor_charged(tmp_path):
+    strategy, manager, params = _strategy(tmp_path, q=0.01)
+    assert strategy.configure_fit(1, params, manager) == []  # Poisson at q = 0.01 picks < 3 of 5
+    (rec,) = strategy.core.history
+    assert rec.accepted == 0 and "needs ≥ 3" in rec.rejected[0]["reason"]
+    assert not (tmp_path / "ledger.jsonl").exists()
+
+
+def test_the_budget_stops_before_sampling(tmp_path):
+    strategy, manager, params = _strategy(tmp_path, max_epsilon=0.01)
+    assert strategy.configure_fit(1, params, manager) == []
+    assert "max_epsilon_user" in strategy.core.stopped_reason and not strategy.core.history
+
+
+def test_an_unclipped_sum_is_not_released_and_a_clipped_one_is(tmp_path):
+    strategy, manager, params = _strategy(tmp_path)
+    assert len(strategy.configure_fit(1, params, manager)) == N_NODES
+    metrics = encode_metrics({}, 1.0)
+    bad = [np.array([10.0, 0, 0]), np.zeros(2), metrics]  # mean 10 ⇒ ‖sum‖ = 50 > m·C = 5
+    assert strategy.aggregate_fit(1, _results(bad, N_NODES), []) == (None, {})
+    assert "‖sum‖" in strategy.core.history[-1].rejected[0]["reason"]
+    assert not (tmp_path / "ledger.jsonl").exists()
+
+    assert len(strategy.configure_fit(2, params, manager)) == N_NODES
+    good = [np.array([0.2, 0, 0]), np.zeros(2), metrics]  # ‖sum‖ = 1 ≤ 5
+    new, out = strategy.aggregate_fit(2, _results(good, N_NODES), [])
+    assert new is not None and out["accepted"] == N_NODES
+    assert len((tmp_path / "ledger.jsonl").read_text().splitlines()) == 1  # charged once, for the release
+
+
+def test_a_reply_with_a_bad_attestation_is_dropped_before_its_masked_vector_is_summed(tmp_path, flower_task):
+    from dataclasses import asdict
+
+    from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+
+    from fedpref.protocol.messages import PROTOCOL_VERSION, Attestation
+    from fedpref.protocol.secagg import ATTESTATION_PREFIX
+
+    strategy, manager, params = _strategy(tmp_path)
+    strategy.configure_fit(1, params, manager)
+
+    def reply(node: int, backbone: str) -> Message:
+        att = Attestation(protocol_version=PROTOCOL_VERSION, server_round=1, backbone_sha256=backbone,
+                          policy_version=0, safety_digest="")
+        content = RecordDict({
+            "fitres.metrics": ConfigRecord({ATTESTATION_PREFIX + k: v for k, v in asdict(att).items()}),
+            "fitres.num_examples": MetricRecord({"num_examples": 1}),
+            "secaggplus_configs": ConfigRecord({"masked_params": [b"\x00" * 8]}),
+        })
+        return Message(content, reply_to=Message(content=RecordDict(), dst_node_id=node, message_type="train"))
+
+    kept = strategy.admit("collect_masked_vectors", [reply(1, "b" * 64), reply(2, "c" * 64)])
+    assert [m.metadata.src_node_id for m in kept] == [1]
+    rec = strategy._round.rec
+    assert rec.replied == 2 and rec.rejected[0]["node"] == "2" and "backbone" in rec.rejected[0]["reason"]
+
+
+def test_the_release_is_global_plus_sum_over_qn_plus_noise(tmp_path):
+    strategy, manager, params = _strategy(tmp_path)
+    strategy.configure_fit(1, params, manager)
+    m = N_NODES - 1  # one dropout: the sum has 4 deltas, the denominator stays q·N = 5
+    mean = [np.array([0.1, -0.2, 0.05]), np.array([0.3, 0.0]), encode_metrics({}, 1.0)]
+    strategy.core.rng = np.random.default_rng(42)
+    new, _ = strategy.aggregate_fit(1, _results(mean, m), [])
+    from flwr.common import parameters_to_ndarrays
+
+    rng, std = np.random.default_rng(42), 1.0 * 1.0 / (1.0 * N_NODES)  # z·C/(q·N)
+    for got, mu, shape in zip(parameters_to_ndarrays(new), mean, SHAPES.values()):
+        want = np.zeros(shape) + (mu * m / N_NODES + rng.normal(0.0, std, size=shape))
+        np.testing.assert_allclose(got, want.astype(np.float32), rtol=1e-6, atol=1e-7)
+    assert strategy.core.history[-1].noise_std == pytest.approx(std)
