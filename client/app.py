@@ -29,7 +29,7 @@ from fedpref.model.cache import TextCache
 from fedpref.model.config import ModelConfig
 from fedpref.protocol.errors import FedPrefError
 from fedpref.protocol.messages import TrainRequest
-from fedpref.protocol.runconfig import from_run_config
+from fedpref.protocol.runconfig import AppRun, from_run_config
 from fedpref.protocol.tomlconfig import build, read_toml
 
 log = logging.getLogger("fedpref.client")
@@ -79,36 +79,41 @@ def make_client_app(defaults: dict | None = None) -> ClientApp:
     ``flwr run .`` passes everything through the run config (pyproject's
     ``[tool.flwr.app.config]``); ``fedpref-sim`` bakes its settings into ``defaults``.
     """
-    from fedpref.client.secagg import make_secagg_client_app  # imported here: it builds on this module
-
     base = dict(defaults or {})
     app = ClientApp()
-    secure = make_secagg_client_app(base)
+    secure: list[ClientApp] = []  # the SecAgg+ ClientApp, built on first use
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         if SECAGG_CONFIGS in msg.content.config_records:  # a SecAgg+ stage: the server chose secure aggregation
-            return secure(msg, context)
+            if not secure:
+                from fedpref.client.secagg import make_secagg_client_app  # it builds on this module
+
+                secure.append(make_secagg_client_app(base))
+            return secure[0](msg, context)
         return handle_train(msg, context, {**base, **dict(context.run_config)})
 
     return app
 
 
+def train_for_node(run: AppRun, context: Context, req: TrainRequest):  # -> RecordDict
+    """One round on this node's user (plain and SecAgg+ apps alike). Raises DeclinedRound."""
+    user = _user_for(context, _users(run.data))
+    rt = get_runtime(_model_config(run.config_file), adapters_for(
+        train_shared=req.config.train_shared, train_private=req.config.train_private))
+    state = DeviceState(run.clients_dir / user.user_id)
+    cache = user_cache(rt, user, state, _shared_cache(run.cache))
+    return train_round(
+        rt, user, state, req, cache=cache, seed=run.seed + req.config.server_round,
+        trust_root=_trust_root(str(run.root) if run.root else ""),
+        tamper_safety=user.user_id in run.tamper_safety,
+    )
+
+
 def handle_train(msg: Message, context: Context, run_config: dict) -> Message:
     run = from_run_config(run_config, run_id=context.run_id)
     try:
-        users = _users(run.data)
-        user = _user_for(context, users)
-        req = TrainRequest.from_content(msg.content)
-        rt = get_runtime(_model_config(run.config_file), adapters_for(
-            train_shared=req.config.train_shared, train_private=req.config.train_private))
-        state = DeviceState(run.clients_dir / user.user_id)
-        cache = user_cache(rt, user, state, _shared_cache(run.cache))
-        content = train_round(
-            rt, user, state, req, cache=cache, seed=run.seed + req.config.server_round,
-            trust_root=_trust_root(str(run.root) if run.root else ""),
-            tamper_safety=user.user_id in run.tamper_safety,
-        )
+        content = train_for_node(run, context, TrainRequest.from_content(msg.content))
     except PolicyRefused as e:
         log.warning("refused to train: %s", e)
         return Message(Error(code=POLICY_REFUSED_CODE, reason=str(e)), reply_to=msg)

@@ -217,7 +217,7 @@ def train_round(
     *,
     cache: TextCache,
     trust_root: bytes | None = None,
-    report_eval: bool = True,
+    report_eval: bool | None = None,
     seed: int = 0,
     now: datetime | None = None,
     tamper_safety: bool = False,
@@ -234,6 +234,8 @@ def train_round(
         raise DeclinedRound(f"protocol version {cfg.protocol_version} unsupported (device speaks {PROTOCOL_VERSION})")
     policy = enforce_policy(rt, state, required_version=cfg.policy_version, envelope=req.envelope,
                             trust_root=trust_root, now=now, tamper=tamper_safety)
+    if report_eval is None:
+        report_eval = cfg.report_eval  # the server decides (federation.report_eval_metrics)
     local = LocalTrainConfig(
         epochs=cfg.local_epochs, batch_size=cfg.batch_size, learning_rate=cfg.learning_rate,
         head_learning_rate=cfg.head_learning_rate, projection_learning_rate=cfg.projection_learning_rate,

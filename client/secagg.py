@@ -29,46 +29,16 @@ from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable, Mod
 
-from fedpref.client.app import (
-    DECLINED_CODE,
-    POLICY_REFUSED_CODE,
-    _model_config,
-    _shared_cache,
-    _trust_root,
-    _user_for,
-    _users,
-)
-from fedpref.client.device import (
-    DeclinedRound,
-    DeviceState,
-    PolicyRefused,
-    adapters_for,
-    get_runtime,
-    train_round,
-    user_cache,
-)
+from fedpref.client.app import DECLINED_CODE, POLICY_REFUSED_CODE, train_for_node
+from fedpref.client.device import DeclinedRound, PolicyRefused
 from fedpref.protocol.errors import FedPrefError
 from fedpref.protocol.messages import K_METRICS, TrainReply, TrainRequest, l2_norm, record_to_arrays
-from fedpref.protocol.runconfig import AppRun, from_run_config
+from fedpref.protocol.runconfig import from_run_config
 from fedpref.protocol.secagg import fit_reply, parse_fit
 
 log = logging.getLogger("fedpref.client")
 
 NORM_TOLERANCE = 1e-6  # relative slack on ‖delta‖ ≤ C, the server's (server/validation.py)
-
-
-def train_secure(run: AppRun, context: Context, req: TrainRequest):  # -> RecordDict
-    """One round on this node's user: the same steps as :func:`fedpref.client.app.handle_train`."""
-    user = _user_for(context, _users(run.data))
-    rt = get_runtime(_model_config(run.config_file), adapters_for(
-        train_shared=req.config.train_shared, train_private=req.config.train_private))
-    state = DeviceState(run.clients_dir / user.user_id)
-    cache = user_cache(rt, user, state, _shared_cache(run.cache))
-    return train_round(
-        rt, user, state, req, cache=cache, seed=run.seed + req.config.server_round,
-        trust_root=_trust_root(str(run.root) if run.root else ""),
-        tamper_safety=user.user_id in run.tamper_safety,
-    )
 
 
 def check_own_delta(delta: dict[str, np.ndarray], req: TrainRequest) -> None:
@@ -93,7 +63,7 @@ class SecAggDevice(NumPyClient):
     def fit(self, parameters: list[np.ndarray], config: dict) -> tuple[list[np.ndarray], int, dict]:
         run = from_run_config(self._run_config, run_id=self._ctx.run_id)
         req, keys = parse_fit(parameters, config)
-        content = train_secure(run, self._ctx, req)
+        content = train_for_node(run, self._ctx, req)
         reply = TrainReply.from_content(content)
         delta = record_to_arrays(reply.delta)
         check_own_delta(delta, req)
@@ -140,4 +110,4 @@ def make_secagg_client_app(
 
 app = make_secagg_client_app()
 
-__all__ = ["SecAggDevice", "app", "check_own_delta", "declines_as_errors", "make_secagg_client_app", "train_secure"]
+__all__ = ["SecAggDevice", "app", "check_own_delta", "declines_as_errors", "make_secagg_client_app"]

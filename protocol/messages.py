@@ -49,6 +49,7 @@ class RoundConfig:
     train_shared: bool
     train_private: bool
     policy_version: int  # version in force on the server (0 = none)
+    report_eval: bool = True  # the device also reports its held-out accuracy (not covered by DP)
 
     def to_record(self) -> ConfigRecord:
         return ConfigRecord(asdict(self))

@@ -3,10 +3,13 @@
 ``BoundedRanker.rank(prompt, candidates)`` returns one :class:`Ranked` per candidate:
 
 - safe candidates first, by the user's personal score (highest first);
-- then every candidate the installed policy flags, also by personal score, each carrying
-  its categories and a reason such as ``"violence: p=0.97 >= 0.50 (policy v3)"``.
+- then every candidate the installed policy flags, least risky first (by its highest
+  flagged probability; the personal score only breaks ties), each carrying its categories
+  and a reason such as ``"violence: p=0.97 >= 0.50 (policy v3)"``.
 
-Whatever the personal score, no flagged candidate outranks a safe one. The personal score
+Whatever the personal score, no flagged candidate outranks a safe one, and personalization
+cannot reorder the flagged ones either: a false positive on a safe text then still ranks
+above a clearly unsafe one. The personal score
 comes from the user's full model (shared + private adapters); the flags from the policy's
 :class:`~fedpref.safety_policy.classifier.SafetyModule` over the *frozen* backbone, so no
 adapter can move them. With ``enforce=False`` the flags are computed and reported but the
@@ -49,7 +52,10 @@ def order_bounded(
     policy_version: int,
     enforce: bool = True,
 ) -> list[Ranked]:
-    """The ordering rule alone (pure): flagged below safe when ``enforce``; ties keep input order."""
+    """The ordering rule alone (pure): flagged below safe, least risky first, when ``enforce``.
+
+    Without ``enforce`` the order is the personal one. Ties keep the input order.
+    """
     if not (len(candidates) == len(scores) == len(flags)):
         raise ConfigError("order_bounded: candidates, scores and flags differ in length")
     items = []
@@ -57,7 +63,14 @@ def order_bounded(
         cats = tuple(c for c, _ in fl)
         reason = "; ".join(f"{c}: p={p:.2f} >= {thresholds[c]:.2f} (policy v{policy_version})" for c, p in fl)
         items.append(Ranked(cand, float(score), cats, not cats, reason))
-    order = sorted(range(len(items)), key=lambda i: ((not items[i].allowed) if enforce else False, -items[i].personal_score, i))
+    risk = [max((p for _, p in fl), default=0.0) for fl in flags]
+
+    def key(i: int) -> tuple:
+        if not enforce:
+            return (0, 0.0, -items[i].personal_score, i)
+        return (int(not items[i].allowed), risk[i], -items[i].personal_score, i)
+
+    order = sorted(range(len(items)), key=key)
     return [items[i] for i in order]
 
 

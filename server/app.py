@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from fedpref.model.backbone import load_backbone
 from fedpref.model.config import ModelConfig
-from fedpref.model.io import save_adapter
+from fedpref.model.io import load_adapter_weights, save_adapter
 from fedpref.model.preference import build_model, get_arrays, set_arrays
 from fedpref.protocol.atomic import write_text_atomic
 from fedpref.protocol.errors import ConfigError
@@ -106,7 +106,54 @@ def load_server_policy(envelope_path: Path, root_path: Path, *, backbone_sha256:
     return ServerPolicy(version=policy.version, digest=digest, envelope=envelope, summary=policy.manifest_summary())
 
 
-def run_federation(grid: Grid, run: AppRun, settings: ServerSettings, *, clock=time.time) -> FedPrefStrategy:  # noqa: ANN001
+@dataclasses.dataclass(frozen=True)
+class Resume:
+    """Where a restarted server picks up: the next round, the weights, the history so far."""
+
+    next_round: int
+    arrays: dict[str, np.ndarray]
+    history: list[RoundRecord]
+
+
+def resume_point(server_dir: Path, model, initial: dict[str, np.ndarray], ledger: PrivacyLedger) -> Resume:  # noqa: ANN001
+    """Read back what a previous (possibly killed) server left in ``server_dir``.
+
+    The ledger decides the next round: a round is charged *before* its weights are
+    released, so a crash between the two leaves a charged round without a checkpoint. That
+    round is not re-run under the same number (it stays charged: over-counting, never
+    under-counting); training continues from the latest checkpoint.
+    """
+    charged = [e.round for e in ledger.entries()]
+    latest = server_dir / "checkpoints" / "LATEST"
+    if not charged and not latest.exists():
+        return Resume(1, initial, [])
+    arrays = initial
+    if latest.exists():
+        name = latest.read_text().strip()
+        load_adapter_weights(model, SHARED_ADAPTER, server_dir / "checkpoints" / name)
+        arrays = get_arrays(model, Group.SHARED)
+    hist_path = server_dir / "history.json"
+    history = [RoundRecord(**h) for h in json.loads(hist_path.read_text())] if hist_path.exists() else []
+    next_round = max([*charged, *(h.server_round for h in history), 0]) + 1
+    log.warning("fedpref: resuming at round %d from %s (ledger: %d charged rounds)", next_round,
+                latest.read_text().strip() if latest.exists() else "the initial weights", len(charged))
+    return Resume(next_round, arrays, history)
+
+
+@dataclasses.dataclass
+class Federation:
+    """What a server run holds: the strategy (with its ledger and checkpoints) and where it resumes."""
+
+    backbone_sha256: str
+    policy: ServerPolicy | None
+    strategy: FedPrefStrategy
+    initial: dict[str, np.ndarray]
+    resume: Resume
+    bar: tqdm
+
+
+def prepare_federation(run: AppRun, settings: ServerSettings, *, clock=time.time, label: str = "") -> Federation:  # noqa: ANN001
+    """Backbone, policy (verified), strategy, ledger, checkpoints and resume point of a run."""
     fed = settings.federation
     backbone = load_backbone(settings.model.backbone or None)
     policy = (
@@ -118,12 +165,14 @@ def run_federation(grid: Grid, run: AppRun, settings: ServerSettings, *, clock=t
     model = build_model(backbone, settings.model.adapter, adapters=(SHARED_ADAPTER,), seed=run.seed)
     initial = get_arrays(model, Group.SHARED)
     run.server_dir.mkdir(parents=True, exist_ok=True)
+    ledger = PrivacyLedger(run.server_dir / "ledger.jsonl")
     budget = UserLevelBudget(
-        max_epsilon=fed.max_epsilon_user,
-        delta=fed.delta, accountant=AccountantKind.RDP, ledger=PrivacyLedger(run.server_dir / "ledger.jsonl"),
+        max_epsilon=fed.max_epsilon_user, delta=fed.delta, accountant=AccountantKind.RDP, ledger=ledger,
     )
+    resume = resume_point(run.server_dir, model, initial, ledger)
     ckpt = Checkpoints(run.server_dir, model)
-    bar = tqdm(total=fed.rounds, desc=f"{run.method.value} rounds", unit="round", leave=False)
+    bar = tqdm(total=fed.rounds, initial=min(resume.next_round - 1, fed.rounds),
+               desc=f"{run.method.value} rounds{label}", unit="round", leave=False)
     strategy: FedPrefStrategy
 
     def on_round(rec: RoundRecord, arrays: dict[str, np.ndarray]) -> None:
@@ -135,12 +184,32 @@ def run_federation(grid: Grid, run: AppRun, settings: ServerSettings, *, clock=t
         fed=fed, local=settings.local, shapes={k: v.shape for k, v in initial.items()},
         backbone_sha256=backbone.sha256, budget=budget,
         train_shared=True, train_private=run.method is Method.PERSONALIZED,
-        rng=np.random.default_rng(run.seed + 7919), clock=clock, on_round=on_round,
+        # a restarted server never replays the noise of the rounds it already released
+        rng=np.random.default_rng([run.seed, 7919, resume.next_round]), clock=clock, on_round=on_round,
         policy=policy.as_tuple if policy is not None else None,
     )
-    arrays = arrays_to_record(initial)
+    strategy.history.extend(resume.history)
+    return Federation(backbone.sha256, policy, strategy, initial, resume, bar)
+
+
+def write_summary(run: AppRun, f: Federation, **extra: object) -> None:
+    p = f.policy
+    write_text_atomic(
+        run.server_dir / "summary.json",
+        json.dumps({"rounds_completed": len(f.strategy.history), "stopped_reason": f.strategy.stopped_reason,
+                    "backbone_sha256": f.backbone_sha256, "method": run.method.value,
+                    "policy": p.summary | {"safety_digest": p.digest} if p is not None else None, **extra},
+                   indent=1),
+    )
+
+
+def run_federation(grid: Grid, run: AppRun, settings: ServerSettings, *, clock=time.time) -> FedPrefStrategy:  # noqa: ANN001
+    fed = settings.federation
+    f = prepare_federation(run, settings, clock=clock)
+    strategy = f.strategy
+    arrays = arrays_to_record(f.resume.arrays)
     try:
-        for rnd in range(1, fed.rounds + 1):
+        for rnd in range(f.resume.next_round, fed.rounds + 1):
             if not strategy.budget_allows(rnd):
                 break
             messages = list(strategy.configure_train(rnd, arrays, None, grid))  # type: ignore[arg-type]
@@ -149,14 +218,8 @@ def run_federation(grid: Grid, run: AppRun, settings: ServerSettings, *, clock=t
             if new is not None:
                 arrays = new
     finally:
-        bar.close()
-    write_text_atomic(
-        run.server_dir / "summary.json",
-        json.dumps({"rounds_completed": len(strategy.history), "stopped_reason": strategy.stopped_reason,
-                    "backbone_sha256": backbone.sha256, "method": run.method.value,
-                    "policy": policy.summary | {"safety_digest": policy.digest} if policy is not None else None},
-                   indent=1),
-    )
+        f.bar.close()
+    write_summary(run, f)
     return strategy
 
 

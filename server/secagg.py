@@ -41,7 +41,6 @@ This module uses Flower's SecAgg+ as is (no new protocol); see the issue note.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -72,15 +71,10 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD
 from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
 from flwr.serverapp import Grid, ServerApp
-from tqdm.auto import tqdm
 
-from fedpref.model.backbone import load_backbone
-from fedpref.model.preference import build_model, get_arrays
-from fedpref.protocol.atomic import write_text_atomic
 from fedpref.protocol.errors import ConfigError, DataError
-from fedpref.protocol.messages import PROTOCOL_VERSION, Attestation, l2_norm
-from fedpref.protocol.partition import SHARED_ADAPTER, Group
-from fedpref.protocol.runconfig import AppRun, Method, from_run_config
+from fedpref.protocol.messages import l2_norm
+from fedpref.protocol.runconfig import AppRun, from_run_config
 from fedpref.protocol.secagg import (
     K_EPSILON_SAMPLE,
     attestation_of,
@@ -91,10 +85,9 @@ from fedpref.protocol.secagg import (
     sum_error_bound,
 )
 from fedpref.protocol.tomlconfig import build, read_toml
-from fedpref.server.app import Checkpoints, ServerSettings, load_server_policy, load_server_settings
-from fedpref.server.privacy import AccountantKind, PrivacyLedger, UserLevelBudget
+from fedpref.server.app import ServerSettings, load_server_settings, prepare_federation, write_summary
 from fedpref.server.strategy import FedPrefStrategy, RoundRecord, poisson_sample
-from fedpref.server.validation import Expected, RejectedUpdate
+from fedpref.server.validation import Expected, RejectedUpdate, validate_attestation
 
 log = logging.getLogger("fedpref.server")
 
@@ -137,20 +130,6 @@ def halt_probability(*, population: int, sample_rate: float, min_cohort: int) ->
     """P(a Poisson sample of ``population`` at rate ``q`` has fewer than ``min_cohort`` nodes)."""
     return float(sum(math.comb(population, k) * sample_rate**k * (1 - sample_rate) ** (population - k)
                      for k in range(min(min_cohort, population + 1))))
-
-
-def validate_attestation(att: Attestation, exp: Expected) -> None:
-    """The attestation checks of :func:`fedpref.server.validation.validate_reply`."""
-    if att.protocol_version != PROTOCOL_VERSION:
-        raise RejectedUpdate(f"protocol version {att.protocol_version} != {PROTOCOL_VERSION}")
-    if att.server_round != exp.server_round:
-        raise RejectedUpdate(f"stale round {att.server_round} (current {exp.server_round})")
-    if att.backbone_sha256 != exp.backbone_sha256:
-        raise RejectedUpdate(f"backbone sha256 {att.backbone_sha256[:12]}… != {exp.backbone_sha256[:12]}…")
-    if att.policy_version != exp.policy_version:
-        raise RejectedUpdate(f"policy version {att.policy_version} != {exp.policy_version}")
-    if att.safety_digest != exp.safety_digest:
-        raise RejectedUpdate(f"safety digest {att.safety_digest[:12]}… does not match policy v{exp.policy_version}")
 
 
 @dataclass
@@ -424,31 +403,14 @@ def run_secure_federation(
 ) -> FedPrefStrategy:
     """:func:`fedpref.server.app.run_federation`, with SecAgg+; returns the same strategy/history."""
     fed = settings.federation
-    backbone = load_backbone(settings.model.backbone or None)
-    policy = (load_server_policy(run.policy, run.root, backbone_sha256=backbone.sha256)  # type: ignore[arg-type]
-              if run.policy is not None else None)
-    if policy is not None:
-        log.warning("fedpref: safety policy v%d in force (digest %s…)", policy.version, policy.digest[:12])
-    model = build_model(backbone, settings.model.adapter, adapters=(SHARED_ADAPTER,), seed=run.seed)
-    initial = get_arrays(model, Group.SHARED)
-    run.server_dir.mkdir(parents=True, exist_ok=True)
-    budget = UserLevelBudget(max_epsilon=fed.max_epsilon_user, delta=fed.delta, accountant=AccountantKind.RDP,
-                             ledger=PrivacyLedger(run.server_dir / "ledger.jsonl"))
-    ckpt = Checkpoints(run.server_dir, model)
-    bar = tqdm(total=fed.rounds, desc=f"{run.method.value} rounds (secagg)", unit="round", leave=False)
-    core: FedPrefStrategy
-
-    def on_round(rec: RoundRecord, arrays: dict[str, np.ndarray]) -> None:
-        ckpt.save(rec, arrays, core.history)
-        bar.update(1)
-        bar.set_postfix(eps_user=f"{rec.epsilon_user:.2f}", ok=rec.accepted, rej=len(rec.rejected))
-
-    core = FedPrefStrategy(
-        fed=fed, local=settings.local, shapes={k: v.shape for k, v in initial.items()},
-        backbone_sha256=backbone.sha256, budget=budget, train_shared=True,
-        train_private=run.method is Method.PERSONALIZED, rng=np.random.default_rng(run.seed + 7919),
-        clock=clock, on_round=on_round, policy=policy.as_tuple if policy is not None else None,
-    )
+    f = prepare_federation(run, settings, clock=clock, label=" (secagg)")
+    core, initial, bar = f.strategy, f.initial, f.bar
+    if f.resume.next_round > 1:
+        # Flower's legacy workflow always starts at round 1; refuse rather than re-number rounds
+        raise ConfigError(
+            f"{run.server_dir} holds {f.resume.next_round - 1} charged round(s); a secure-aggregation run cannot "
+            "resume yet: start it with a new workdir (the ledger there stays as the record)"
+        )
     strategy = SecureFedPrefStrategy(core, secagg=secagg, initial=initial)
     log.warning(
         "fedpref: secure aggregation (Flower SecAgg+) on: share_fraction=%.2f reconstruction=%.2f "
@@ -462,13 +424,7 @@ def run_secure_federation(
         make_workflow(fed.round_timeout_s, fed.clip_norm, secagg)(grid, legacy)
     finally:
         bar.close()
-    write_text_atomic(
-        run.server_dir / "summary.json",
-        json.dumps({"rounds_completed": len(core.history), "stopped_reason": core.stopped_reason,
-                    "backbone_sha256": backbone.sha256, "method": run.method.value, "secure_aggregation": True,
-                    "policy": policy.summary | {"safety_digest": policy.digest} if policy is not None else None},
-                   indent=1),
-    )
+    write_summary(run, f, secure_aggregation=True)
     return core
 
 

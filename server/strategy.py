@@ -115,15 +115,8 @@ class FedPrefStrategy(FedAvg):
     # -- round config -------------------------------------------------------------------
     def round_config(self, server_round: int) -> RoundConfig:
         version, _, _ = self.policy()
-        return RoundConfig(
-            server_round=server_round, protocol_version=PROTOCOL_VERSION, local_epochs=self.local.epochs,
-            batch_size=self.local.batch_size, learning_rate=self.local.learning_rate,
-            head_learning_rate=self.local.head_learning_rate,
-            projection_learning_rate=self.local.projection_learning_rate, clip_norm=self.fed.clip_norm,
-            dp_noise_multiplier=self.local.dp_noise_multiplier, dp_max_grad_norm=self.local.dp_max_grad_norm,
-            delta=self.fed.delta, max_epsilon_sample=self.local.max_epsilon_sample,
-            train_shared=self.train_shared, train_private=self.train_private, policy_version=version,
-        )
+        return make_round_config(self.fed, self.local, server_round=server_round, train_shared=self.train_shared,
+                                 train_private=self.train_private, policy_version=version)
 
     def expected_cohort(self) -> float:
         """E[m] = q·N, the fixed denominator that bounds one user's influence by C/E[m]."""
@@ -244,6 +237,22 @@ class FedPrefStrategy(FedAvg):
         return arrays_to_record(new), out
 
 
+def make_round_config(
+    fed: FederationConfig, local: LocalConfig, *, server_round: int, train_shared: bool, train_private: bool,
+    policy_version: int,
+) -> RoundConfig:
+    """The round config the server sends, from its federation and local-training settings."""
+    return RoundConfig(
+        server_round=server_round, protocol_version=PROTOCOL_VERSION, local_epochs=local.epochs,
+        batch_size=local.batch_size, learning_rate=local.learning_rate, head_learning_rate=local.head_learning_rate,
+        projection_learning_rate=local.projection_learning_rate, clip_norm=fed.clip_norm,
+        dp_noise_multiplier=local.dp_noise_multiplier, dp_max_grad_norm=local.dp_max_grad_norm,
+        delta=fed.delta, max_epsilon_sample=local.max_epsilon_sample,
+        train_shared=train_shared, train_private=train_private, policy_version=policy_version,
+        report_eval=fed.report_eval_metrics,
+    )
+
+
 def poisson_sample(node_ids: list[int], q: float, rng: np.random.Generator) -> list[int]:
     """Each node independently with probability ``q``: what the user-level accountant assumes."""
     keep = rng.random(len(node_ids)) < q
@@ -263,4 +272,4 @@ def _weighted_means(items: list[tuple[int, dict[str, float]]]) -> dict[str, floa
     return out
 
 
-__all__ = ["FedPrefStrategy", "RoundRecord", "K_SHARED"]
+__all__ = ["FedPrefStrategy", "RoundRecord", "K_SHARED", "make_round_config", "poisson_sample"]

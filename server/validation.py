@@ -13,7 +13,7 @@ import numpy as np
 from flwr.app import ArrayRecord
 
 from fedpref.protocol.errors import DataError
-from fedpref.protocol.messages import PROTOCOL_VERSION, TrainReply, l2_norm
+from fedpref.protocol.messages import PROTOCOL_VERSION, Attestation, TrainReply, l2_norm
 
 NORM_TOLERANCE = 1e-6  # relative slack on ‖delta‖ ≤ C for float32 rounding
 
@@ -34,7 +34,12 @@ class Expected:
 
 
 def validate_reply(reply: TrainReply, exp: Expected) -> dict[str, np.ndarray]:
-    att = reply.attestation
+    validate_attestation(reply.attestation, exp)
+    return validate_delta(reply.delta, exp)
+
+
+def validate_attestation(att: Attestation, exp: Expected) -> None:
+    """The attestation matches the round, the backbone and the policy in force (else RejectedUpdate)."""
     if att.protocol_version != PROTOCOL_VERSION:
         raise RejectedUpdate(f"protocol version {att.protocol_version} != {PROTOCOL_VERSION}")
     if att.server_round != exp.server_round:
@@ -45,7 +50,6 @@ def validate_reply(reply: TrainReply, exp: Expected) -> dict[str, np.ndarray]:
         raise RejectedUpdate(f"policy version {att.policy_version} != {exp.policy_version}")
     if att.safety_digest != exp.safety_digest:
         raise RejectedUpdate(f"safety digest {att.safety_digest[:12]}… does not match policy v{exp.policy_version}")
-    return validate_delta(reply.delta, exp)
 
 
 def validate_delta(record: ArrayRecord, exp: Expected) -> dict[str, np.ndarray]:

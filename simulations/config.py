@@ -2,7 +2,7 @@
 
 Tables: ``[persona]`` (with ``[[persona.communities]]``), ``[model]`` (with
 ``[model.adapter]``), ``[federation]``, ``[local]``, ``[methods]``, ``[runtime]``, ``[safety]``,
-``[secagg]``.
+``[secagg]``, ``[audit]``.
 Every key is optional; see ``simulations/configs/demo.toml`` for the demo's values.
 """
 
@@ -70,6 +70,19 @@ class SafetyConfig:
 
 
 @dataclass(frozen=True)
+class AuditConfig:
+    """The empirical privacy audits (issue 5): what an attacker gets, next to the formal ε."""
+
+    enabled: bool = True
+    community_users: int = 0  # users in the community-inference audit (0 = all)
+    membership_users: int = 12  # users in the membership audit (each trains twice: DP on and off)
+
+    def __post_init__(self) -> None:
+        if self.community_users < 0 or self.membership_users < 1:
+            raise ConfigError("audit.community_users must be ≥ 0 (0 = all) and audit.membership_users ≥ 1")
+
+
+@dataclass(frozen=True)
 class SimConfig:
     persona: PersonaConfig = field(default_factory=PersonaConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -78,7 +91,8 @@ class SimConfig:
     methods: MethodsConfig = field(default_factory=MethodsConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     safety: SafetyConfig = field(default_factory=SafetyConfig)
-    secagg: SecAggConfig = field(default_factory=SecAggConfig)  # read by the ServerApp when runtime.secure_aggregation
+    secagg: SecAggConfig = field(default_factory=SecAggConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)  # read by the ServerApp when runtime.secure_aggregation
 
     def to_dict(self) -> dict:
         return to_plain(self)

@@ -12,6 +12,7 @@ Phases (each with a progress bar):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import time
@@ -130,6 +131,62 @@ def _max_device_epsilon(root: Path, delta: float) -> float:
     return max(eps, default=0.0)
 
 
+def _subset(users: dict[str, UserData], n: int) -> dict[str, UserData]:
+    """``n`` users (0 = all), taken round-robin over communities: as balanced as they allow."""
+    if n <= 0 or n >= len(users):
+        return users
+    by_comm: dict[str, list[str]] = {}
+    for uid in sorted(users):
+        by_comm.setdefault(users[uid].community or "all", []).append(uid)
+    picked: list[str] = []
+    while len(picked) < n:
+        for ids in by_comm.values():
+            if ids and len(picked) < n:
+                picked.append(ids.pop(0))
+    return {uid: users[uid] for uid in sorted(picked)}
+
+
+def run_audits(cfg: SimConfig, users: dict[str, UserData], cache: TextCache, work: Path, *,
+               shared: dict[str, np.ndarray], sim_policy) -> dict:  # noqa: ANN001
+    """The two empirical privacy audits (:mod:`fedpref.simulations.audit`), on the run's users.
+
+    Community inference replays one more round of the personalized federation from its final
+    shared weights (what the server would observe next); ``individual_updates`` is the best
+    of the whole-delta attacker and the per-tensor attackers (an auditor reports the
+    strongest attack it tried). Membership inference attacks each device's private model
+    trained as in the ``local`` method, with DP-SGD on and off at the same number of steps.
+    """
+    from fedpref.server.strategy import make_round_config
+    from fedpref.simulations.audit import community_inference_audit, membership_audit
+
+    rt = get_runtime(cfg.model, (SHARED_ADAPTER, PRIVATE_ADAPTER))
+    round_cfg = make_round_config(
+        cfg.federation, cfg.local, server_round=cfg.federation.rounds + 1, train_shared=True, train_private=True,
+        policy_version=sim_policy.policy.version if sim_policy else 0,
+    )
+    ci = community_inference_audit(
+        rt, _subset(users, cfg.audit.community_users), cache, shared=shared, round_cfg=round_cfg,
+        seed=cfg.runtime.seed, workdir=work / "audit" / "community",
+        envelope=sim_policy.envelope_path.read_bytes() if sim_policy else None,
+        trust_root=sim_policy.root_path.read_bytes() if sim_policy else None,
+    )
+    ci["individual_updates_whole_delta"] = ci["individual_updates"]
+    ci["individual_updates"] = max([ci["individual_updates"], *ci["by_tensor"].values()])
+    mi = membership_audit(
+        get_runtime(cfg.model, (PRIVATE_ADAPTER,)), _subset(users, cfg.audit.membership_users), cache,
+        local_cfg=_local_cfg(cfg, cfg.methods.local_epochs, cfg.runtime.seed), delta=cfg.federation.delta,
+        seed=cfg.runtime.seed, workdir=work / "audit" / "membership",
+    )
+    mi["users"] = min(cfg.audit.membership_users, len(users))
+    return {"community_inference": ci, "membership_auc": mi}
+
+
+def _ledger(server_dir: Path) -> list[dict]:
+    from fedpref.server.privacy import PrivacyLedger
+
+    return [dataclasses.asdict(e) for e in PrivacyLedger(server_dir / "ledger.jsonl").entries()]
+
+
 def _tamper_report(rounds: dict[str, list[dict]], tampered: tuple[str, ...]) -> dict:
     """What the server did with the tampered devices' replies (from its round history)."""
     rejected = {
@@ -221,6 +278,11 @@ def run_simulation(cfg: SimConfig, *, out: Path, data: Path | None, config_file:
         epsilon_sample_max=max(eps, results[Method.AGGREGATED].epsilon_sample_max),
     )
 
+    audits = None
+    if cfg.audit.enabled:
+        shared_pers = _shared_from_checkpoint(rt_both, work / Method.PERSONALIZED.value / "server")
+        audits = run_audits(cfg, users, cache, work, shared=shared_pers, sim_policy=sim_policy)
+
     oracle = {
         uid: float(np.mean([p.oracle_margin > 0 for p in u.test])) for uid, u in users.items()
         if all(p.oracle_margin is not None for p in u.test)
@@ -232,6 +294,9 @@ def run_simulation(cfg: SimConfig, *, out: Path, data: Path | None, config_file:
         cfg=cfg, users=users, results=results, rounds=rounds, work=work,
         wall_seconds=time.perf_counter() - t_start, config=to_plain(cfg),
     )
+    res["privacy"]["ledger"] = _ledger(work / Method.PERSONALIZED.value / "server")
+    if audits is not None:
+        res["privacy"]["audit"] = audits
     if sim_policy is not None:
         res["safety"] = summarize_safety(safety_evals, users, sim_policy, _tamper_report(rounds, cfg.safety.tamper_users))
     write_text_atomic(out / "results.json", json.dumps(res, indent=1, allow_nan=False))

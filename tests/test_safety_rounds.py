@@ -144,10 +144,10 @@ def test_order_bounded_puts_every_flagged_candidate_below_every_safe_one():
     flags = [[("violence", 0.97)], [], [("fraud", 0.6), ("violence", 0.55)], []]
     thr = {"violence": 0.5, "fraud": 0.5}
     out = order_bounded(cands, scores, flags, thresholds=thr, policy_version=3)
-    assert [r.candidate for r in out] == ["b", "d", "a", "c"]
+    assert [r.candidate for r in out] == ["b", "d", "c", "a"]  # flagged: least risky first (0.6 < 0.97)
     assert [r.allowed for r in out] == [True, True, False, False]
-    assert out[2].unsafe_categories == ("violence",) and "violence: p=0.97 >= 0.50 (policy v3)" in out[2].reason
-    assert out[3].unsafe_categories == ("fraud", "violence")
+    assert out[3].unsafe_categories == ("violence",) and "violence: p=0.97 >= 0.50 (policy v3)" in out[3].reason
+    assert out[2].unsafe_categories == ("fraud", "violence")
     free = order_bounded(cands, scores, flags, thresholds=thr, policy_version=3, enforce=False)
     assert [r.candidate for r in free] == ["a", "c", "b", "d"] and not free[0].allowed
 

@@ -154,3 +154,19 @@ def test_the_tampered_client_is_rejected_and_the_runs_complete(run):
         # the envelope goes to every node once; afterwards they attest v1 and get none
         assert [r["policy_sent"] for r in hist] == [6, 0, 0]
     assert "safety digest" in run[1].stderr  # the reason is in the server log
+
+
+def test_privacy_audits_and_ledger_are_reported(run):
+    res = json.loads((run[0] / "results.json").read_text())
+    au = res["privacy"]["audit"]
+    ci, mi = au["community_inference"], au["membership_auc"]
+    assert ci["chance"] == 4 / 6 and ci["users"] == 6
+    assert ci["secure_aggregate"] == ci["chance"]  # one sum for everyone: the majority guess
+    assert 0.0 <= ci["individual_updates"] <= 1.0 and ci["individual_updates"] >= ci["individual_updates_whole_delta"]
+    assert 0.0 <= mi["dp"] <= 1.0 and 0.0 <= mi["no_dp"] <= 1.0 and mi["epsilon_sample"] > 0
+    ledger = res["privacy"]["ledger"]
+    assert [e["round"] for e in ledger] == [1, 2, 3]
+    assert ledger[-1]["epsilon"] == res["privacy"]["epsilon_user"]
+    assert res["privacy"]["secure_aggregation"] is False
+    html = (run[0] / "report.html").read_text()
+    assert "privacy_audits.png" in html and (run[0] / "privacy_audits.png").stat().st_size > 1000
