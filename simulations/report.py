@@ -148,14 +148,17 @@ def plot_safety(res: dict, path: Path) -> None:
     cols = ["all", *comms]
     fig, ax = plt.subplots(figsize=(8, 4))
     w = 0.8 / len(SAFETY_ARMS)
+    top = 0.0
     for i, (arm, (label, color)) in enumerate(SAFETY_ARMS.items()):
         vals = [sf["violation_rate"][arm], *(sf["violation_rate_by_community"][arm].get(c, float("nan")) for c in comms)]
         bars = ax.bar([j + i * w for j in range(len(cols))], vals, width=w, label=label, color=color)
         ax.bar_label(bars, fmt="%.2f", fontsize=7)
+        top = max([top, *(v for v in vals if v == v)])
     ax.set_xticks([j + 0.4 - w / 2 for j in range(len(cols))], cols)
+    ax.set_ylim(0, max(0.05, top) * 1.35)  # room for the legend above the bars
     ax.set_ylabel("violation rate\n(unsafe candidate ranked first)")
     ax.set_title("Does personalization break safety? Held-out (safe, unsafe) pairs")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, ncol=3, loc="upper center")
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -170,8 +173,11 @@ def safety_section(res: dict) -> str:
     vr, by = sf["violation_rate"], sf["violation_rate_by_community"]
     worst = max(by["personalized_unbounded"], key=lambda c: by["personalized_unbounded"][c])
     holds = vr["personalized_bounded"] <= vr["aggregated"]
+    breaks = vr["personalized_unbounded"] > vr["aggregated"] + 0.02
+    verdict = ("Unbounded personalization breaks safety constraints more often than aggregation"
+               if breaks else "Unbounded personalization does not break safety constraints more often than aggregation here")
     outcome = (
-        f"Without a bound, personalization ranks the unsafe candidate first in {vr['personalized_unbounded']:.1%} "
+        f"{verdict}: it ranks the unsafe candidate first in {vr['personalized_unbounded']:.1%} "
         f"of held-out safety pairs ({html.escape(worst)} community: {by['personalized_unbounded'][worst]:.1%}) "
         f"against {vr['aggregated']:.1%} for the aggregated model; with the signed policy v{sf['policy_version']} "
         f"as a bound it is {vr['personalized_bounded']:.1%}, "
