@@ -22,6 +22,7 @@ from fedpref.client.device import (
     PolicyRefused,
     adapters_for,
     get_runtime,
+    stable_seed,
     train_round,
     user_cache,
 )
@@ -103,10 +104,12 @@ def train_for_node(run: AppRun, context: Context, req: TrainRequest):  # -> Reco
         train_shared=req.config.train_shared, train_private=req.config.train_private))
     state = DeviceState(run.clients_dir / user.user_id)
     cache = user_cache(rt, user, state, _shared_cache(run.cache))
+    rnd = req.config.server_round
     return train_round(
-        rt, user, state, req, cache=cache, seed=run.seed + req.config.server_round,
+        rt, user, state, req, cache=cache, seed=stable_seed(run.seed, user.user_id, rnd, "batches"),
         trust_root=_trust_root(str(run.root) if run.root else ""),
         tamper_safety=user.user_id in run.tamper_safety,
+        noise_seed=stable_seed(run.seed, user.user_id, rnd, "noise") if run.deterministic_noise else None,
     )
 
 

@@ -201,6 +201,11 @@ def user_cache(rt: Runtime, user: UserData, state: DeviceState, shared_cache: Te
     return cache
 
 
+def stable_seed(*parts: object) -> int:
+    """A seed from the given values that is the same in every process (unlike ``hash``)."""
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") & (2**63 - 1)
+
+
 def clip(delta: dict[str, np.ndarray], clip_norm: float) -> tuple[dict[str, np.ndarray], float]:
     """Scale ``delta`` so its global L2 norm is at most ``clip_norm``; returns the raw norm."""
     norm = l2_norm(delta)
@@ -221,6 +226,7 @@ def train_round(
     seed: int = 0,
     now: datetime | None = None,
     tamper_safety: bool = False,
+    noise_seed: int | None = None,
 ):
     """Run one round for one user; returns the reply RecordDict. Raises DeclinedRound.
 
@@ -240,7 +246,7 @@ def train_round(
         epochs=cfg.local_epochs, batch_size=cfg.batch_size, learning_rate=cfg.learning_rate,
         head_learning_rate=cfg.head_learning_rate, projection_learning_rate=cfg.projection_learning_rate,
         noise_multiplier=cfg.dp_noise_multiplier,
-        max_grad_norm=cfg.dp_max_grad_norm, seed=seed,
+        max_grad_norm=cfg.dp_max_grad_norm, seed=seed, noise_seed=noise_seed,
     )
     n = len(user.train)
     acct = state.accountant()

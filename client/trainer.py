@@ -23,7 +23,8 @@ from fedpref.protocol.errors import ConfigError, IntegrityError
 from fedpref.protocol.partition import Group, group_of
 
 # Opacus' secure_mode needs torchcsprng, which has no wheel for this torch; the noise comes
-# from torch's default generator. PEFT's frozen inputs make full backward hooks warn on every
+# from torch's default generator, or, in simulations that ask for reproducible runs, from a
+# generator seeded per (run, user, round) (`noise_seed`; a device must never do that). PEFT's frozen inputs make full backward hooks warn on every
 # step although per-sample gradients are exact (checked in tests/test_trainer.py).
 warnings.filterwarnings("ignore", message="Secure RNG turned off")
 warnings.filterwarnings("ignore", message="Full backward hook is firing")
@@ -38,7 +39,8 @@ class LocalTrainConfig:
     projection_learning_rate: float  # shared style projection
     noise_multiplier: float  # DP-SGD σ; 0 turns DP off (plain SGD, no accountant)
     max_grad_norm: float  # DP-SGD per-sample clip
-    seed: int = 0
+    seed: int = 0  # batch sampling
+    noise_seed: int | None = None  # DP noise from a seeded generator: simulations only (None = torch's default one)
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -147,6 +149,7 @@ def train_pairs(
             module=model, optimizer=optimizer, data_loader=loader,
             noise_multiplier=cfg.noise_multiplier, max_grad_norm=cfg.max_grad_norm,
             poisson_sampling=True, grad_sample_mode="hooks",
+            noise_generator=torch.Generator().manual_seed(cfg.noise_seed) if cfg.noise_seed is not None else None,
         )
     t0 = time.perf_counter()
     steps, loss_sum, correct, seen = 0, 0.0, 0, 0

@@ -47,6 +47,7 @@ class AppRun:
     root: Path | None = None  # the trust root (root.json) server and devices verify it with
     tamper_safety: frozenset[str] = frozenset()  # attack experiment: user ids whose device tampers its safety weights
     secure_aggregation: bool = False  # Flower SecAgg+: the server learns only the sum of the deltas
+    deterministic_noise: bool = False  # simulation only: DP noise seeded per (seed, user, round), so runs repeat
 
     @property
     def clients_dir(self) -> Path:
@@ -96,4 +97,5 @@ def from_run_config(rc: dict[str, Any], *, base: Path | None = None, run_id: int
         root=path(str(get("root", ""))) if get("root", "") else None,
         tamper_safety=frozenset(u.strip() for u in str(get("tamper-safety", "")).split(",") if u.strip()),
         secure_aggregation=parse_run_flag(get(SECURE_AGGREGATION_KEY, False)),
+        deterministic_noise=parse_run_flag(get("deterministic-noise", False), key="deterministic-noise"),
     )

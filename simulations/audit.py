@@ -298,7 +298,9 @@ def membership_audit(
                 ucache = user_cache(rt, user, state, cache)
                 with _seeded(seed + i):
                     eps = train_private_locally(
-                        rt, user, state, replace(cfg, seed=seed + i), cache=ucache, shared=shared, delta=delta,
+                        rt, user, state,
+                        replace(cfg, seed=seed + i, noise_seed=None if cfg.noise_seed is None else cfg.noise_seed + i),
+                        cache=ucache, shared=shared, delta=delta,
                     )
                 if cfg.dp:
                     eps_max = max(eps_max, eps)

@@ -38,6 +38,7 @@ class RuntimeConfig:
     torch_threads: int = 1  # torch threads inside each client
     seed: int = 0
     secure_aggregation: bool = False  # Flower SecAgg+ for the federated methods ([secagg] sets its parameters)
+    deterministic_noise: bool = True  # seed every device's DP noise per (seed, user, round): same config, same numbers
 
     def __post_init__(self) -> None:
         if self.client_cpus <= 0:

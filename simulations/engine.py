@@ -48,6 +48,7 @@ def run_on_simulation_engine(
         "method": method.value, "cache": str(cache or ""), "seed": runtime.seed,
         "policy": str(policy or ""), "root": str(root or ""), "tamper-safety": ",".join(tamper_safety),
         "secure-aggregation": runtime.secure_aggregation,
+        "deterministic-noise": runtime.deterministic_noise,
     }
     init_args: dict = {"include_dashboard": False, "num_cpus": os.cpu_count() or 1}
     if runtime.ray_address:

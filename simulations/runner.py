@@ -24,7 +24,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fedpref.client.data import UserData, group_by_user, load_jsonl, write_jsonl
-from fedpref.client.device import DeviceState, Runtime, get_runtime, train_private_locally
+from fedpref.client.device import DeviceState, Runtime, get_runtime, stable_seed, train_private_locally
 from fedpref.client.trainer import LocalTrainConfig, pair_accuracy
 from fedpref.model.cache import TextCache
 from fedpref.model.io import adapter_exists, load_adapter_weights
@@ -103,6 +103,7 @@ def _local_cfg(cfg: SimConfig, epochs: int, seed: int) -> LocalTrainConfig:
         head_learning_rate=cfg.local.head_learning_rate, projection_learning_rate=cfg.local.projection_learning_rate,
         noise_multiplier=cfg.local.dp_noise_multiplier,
         max_grad_norm=cfg.local.dp_max_grad_norm, seed=seed,
+        noise_seed=stable_seed(seed, "noise") if cfg.runtime.deterministic_noise else None,
     )
 
 
