@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+from pathlib import Path
 import warnings
 from collections.abc import Sequence
 from typing import Annotated, NoReturn
@@ -104,6 +105,73 @@ def privacy_noise(
     }
     _emit(as_json, record, f"noise_multiplier = {z:.6g} keeps epsilon <= {target_epsilon:g} "
           f"at delta = {delta:g} [{accountant.value}: q={sample_rate:g}, steps={steps}]")
+
+
+def _toml_value(v: object) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return "inf" if v == "inf" else json.dumps(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(type(v).__name__)
+
+
+def _toml_tables(tables: dict[str, dict]) -> str:
+    out = []
+    for name, table in tables.items():
+        scalars = {k: v for k, v in table.items() if not isinstance(v, dict)}
+        out.append(f"[{name}]")
+        out += [f"{k} = {_toml_value(v)}" for k, v in scalars.items()]
+        out.append("")
+        sub = {f"{name}.{k}": v for k, v in table.items() if isinstance(v, dict)}
+        if sub:
+            out.append(_toml_tables(sub))
+    return "\n".join(out)
+
+
+@app.command("init")
+def init(
+    home: Annotated[Path, typer.Option("--home", metavar="DIR", help="The server's home: config, TLS, keys, state.")],
+    address: Annotated[str, typer.Option(
+        "--address", metavar="HOST:PORT", help="The device-facing address the certificate is issued for.")] = "127.0.0.1:9092",
+    signers: Annotated[int, typer.Option("--signers", help="Policy signing keys to create (n), unless keys exist.")] = 1,
+    threshold: Annotated[int | None, typer.Option("--threshold", help="Signatures a policy needs (k).")] = None,
+) -> None:
+    """Write DIR/config.toml, a TLS CA and server certificate, and policy signing keys (unless they exist)."""
+    from datetime import datetime, timezone
+
+    from fedpref.model.config import ModelConfig
+    from fedpref.protocol.atomic import write_text_atomic
+    from fedpref.protocol.errors import ConfigError
+    from fedpref.protocol.tomlconfig import to_plain
+    from fedpref.server.config import FederationConfig, LocalConfig
+    from fedpref.server.policy_cli import keys_init
+    from fedpref.server.tls import parse_address, write_tls
+
+    with exit_on_error():
+        host, port = parse_address(address)
+        config = home / "config.toml"
+        if config.exists():
+            raise ConfigError(f"{config} already exists; refusing to re-initialise this home (use another --home)")
+        tls = write_tls(home / "tls", host, now=datetime.now(timezone.utc))
+        if (home / "keys" / "root.json").exists():
+            typer.echo(f"kept the existing policy signing keys and trust root in {home / 'keys'}")
+        else:
+            keys_init(home=home, signers=signers, threshold=threshold, expires_days=365)
+        fed = to_plain(FederationConfig()) | {"max_epsilon_user": 10.0, "report_eval_metrics": False}
+        local = to_plain(LocalConfig()) | {"max_epsilon_sample": 10.0}
+        body = _toml_tables({
+            "server": {"address": f"{host}:{port}", "ca": "tls/ca.pem", "certificate": "tls/server.pem",
+                       "private_key": "tls/server.key", "trust_root": "keys/root.json", "state": "state"},
+            "model": to_plain(ModelConfig()), "federation": fed, "local": local,
+        })
+        write_text_atomic(config, "# fedpref server home, written by `fedpref-server init`.\n"
+                          "# [model], [federation] and [local]: see server/config.py and model/config.py.\n\n" + body)
+    typer.echo(f"wrote {config}")
+    typer.echo(f"TLS: give {tls.ca_cert} to devices; the server certificate is for {host} (and localhost)")
 
 
 @app.command("exit-codes")
