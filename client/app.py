@@ -117,13 +117,18 @@ def handle_train(msg: Message, context: Context, run_config: dict) -> Message:
     run = from_run_config(run_config, run_id=context.run_id)
     try:
         content = train_for_node(run, context, TrainRequest.from_content(msg.content))
-    except PolicyRefused as e:
+    except DeclinedRound as e:
+        return declined_reply(msg, e)
+    return Message(content=content, reply_to=msg)
+
+
+def declined_reply(msg: Message, e: DeclinedRound) -> Message:
+    """A round the device will not train, as a Flower error reply carrying the reason."""
+    if isinstance(e, PolicyRefused):
         log.warning("refused to train: %s", e)
         return Message(Error(code=POLICY_REFUSED_CODE, reason=str(e)), reply_to=msg)
-    except DeclinedRound as e:
-        log.info("declined round: %s", e)
-        return Message(Error(code=DECLINED_CODE, reason=str(e)), reply_to=msg)
-    return Message(content=content, reply_to=msg)
+    log.info("declined round: %s", e)
+    return Message(Error(code=DECLINED_CODE, reason=str(e)), reply_to=msg)
 
 
 app = make_client_app()

@@ -165,13 +165,11 @@ def enforce_policy(
         raise PolicyRefused(f"safety policy refused, previous policy stays in force: {e}") from None
     assert policy is not None
     if rt.safety_source != policy.envelope_sha256 or tamper:
-        set_safety_module(rt, SafetyModule.from_policy(policy), None if tamper else policy.envelope_sha256)
-    if tamper:
-        with torch.no_grad():
-            module = attached(rt.model)
-            assert module is not None
-            module.linear.bias[0] += 10.0  # "everything is safe": the attack a tampered device would try
-        set_safety_module(rt, module, None)
+        module = SafetyModule.from_policy(policy)
+        if tamper:
+            with torch.no_grad():
+                module.linear.bias[0] += 10.0  # "everything is safe": the attack a tampered device would try
+        set_safety_module(rt, module, None if tamper else policy.envelope_sha256)
     return policy
 
 

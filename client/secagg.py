@@ -23,14 +23,14 @@ import logging
 from collections.abc import Sequence
 
 import numpy as np
-from flwr.app import Context, Error, Message
+from flwr.app import Context, Message
 from flwr.client import NumPyClient
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable, Mod
 
-from fedpref.client.app import DECLINED_CODE, POLICY_REFUSED_CODE, train_for_node
-from fedpref.client.device import DeclinedRound, PolicyRefused
+from fedpref.client.app import declined_reply, train_for_node
+from fedpref.client.device import DeclinedRound
 from fedpref.protocol.errors import FedPrefError
 from fedpref.protocol.messages import K_METRICS, TrainReply, TrainRequest, l2_norm, record_to_arrays
 from fedpref.protocol.runconfig import from_run_config
@@ -83,12 +83,8 @@ def declines_as_errors(msg: Message, context: Context, call_next: ClientAppCalla
     """
     try:
         return call_next(msg, context)
-    except PolicyRefused as e:
-        log.warning("refused to train: %s", e)
-        return Message(Error(code=POLICY_REFUSED_CODE, reason=str(e)), reply_to=msg)
     except DeclinedRound as e:
-        log.info("declined round: %s", e)
-        return Message(Error(code=DECLINED_CODE, reason=str(e)), reply_to=msg)
+        return declined_reply(msg, e)
 
 
 def make_secagg_client_app(

@@ -332,7 +332,7 @@ def classifier_manifest(module: SafetyModule, *, pooling: str, max_length: int, 
 
 
 def build_bundle(
-    data: str | Path,
+    data: str | Path | Sequence[LabelledText],
     out: str | Path,
     *,
     backbone: str | None = None,
@@ -343,7 +343,8 @@ def build_bundle(
     now: datetime | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
-    """Train the classifier from a labelled JSONL and write an (unsigned) bundle folder.
+    """Train the classifier from a labelled JSONL (or its already loaded records) and write an
+    (unsigned) bundle folder.
 
     The manifest gets version 1 and a ``validity_days`` window from ``now``; ``policy sign``
     sets the real version and expiry. Returns the manifest written.
@@ -353,7 +354,7 @@ def build_bundle(
 
     if not (0.0 < threshold < 1.0) or not math.isfinite(threshold):
         raise ConfigError(f"threshold = {threshold}; give a probability in (0, 1), e.g. 0.5")
-    records = load_labelled_jsonl(data)
+    records = load_labelled_jsonl(data) if isinstance(data, (str, Path)) else list(data)
     bb = load_backbone(backbone or None)
     texts = [r.text for r in records]
     chunks = []

@@ -21,7 +21,7 @@ persona texts) but is not fed to the model separately.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -136,7 +136,3 @@ class BoundedRanker:
         return order_bounded(candidates, scores, flags, thresholds=self.thresholds,
                              policy_version=self.policy_version, enforce=self.enforce)
 
-
-def top_is_unsafe(ranking: Sequence[Ranked], is_unsafe: Callable[[str], bool]) -> bool:
-    """Whether the first candidate of ``ranking`` is unsafe by the ground truth ``is_unsafe``."""
-    return bool(ranking) and is_unsafe(ranking[0].candidate)

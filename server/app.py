@@ -127,7 +127,7 @@ def resume_point(server_dir: Path, model, initial: dict[str, np.ndarray], ledger
     latest = server_dir / "checkpoints" / "LATEST"
     if not charged and not latest.exists():
         return Resume(1, initial, [])
-    arrays = initial
+    arrays, name = initial, "the initial weights"
     if latest.exists():
         name = latest.read_text().strip()
         load_adapter_weights(model, SHARED_ADAPTER, server_dir / "checkpoints" / name)
@@ -135,8 +135,7 @@ def resume_point(server_dir: Path, model, initial: dict[str, np.ndarray], ledger
     hist_path = server_dir / "history.json"
     history = [RoundRecord(**h) for h in json.loads(hist_path.read_text())] if hist_path.exists() else []
     next_round = max([*charged, *(h.server_round for h in history), 0]) + 1
-    log.warning("fedpref: resuming at round %d from %s (ledger: %d charged rounds)", next_round,
-                latest.read_text().strip() if latest.exists() else "the initial weights", len(charged))
+    log.warning("fedpref: resuming at round %d from %s (ledger: %d charged rounds)", next_round, name, len(charged))
     return Resume(next_round, arrays, history)
 
 

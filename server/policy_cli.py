@@ -490,11 +490,11 @@ def policy_build(
             stray = sorted(set(os.listdir(out)) - {"manifest.json", CLASSIFIER_FILE})
             if stray:
                 raise ConfigError(f"--out {out} holds other entries {stray[:3]}; give a new or empty folder")
-        total = len(load_labelled_jsonl(data))  # data errors (FILE:LINE) before the backbone loads
+        records = load_labelled_jsonl(data)  # data errors (FILE:LINE) before the backbone loads
         _quiet_transformers()
         with _progress_bar() as bar:
-            task = bar.add_task("embedding texts", total=total)
-            manifest = build_bundle(data, out, backbone=backbone, max_length=max_length, threshold=threshold,
+            task = bar.add_task("embedding texts", total=len(records))
+            manifest = build_bundle(records, out, backbone=backbone, max_length=max_length, threshold=threshold,
                                     seed=seed, progress=lambda k: bar.advance(task, k))
     training = manifest["classifier"].get("training", {})
     cats = [c["name"] for c in manifest["categories"]]

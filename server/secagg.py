@@ -74,9 +74,10 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedpref.protocol.errors import ConfigError, DataError
 from fedpref.protocol.messages import l2_norm
-from fedpref.protocol.runconfig import AppRun, from_run_config
+from fedpref.protocol.runconfig import AppRun
 from fedpref.protocol.secagg import (
     K_EPSILON_SAMPLE,
+    SECURE_AGGREGATION_KEY,
     attestation_of,
     check_ranges,
     decode_metric_sums,
@@ -85,7 +86,7 @@ from fedpref.protocol.secagg import (
     sum_error_bound,
 )
 from fedpref.protocol.tomlconfig import build, read_toml
-from fedpref.server.app import ServerSettings, load_server_settings, prepare_federation, write_summary
+from fedpref.server.app import ServerSettings, make_server_app, prepare_federation, write_summary
 from fedpref.server.strategy import FedPrefStrategy, RoundRecord, poisson_sample
 from fedpref.server.validation import Expected, RejectedUpdate, validate_attestation
 
@@ -429,26 +430,16 @@ def run_secure_federation(
 
 
 def make_secagg_server_app(defaults: dict | None = None) -> ServerApp:
-    """A ServerApp running the fedpref round under SecAgg+; run config = ``defaults`` + Flower's.
-
-    Pair it with :func:`fedpref.client.secagg.make_secagg_client_app`.
+    """The regular ServerApp (:func:`fedpref.server.app.make_server_app`) with
+    ``secure-aggregation`` on in its defaults. Pair it with
+    :func:`fedpref.client.secagg.make_secagg_client_app`.
     """
-    base = dict(defaults or {})
-    app = ServerApp()
-
-    @app.main()
-    def main(grid: Grid, context: Context) -> None:
-        run = from_run_config({**base, **dict(context.run_config)}, run_id=context.run_id)
-        log.warning("fedpref: checkpoints, ledger and history go to %s", run.server_dir)
-        run_secure_federation(grid, context, run, load_server_settings(run.config_file),
-                              load_secagg_config(run.config_file))
-
-    return app
+    return make_server_app({**(defaults or {}), SECURE_AGGREGATION_KEY: True})
 
 
 app = make_secagg_server_app()
 
 __all__ = [
     "FedPrefSecAggWorkflow", "SecAggConfig", "SecureFedPrefStrategy", "app", "halt_probability",
-    "load_secagg_config", "make_secagg_server_app", "run_secure_federation", "validate_attestation",
+    "load_secagg_config", "make_secagg_server_app", "run_secure_federation",
 ]

@@ -26,8 +26,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fedpref.client.data import PreferencePair, UserData
 from fedpref.client.device import (
@@ -47,19 +45,9 @@ from fedpref.protocol.errors import ConfigError
 from fedpref.protocol.messages import RoundConfig, TrainReply, TrainRequest, record_to_arrays, train_request
 from fedpref.protocol.partition import PRIVATE_ADAPTER, SHARED_ADAPTER, Group
 from fedpref.safety_policy.classifier import attached
-
-console = Console(stderr=True)
-
-
-def _progress() -> Progress:
-    """The runner's progress-bar style (kept here: the runner imports this module)."""
-    return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=console, transient=False,
-    )
+from fedpref.simulations.progress import progress
 
 
-# ---- shared plumbing ------------------------------------------------------------------------
 def _fresh_state(root: Path) -> DeviceState:
     """A device folder that holds nothing yet: no adapter or accountant from an earlier run."""
     if root.exists() and any(root.iterdir()):
@@ -192,7 +180,7 @@ def community_inference_audit(
     workdir = Path(workdir)
     req = TrainRequest.from_content(train_request(shared, round_cfg, envelope))  # what goes over the wire
     rows: list[np.ndarray] = []
-    with _restored(rt), _progress() as prog:
+    with _restored(rt), progress() as prog:
         task = prog.add_task("audit: community inference", total=len(users))
         for i, uid in enumerate(sorted(users)):
             user = users[uid]
@@ -289,7 +277,7 @@ def membership_audit(
     losses: dict[str, list[np.ndarray]] = {arm: [] for arm in arms}
     labels: list[np.ndarray] = []
     eps_max = 0.0
-    with _restored(rt), _progress() as prog:
+    with _restored(rt), progress() as prog:
         task = prog.add_task("audit: membership inference", total=len(users))
         for i, uid in enumerate(sorted(users)):
             user = users[uid]

@@ -20,8 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fedpref.client.data import UserData, group_by_user, load_jsonl, write_jsonl
 from fedpref.client.device import DeviceState, Runtime, get_runtime, stable_seed, train_private_locally
@@ -30,15 +28,16 @@ from fedpref.model.cache import TextCache
 from fedpref.model.io import adapter_exists, load_adapter_weights
 from fedpref.model.preference import get_arrays, set_arrays
 from fedpref.protocol.atomic import write_text_atomic
+from fedpref.protocol.errors import ConfigError
 from fedpref.protocol.partition import PRIVATE_ADAPTER, SHARED_ADAPTER, Group
 from fedpref.protocol.runconfig import Method
 from fedpref.protocol.tomlconfig import to_plain
 from fedpref.simulations.config import SimConfig
 from fedpref.simulations.engine import run_on_simulation_engine
 from fedpref.simulations.persona import generate
+from fedpref.simulations.progress import console, progress
 from fedpref.simulations.safety import evaluate_safety, prepare_policy, summarize_safety
 
-console = Console(stderr=True)
 
 
 @dataclass
@@ -47,13 +46,6 @@ class MethodResult:
     wall_seconds: float = 0.0
     epsilon_sample_max: float = 0.0
     extra: dict = field(default_factory=dict)
-
-
-def _progress() -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=console, transient=False,
-    )
 
 
 def prepare_data(cfg: SimConfig, data: Path | None, out: Path) -> tuple[Path, dict[str, UserData]]:
@@ -66,7 +58,7 @@ def prepare_data(cfg: SimConfig, data: Path | None, out: Path) -> tuple[Path, di
 
 def build_cache(rt: Runtime, users: dict[str, UserData], path: Path, max_length: int) -> TextCache:
     texts = sorted({t for u in users.values() for p in (*u.train, *u.test) for t in (p.chosen, p.rejected)})
-    with _progress() as prog:
+    with progress() as prog:
         task = prog.add_task("cache frozen blocks", total=len(texts))
         cache = TextCache.build(rt.model, rt.backbone, texts, max_length=max_length,
                                 progress=lambda n: prog.advance(task, n))
@@ -83,7 +75,7 @@ def _shared_from_checkpoint(rt: Runtime, server_dir: Path) -> dict[str, np.ndarr
 def evaluate(rt: Runtime, users: dict[str, UserData], cache: TextCache, *, private_root: Path | None, label: str) -> dict[str, float]:
     """Held-out accuracy per user of the runtime's model (shared weights already loaded)."""
     out = {}
-    with _progress() as prog:
+    with progress() as prog:
         task = prog.add_task(f"evaluate {label}", total=len(users))
         for uid, user in users.items():
             if private_root is not None:
@@ -113,7 +105,7 @@ def train_locally(
 ) -> float:
     """DP-SGD of the private adapter on each device alone; returns the largest ε_sample."""
     eps_max = 0.0
-    with _progress() as prog:
+    with progress() as prog:
         task = prog.add_task(f"train {label}", total=len(users))
         for i, (uid, user) in enumerate(users.items()):
             eps = train_private_locally(
@@ -213,20 +205,18 @@ def run_simulation(cfg: SimConfig, *, out: Path, data: Path | None, config_file:
         shutil.rmtree(work)  # a run starts from nothing: no stale adapters or ledgers
     work.mkdir()
     data, users = prepare_data(cfg, data, out)
+    unknown = sorted(set(cfg.safety.tamper_users) - set(users))
+    if unknown:  # checked before any expensive phase
+        raise ConfigError(f"safety.tamper_users names {unknown[:3]}, not users of the data; use ids such as {sorted(users)[0]!r}")
     console.print(f"[bold]fedpref-sim[/]: {len(users)} users, data {data}")
 
     rt_both = get_runtime(cfg.model, (SHARED_ADAPTER, PRIVATE_ADAPTER))
     cache_path = work / "cache.safetensors"
     cache = build_cache(rt_both, users, cache_path, cfg.model.max_length)
-    sim_policy = prepare_policy(cfg, work, console=console) if cfg.safety.enabled else None
+    sim_policy = prepare_policy(cfg, work) if cfg.safety.enabled else None
     if sim_policy is not None:
         console.print(f"[bold]safety policy[/]: v{sim_policy.policy.version} signed "
                       f"{cfg.safety.signature_threshold}-of-{cfg.safety.signers}, digest {sim_policy.digest[:12]}…")
-    unknown = sorted(set(cfg.safety.tamper_users) - set(users))
-    if unknown:
-        from fedpref.protocol.errors import ConfigError
-
-        raise ConfigError(f"safety.tamper_users names {unknown[:3]}, not users of the data; use ids such as {sorted(users)[0]!r}")
     safety_evals: dict[str, dict] = {}
 
     results: dict[Method, MethodResult] = {}
@@ -255,7 +245,7 @@ def run_simulation(cfg: SimConfig, *, out: Path, data: Path | None, config_file:
         )
         if sim_policy is not None:
             safety_evals[method.value] = evaluate_safety(
-                rt, users, cache, sim_policy.policy, console=console, label=method.value,
+                rt, users, cache, sim_policy.policy, label=method.value,
                 private_root=work / method.value / "clients" if method is Method.PERSONALIZED else None,
             )
 

@@ -25,7 +25,6 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import numpy as np
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fedpref.client.data import UserData
 from fedpref.client.device import DeviceState, Runtime, set_safety_module
@@ -46,6 +45,7 @@ from fedpref.safety_policy import (
 )
 from fedpref.safety_policy.classifier import SafetyModule, build_bundle
 from fedpref.safety_policy.ranking import BoundedRanker, order_bounded
+from fedpref.simulations.progress import progress
 
 __all__ = ["SimPolicy", "evaluate_safety", "prepare_policy", "summarize_safety"]
 
@@ -59,7 +59,7 @@ class SimPolicy:
     corpus_path: Path
 
 
-def prepare_policy(cfg, work: Path, *, console=None, now: datetime | None = None) -> SimPolicy:  # noqa: ANN001
+def prepare_policy(cfg, work: Path, *, now: datetime | None = None) -> SimPolicy:  # noqa: ANN001
     """Build, sign and verify the run's safety policy under ``work/policy``."""
     from fedpref.simulations.persona import safety_corpus
 
@@ -70,8 +70,7 @@ def prepare_policy(cfg, work: Path, *, console=None, now: datetime | None = None
     corpus = folder / "safety-corpus.jsonl"
     records = safety_corpus(cfg.persona, n_per_class=sc.corpus_per_class)
     write_text_atomic(corpus, "".join(json.dumps(r) + "\n" for r in records))
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, transient=False) as prog:
+    with progress() as prog:
         task = prog.add_task("policy build (safety classifier)", total=len(records))
         build_bundle(corpus, folder / "bundle", backbone=cfg.model.backbone or None, max_length=cfg.model.max_length,
                      threshold=sc.threshold, seed=cfg.runtime.seed, now=now, progress=lambda n: prog.advance(task, n))
@@ -89,27 +88,23 @@ def prepare_policy(cfg, work: Path, *, console=None, now: datetime | None = None
                      digest=SafetyModule.from_policy(policy).digest(), corpus_path=corpus)
 
 
-def _progress(console=None) -> Progress:  # noqa: ANN001
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=console, transient=False)
-
-
 def evaluate_safety(
     rt: Runtime, users: dict[str, UserData], cache: TextCache, policy: Policy, *,
-    private_root: Path | None, label: str, console=None,  # noqa: ANN001
+    private_root: Path | None, label: str,
 ) -> dict[str, dict[str, dict[str, float]]]:
     """Per user, with the bound off and on: violations / safety pairs, and safe-pair accuracy.
 
     The runtime's shared weights must already be loaded; with ``private_root`` each user's
     private adapter is loaded from ``private_root/<user>``.
     """
-    set_safety_module(rt, SafetyModule.from_policy(policy), policy.envelope_sha256)
+    if rt.safety_source != policy.envelope_sha256:  # as a device does: rebuild only for another policy
+        set_safety_module(rt, SafetyModule.from_policy(policy), policy.envelope_sha256)
     rankers = {
         arm: BoundedRanker.from_policy(rt.model, rt.backbone, policy, max_length=rt.max_length, cache=cache, enforce=enforce)
         for arm, enforce in (("unbounded", False), ("bounded", True))
     }
     out: dict[str, dict[str, dict[str, float]]] = {arm: {"violation": {}, "safe_accuracy": {}, "safety_pairs": {}} for arm in rankers}
-    with _progress(console) as prog:
+    with progress() as prog:
         task = prog.add_task(f"safety {label}", total=len(users))
         for uid, user in users.items():
             if private_root is not None:
