@@ -8,6 +8,7 @@ In simulation each virtual node is one user of the JSONL (``partition-id`` → t
 from __future__ import annotations
 
 import functools
+import json
 import logging
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS as SECAGG_CONFIGS
 
+from fedpref.client.agent_home import NODE_CONFIG_KEY, AgentHome
 from fedpref.client.data import UserData, group_by_user, load_jsonl
 from fedpref.client.device import (
     DeclinedRound,
@@ -28,6 +30,7 @@ from fedpref.client.device import (
 )
 from fedpref.model.cache import TextCache
 from fedpref.model.config import ModelConfig
+from fedpref.protocol.atomic import write_text_atomic
 from fedpref.protocol.errors import FedPrefError
 from fedpref.protocol.messages import TrainRequest
 from fedpref.protocol.runconfig import AppRun, from_run_config
@@ -51,7 +54,7 @@ def _trust_root(path: str) -> bytes | None:
 
 
 @functools.lru_cache(maxsize=2)
-def _users(data: Path) -> dict[str, UserData]:
+def _users(data: Path) -> dict[str, UserData]:  # simulation only
     return group_by_user(load_jsonl(data))
 
 
@@ -98,7 +101,17 @@ def make_client_app(defaults: dict | None = None) -> ClientApp:
 
 
 def train_for_node(run: AppRun, context: Context, req: TrainRequest):  # -> RecordDict
-    """One round on this node's user (plain and SecAgg+ apps alike). Raises DeclinedRound."""
+    """One round on this node's user (plain and SecAgg+ apps alike). Raises DeclinedRound.
+
+    A SuperNode started by ``fedpref-agent start`` names its agent home in the node config
+    (``fedpref-home``): the user is the device's own store. Otherwise (simulation) the node
+    is the ``partition-id``-th user of the run's JSONL.
+    """
+    if NODE_CONFIG_KEY in context.node_config:
+        return train_on_device(Path(str(context.node_config[NODE_CONFIG_KEY])), req, node_id=context.node_id)
+    if run.data is None:
+        raise FedPrefError("run config data is empty and this node has no fedpref-home; give the preference "
+                           "JSONL (simulation) or start the node with `fedpref-agent start` (deployment)")
     user = _user_for(context, _users(run.data))
     rt = get_runtime(_model_config(run.config_file), adapters_for(
         train_shared=req.config.train_shared, train_private=req.config.train_private))
@@ -111,6 +124,24 @@ def train_for_node(run: AppRun, context: Context, req: TrainRequest):  # -> Reco
         tamper_safety=user.user_id in run.tamper_safety,
         noise_seed=stable_seed(run.seed, user.user_id, rnd, "noise") if run.deterministic_noise else None,
     )
+
+
+def train_on_device(home_dir: Path, req: TrainRequest, *, node_id: int):  # -> RecordDict
+    """One round on a real device: its pairs, its sealed adapter and accountant, its pinned root."""
+    home = AgentHome.load(home_dir)
+    with home.open_store() as store:
+        user = home.user(store)
+        if not user.train:
+            raise DeclinedRound("no preference pairs on this device yet (fedpref-agent feedback add/import)")
+        rt = get_runtime(home.model, adapters_for(
+            train_shared=req.config.train_shared, train_private=req.config.train_private))
+        state = home.state(store)
+        cache = user_cache(rt, user, state, None)
+        rnd = req.config.server_round
+        content = train_round(rt, user, state, req, cache=cache, seed=stable_seed(node_id, rnd, "batches"),
+                              trust_root=None, report_eval=False)  # the root was pinned by `fedpref-agent init`
+        write_text_atomic(home.adapter_meta, json.dumps(home.adapter_version() | {"delta": req.config.delta}), mode=0o600)
+    return content
 
 
 def handle_train(msg: Message, context: Context, run_config: dict) -> Message:

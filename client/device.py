@@ -81,10 +81,32 @@ def adapters_for(*, train_shared: bool, train_private: bool) -> tuple[str, ...]:
 
 
 class DeviceState:
-    """Everything a device keeps for one user, under one folder."""
+    """Everything a device keeps for one user, under one folder.
+
+    The private adapter and the accountant go through the methods below, so that a device
+    agent can keep them encrypted (:class:`fedpref.client.agent_home.EncryptedDeviceState`);
+    the simulation keeps them as plain files.
+    """
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
+
+    def load_private(self, rt: Runtime) -> None:
+        """The user's private adapter, or the common initial one for a new user."""
+        if adapter_exists(self.private_dir):
+            load_adapter_weights(rt.model, PRIVATE_ADAPTER, self.private_dir)
+        else:
+            set_arrays(rt.model, Group.PRIVATE, rt.initial_private)
+
+    def save_private(self, rt: Runtime, *, metadata: dict[str, str] | None = None) -> None:
+        save_adapter(rt.model, PRIVATE_ADAPTER, self.private_dir, metadata=metadata)
+
+    def save_accountant(self, acct: SampleLevelAccountant) -> None:
+        acct.save()
+
+    def received_global(self, rt: Runtime, server_round: int, shared: dict[str, np.ndarray]) -> None:
+        """The global shared weights a round brought, after the reply is computed (a device
+        agent keeps them to rank with; the simulation evaluates from the server's checkpoints)."""
 
     @property
     def private_dir(self) -> Path:
@@ -95,7 +117,8 @@ class DeviceState:
         return self.root / "accountant.json"
 
     @property
-    def cache_path(self) -> Path:
+    def cache_path(self) -> Path | None:
+        """Where the hidden-state cache of the user's texts is kept (None: rebuilt in memory)."""
         return self.root / "cache.safetensors"
 
     @property
@@ -173,20 +196,13 @@ def enforce_policy(
     return policy
 
 
-def load_private(rt: Runtime, state: DeviceState) -> None:
-    """The user's private adapter from disk, or the common initial one for a new user."""
-    if adapter_exists(state.private_dir):
-        load_adapter_weights(rt.model, PRIVATE_ADAPTER, state.private_dir)
-    else:
-        set_arrays(rt.model, Group.PRIVATE, rt.initial_private)
-
-
 def user_cache(rt: Runtime, user: UserData, state: DeviceState, shared_cache: TextCache | None) -> TextCache:
     """The hidden-state cache covering the user's texts (built once, kept on disk)."""
     texts = [t for p in (*user.train, *user.test) for t in (p.chosen, p.rejected)]
     if shared_cache is not None and not shared_cache.missing(texts):
         return shared_cache
-    cache = TextCache.load(state.cache_path) if state.cache_path.exists() else None
+    path = state.cache_path
+    cache = TextCache.load(path) if path is not None and path.exists() else None
     missing = texts if cache is None else cache.missing(texts)
     if missing:
         new = TextCache.build(rt.model, rt.backbone, missing, max_length=rt.max_length)
@@ -194,7 +210,8 @@ def user_cache(rt: Runtime, user: UserData, state: DeviceState, shared_cache: Te
             cache = new
         else:
             cache.merge(new)
-        cache.save(state.cache_path)
+        if path is not None:
+            cache.save(path)
     assert cache is not None
     return cache
 
@@ -261,7 +278,7 @@ def train_round(
     if SHARED_ADAPTER in rt.adapters:
         set_arrays(rt.model, Group.SHARED, req.shared)
     if PRIVATE_ADAPTER in rt.adapters:
-        load_private(rt, state)
+        state.load_private(rt)
     chosen = [p.chosen for p in user.train]
     rejected = [p.rejected for p in user.train]
     eval_acc = (
@@ -277,19 +294,22 @@ def train_round(
     new_shared = get_arrays(rt.model, Group.SHARED)
     delta, raw_norm = clip({k: new_shared[k] - req.shared[k] for k in req.shared}, cfg.clip_norm)
     if PRIVATE_ADAPTER in rt.adapters:
-        save_adapter(rt.model, PRIVATE_ADAPTER, state.private_dir, metadata={"round": str(cfg.server_round)})
+        state.save_private(rt, metadata={"round": str(cfg.server_round)})
     if local.dp:
-        acct.save()
+        state.save_accountant(acct)
+    module = attached(rt.model)
+    digest = module.digest() if module is not None else ""  # recomputed after training
+    if SHARED_ADAPTER in rt.adapters:
+        state.received_global(rt, cfg.server_round, req.shared)
     eps = acct.epsilon(cfg.delta) if acct.history else 0.0
     metrics = TrainMetrics(
         num_examples=n, train_loss=result.loss, train_accuracy=result.accuracy, epsilon_sample=eps,
         delta_norm=raw_norm, steps=result.steps, seconds=result.seconds,
     )
-    module = attached(rt.model)
     att = Attestation(
         protocol_version=PROTOCOL_VERSION, server_round=cfg.server_round, backbone_sha256=rt.backbone.sha256,
         policy_version=policy.version if policy is not None else 0,
-        safety_digest=module.digest() if module is not None else "",  # recomputed after training
+        safety_digest=digest,
     )
     content = train_reply(delta, metrics, att)
     if report_eval:
@@ -320,7 +340,7 @@ def train_private_locally(
             raise FedPrefError("the runtime has a shared adapter: pass the global shared weights")
         set_arrays(rt.model, Group.SHARED, shared)
         shared_params = [p for n, p in rt.model.named_parameters() if p.requires_grad and f".{SHARED_ADAPTER}." in n]
-    load_private(rt, state)
+    state.load_private(rt)
     acct = state.accountant()
     for p in shared_params:
         p.requires_grad_(False)
@@ -332,8 +352,8 @@ def train_private_locally(
     finally:
         for p in shared_params:
             p.requires_grad_(True)
-    save_adapter(rt.model, PRIVATE_ADAPTER, state.private_dir)
+    state.save_private(rt)
     if cfg.dp:
         acct.extend_to(result.accountant_history)
-        acct.save()
+        state.save_accountant(acct)
     return acct.epsilon(delta) if acct.history else 0.0

@@ -99,7 +99,9 @@ def load_backbone(path: str | os.PathLike[str] | None = None, *, sha256: str | N
     ``sha256`` may be given when the caller already knows it (it is costly to recompute).
     """
     from transformers import AutoConfig, AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # a local folder loads in a second; the bar only clutters CLI output
     root = resolve_backbone_path(path)
     config = AutoConfig.from_pretrained(root, local_files_only=True)
     is_decoder = bool(getattr(config, "is_decoder", False)) or config.model_type in _DECODER_TYPES

@@ -154,15 +154,25 @@ class SampleLevelAccountant:
         """Load the history at ``path``; a missing file is an empty history."""
         path = Path(path)
         try:
-            obj = json.loads(path.read_bytes())
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return cls(path)
+        return cls.from_bytes(data, path)
+
+    @classmethod
+    def from_bytes(cls, data: bytes, path: str | os.PathLike[str]) -> SampleLevelAccountant:
+        """The history serialised by :meth:`to_bytes`; ``path`` names it in errors (and saves)."""
+        try:
+            obj = json.loads(data)
             if obj["version"] != 1:
                 raise ValueError(f"unsupported version {obj['version']!r}")
             return cls(path, history=[(z, q, t) for z, q, t in obj["history"]])
-        except FileNotFoundError:
-            return cls(path)
         except (ValueError, TypeError, KeyError, ConfigError) as e:
             raise DataError(f"{path}: not a valid accountant state ({e}); restore it from a "
                             "backup; never delete it, that would forget privacy spent") from e
+
+    def to_bytes(self) -> bytes:
+        return json.dumps({"version": 1, "history": self.history}).encode()
 
     def record(self, *, noise_multiplier: float, sample_rate: float, steps: int) -> None:
         _check_step(sample_rate, noise_multiplier, steps)
@@ -186,7 +196,7 @@ class SampleLevelAccountant:
 
     def save(self) -> None:
         """Write atomically: temp file in the same folder, fsync, os.replace, fsync folder."""
-        write_bytes_atomic(self.path, json.dumps({"version": 1, "history": self.history}).encode())
+        write_bytes_atomic(self.path, self.to_bytes())
 
     def to_opacus(self) -> RDPAccountant:
         """A live Opacus accountant that continues this history (hand it to the trainer)."""

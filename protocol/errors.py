@@ -29,3 +29,27 @@ class IntegrityError(FedPrefError):
 
 class BudgetExceededError(FedPrefError):
     """Training would exceed a configured privacy budget."""
+
+
+class HomeError(ConfigError):
+    """A ``--home`` folder is missing, not initialised, or initialised for something else."""
+
+
+class ServerUnreachableError(FedPrefError):
+    """The server's address did not answer (DNS, refused connection, timeout)."""
+
+
+class TlsVerificationError(FedPrefError):
+    """The server's certificate does not verify against the CA the device was given."""
+
+
+class AlreadyRunningError(FedPrefError):
+    """A second ``start`` on a home whose processes are still running."""
+
+
+class NotRunningError(FedPrefError):
+    """A command that needs the running server (or agent) found it stopped."""
+
+
+class NodeRejectedError(FedPrefError):
+    """The SuperLink refused this device: its public key is not registered."""

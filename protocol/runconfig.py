@@ -38,7 +38,7 @@ class Method(str, Enum):
 @dataclass(frozen=True)
 class AppRun:
     config_file: str  # TOML with [model], [federation], [local]; "" = built-in defaults
-    data: Path  # the preference JSONL every client reads its user's pairs from
+    data: Path | None  # simulation: the preference JSONL every client reads its user's pairs from (None in deployment)
     workdir: Path  # server checkpoints, ledger, per-client state
     method: Method
     cache: str  # hidden-state cache built by the runner; "" = each client builds its own
@@ -48,6 +48,8 @@ class AppRun:
     tamper_safety: frozenset[str] = frozenset()  # attack experiment: user ids whose device tampers its safety weights
     secure_aggregation: bool = False  # Flower SecAgg+: the server learns only the sum of the deltas
     deterministic_noise: bool = False  # simulation only: DP noise seeded per (seed, user, round), so runs repeat
+    tamper_envelope: bool = False  # attack experiment only: the server sends the policy envelope with a corrupted signature
+    rounds: int = 0  # total rounds for this workdir, overriding [federation] rounds (0 = the config's)
 
     @property
     def clients_dir(self) -> Path:
@@ -82,13 +84,11 @@ def from_run_config(rc: dict[str, Any], *, base: Path | None = None, run_id: int
     if not method.federated:
         raise ConfigError(f"run config method = {method.value!r} is not federated; use 'personalized' or 'aggregated'")
     data = str(get("data", ""))
-    if not data:
-        raise ConfigError("run config data is empty; give the preference JSONL, e.g. -c 'data=\"persona.jsonl\"'")
     if get("policy", "") and not get("root", ""):
         raise ConfigError("run config policy is set but root is empty; give the root.json that verifies it")
     return AppRun(
         config_file=str(get("config", "")),
-        data=path(data),
+        data=path(data) if data else None,
         workdir=path(str(get("workdir", "results/flwr")).replace("{run_id}", str(run_id if run_id is not None else 0))),
         method=method,
         cache=str(get("cache", "")),
@@ -98,4 +98,12 @@ def from_run_config(rc: dict[str, Any], *, base: Path | None = None, run_id: int
         tamper_safety=frozenset(u.strip() for u in str(get("tamper-safety", "")).split(",") if u.strip()),
         secure_aggregation=parse_run_flag(get(SECURE_AGGREGATION_KEY, False)),
         deterministic_noise=parse_run_flag(get("deterministic-noise", False), key="deterministic-noise"),
+        tamper_envelope=parse_run_flag(get("tamper-envelope", False), key="tamper-envelope"),
+        rounds=_non_negative_int(get("rounds", 0), "rounds"),
     )
+
+
+def _non_negative_int(value: Any, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"run config {key} = {value!r}; use an integer >= 0 (0 = the config file's value)")
+    return value

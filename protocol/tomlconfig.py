@@ -7,6 +7,7 @@ Each dataclass field is a key; nested dataclasses are sub-tables; unknown keys a
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import tomllib
 import typing
@@ -95,3 +96,29 @@ def to_plain(obj: Any) -> Any:
     if hasattr(obj, "value") and not isinstance(obj, (int, float, str)):
         return obj.value
     return obj
+
+
+def _toml_value(v: object) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return "inf" if v == "inf" else json.dumps(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(type(v).__name__)
+
+
+def dump_tables(tables: dict[str, dict]) -> str:
+    """TOML text for ``{table: {key: value | {subtable...}}}`` (what the CLIs' init commands write)."""
+    out = []
+    for name, table in tables.items():
+        scalars = {k: v for k, v in table.items() if not isinstance(v, dict)}
+        out.append(f"[{name}]")
+        out += [f"{k} = {_toml_value(v)}" for k, v in scalars.items()]
+        out.append("")
+        sub = {f"{name}.{k}": v for k, v in table.items() if isinstance(v, dict)}
+        if sub:
+            out.append(dump_tables(sub))
+    return "\n".join(out)

@@ -106,6 +106,14 @@ def load_server_policy(envelope_path: Path, root_path: Path, *, backbone_sha256:
     return ServerPolicy(version=policy.version, digest=digest, envelope=envelope, summary=policy.manifest_summary())
 
 
+def tampered_envelope(envelope: bytes) -> bytes:
+    """The envelope with every signature's first character changed: devices must refuse it."""
+    env = json.loads(envelope)
+    for s in env["signatures"]:
+        s["sig"] = ("B" if s["sig"][0] == "A" else "A") + s["sig"][1:]
+    return json.dumps(env).encode()
+
+
 @dataclasses.dataclass(frozen=True)
 class Resume:
     """Where a restarted server picks up: the next round, the weights, the history so far."""
@@ -161,6 +169,9 @@ def prepare_federation(run: AppRun, settings: ServerSettings, *, clock=time.time
     )
     if policy is not None:
         log.warning("fedpref: safety policy v%d in force (digest %s…)", policy.version, policy.digest[:12])
+        if run.tamper_envelope:  # attack experiment: what a man in the middle would deliver
+            policy = dataclasses.replace(policy, envelope=tampered_envelope(policy.envelope))
+            log.warning("fedpref: ATTACK EXPERIMENT: sending the envelope with a corrupted signature")
     model = build_model(backbone, settings.model.adapter, adapters=(SHARED_ADAPTER,), seed=run.seed)
     initial = get_arrays(model, Group.SHARED)
     run.server_dir.mkdir(parents=True, exist_ok=True)
@@ -232,6 +243,9 @@ def make_server_app(defaults: dict | None = None) -> ServerApp:
         run = from_run_config({**base, **dict(context.run_config)}, run_id=context.run_id)
         log.warning("fedpref: checkpoints, ledger and history go to %s", run.server_dir)
         settings = load_server_settings(run.config_file)
+        if run.rounds:  # `fedpref-server start --rounds N`: N more rounds on this workdir
+            settings = dataclasses.replace(
+                settings, federation=dataclasses.replace(settings.federation, rounds=run.rounds))
         if run.secure_aggregation:
             # imported here: server.secagg builds on this module
             from fedpref.server.secagg import load_secagg_config, run_secure_federation

@@ -21,7 +21,7 @@ import click
 import typer
 
 from fedpref.server import privacy
-from fedpref.server.exit_codes import EXIT_CODE_HELP, ExitCode, exit_on_error, fail
+from fedpref.protocol.exit_codes import EXIT_CODE_HELP, ExitCode, exit_on_error, fail
 from fedpref.server.policy_cli import keys_app, policy_app
 from fedpref.server.privacy import AccountantKind
 
@@ -107,31 +107,6 @@ def privacy_noise(
           f"at delta = {delta:g} [{accountant.value}: q={sample_rate:g}, steps={steps}]")
 
 
-def _toml_value(v: object) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    if isinstance(v, str):
-        return "inf" if v == "inf" else json.dumps(v)
-    if isinstance(v, list):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    raise TypeError(type(v).__name__)
-
-
-def _toml_tables(tables: dict[str, dict]) -> str:
-    out = []
-    for name, table in tables.items():
-        scalars = {k: v for k, v in table.items() if not isinstance(v, dict)}
-        out.append(f"[{name}]")
-        out += [f"{k} = {_toml_value(v)}" for k, v in scalars.items()]
-        out.append("")
-        sub = {f"{name}.{k}": v for k, v in table.items() if isinstance(v, dict)}
-        if sub:
-            out.append(_toml_tables(sub))
-    return "\n".join(out)
-
-
 @app.command("init")
 def init(
     home: Annotated[Path, typer.Option("--home", metavar="DIR", help="The server's home: config, TLS, keys, state.")],
@@ -146,7 +121,7 @@ def init(
     from fedpref.model.config import ModelConfig
     from fedpref.protocol.atomic import write_text_atomic
     from fedpref.protocol.errors import ConfigError
-    from fedpref.protocol.tomlconfig import to_plain
+    from fedpref.protocol.tomlconfig import dump_tables, to_plain
     from fedpref.server.config import FederationConfig, LocalConfig
     from fedpref.server.policy_cli import keys_init
     from fedpref.server.tls import parse_address, write_tls
@@ -163,8 +138,9 @@ def init(
             keys_init(home=home, signers=signers, threshold=threshold, expires_days=365)
         fed = to_plain(FederationConfig()) | {"max_epsilon_user": 10.0, "report_eval_metrics": False}
         local = to_plain(LocalConfig()) | {"max_epsilon_sample": 10.0}
-        body = _toml_tables({
-            "server": {"address": f"{host}:{port}", "ca": "tls/ca.pem", "certificate": "tls/server.pem",
+        body = dump_tables({
+            "server": {"address": f"{host}:{port}", "superlink": f"127.0.0.1:{port + 1 if port < 65535 else port - 1}",
+                       "ca": "tls/ca.pem", "certificate": "tls/server.pem",
                        "private_key": "tls/server.key", "trust_root": "keys/root.json", "state": "state"},
             "model": to_plain(ModelConfig()), "federation": fed, "local": local,
         })
@@ -172,6 +148,152 @@ def init(
                           "# [model], [federation] and [local]: see server/config.py and model/config.py.\n\n" + body)
     typer.echo(f"wrote {config}")
     typer.echo(f"TLS: give {tls.ca_cert} to devices; the server certificate is for {host} (and localhost)")
+
+
+# --- deployment: nodes, start, status, stop (server/deploy.py) ------------------------------
+
+nodes_app = typer.Typer(help="Decide which devices may connect (Flower SuperNode authentication).",
+                        no_args_is_help=True)
+app.add_typer(nodes_app, name="nodes")
+ServerHomeOpt = Annotated[Path, typer.Option("--home", metavar="DIR", envvar="FEDPREF_HOME", show_envvar=True,
+                                             help="The server's home (fedpref-server init).")]
+
+
+@nodes_app.command("add")
+def nodes_add(
+    public_key: Annotated[Path, typer.Argument(metavar="PUBLIC_KEY_FILE", help="The device's identity/node.pub.")],
+    home: ServerHomeOpt,
+    as_json: AsJson = False,
+) -> None:
+    """Register a device's public key with the running SuperLink."""
+    from fedpref.server import deploy
+
+    with exit_on_error():
+        out = deploy.nodes_add(deploy.ServerHome.load(home), public_key)
+    _emit(as_json, out, f"registered node {out['node_id']} ({public_key})")
+
+
+@nodes_app.command("list")
+def nodes_list(home: ServerHomeOpt, as_json: AsJson = False) -> None:
+    """List registered devices and whether they are online."""
+    from fedpref.server import deploy
+
+    with exit_on_error():
+        nodes = deploy.nodes_list(deploy.ServerHome.load(home))
+    if as_json:
+        typer.echo(json.dumps(nodes))
+        return
+    for n in nodes:
+        typer.echo(f"{n.get('node-id'):>20}  {n.get('status'):<12} online since {n.get('online-at')}")
+    typer.echo(f"{len(nodes)} nodes")
+
+
+@nodes_app.command("remove")
+def nodes_remove(
+    node_id: Annotated[str, typer.Argument(metavar="ID", help="The node id `nodes add` or `nodes list` printed.")],
+    home: ServerHomeOpt,
+) -> None:
+    """Unregister a device: it can no longer connect."""
+    from fedpref.server import deploy
+
+    with exit_on_error():
+        deploy.nodes_remove(deploy.ServerHome.load(home), node_id)
+    typer.echo(f"unregistered node {node_id}")
+
+
+@app.command("start")
+def start(
+    home: ServerHomeOpt,
+    rounds: Annotated[int | None, typer.Option("--rounds", help="Rounds to run now (default: [federation] rounds).")] = None,
+    policy: Annotated[Path | None, typer.Option("--policy", metavar="ENVELOPE",
+                                                help="A signed policy envelope to put in force (default: the one in force).")] = None,
+    detach: Annotated[bool, typer.Option("--detach", help="Return once the run is submitted; the server keeps running.")] = False,
+) -> None:
+    """Start the SuperLink (loopback, TLS, node auth) behind nginx, and submit the fedpref run."""
+    from fedpref.server import deploy
+
+    with exit_on_error():
+        h = deploy.ServerHome.load(home)
+        started = deploy.start(h, rounds=rounds, policy=policy)
+    typer.echo(f"server started: devices connect to {h.address} (TLS; only the Fleet API is exposed); "
+               f"run {started.run_id}: rounds {started.first_round}..{started.last_round}, "
+               f"safety policy v{started.policy_version}")
+    if detach:
+        typer.echo(f"follow it with `fedpref-server status --home {h.root}`; stop it with `fedpref-server stop --home {h.root}`")
+        return
+    code = _follow(h, started)
+    raise typer.Exit(code)
+
+
+def _follow(h, started) -> int:  # noqa: ANN001
+    """Show round progress until the run ends (Ctrl-C: stop the server), then stop the server."""
+    import time
+
+    from tqdm.auto import tqdm
+
+    from fedpref.server import deploy
+
+    total = started.last_round - started.first_round + 1
+    bar = tqdm(total=total, desc="rounds", unit="round")
+    state = "running"
+    try:
+        while True:
+            st = deploy.status(h)
+            done = max(0, min(total, st["rounds_completed"] - (started.first_round - 1)))
+            bar.update(done - bar.n)
+            if st["ledger"]:
+                bar.set_postfix(eps_user=f"{st['epsilon_user']:.2f}")
+            state = deploy.run_state(h, started.run_id)
+            if state.startswith("finished") or not st["running"]:
+                break
+            time.sleep(2)
+    except KeyboardInterrupt:
+        state = "interrupted"
+    finally:
+        bar.close()
+        deploy.stop(h)
+    typer.echo(f"run {started.run_id}: {state}; server stopped")
+    return 0 if state == "finished:completed" else int(ExitCode.INTERRUPTED if state == "interrupted" else ExitCode.INTERNAL)
+
+
+@app.command("status")
+def status(home: ServerHomeOpt, as_json: AsJson = False) -> None:
+    """Rounds, the last round's participants and rejections, ε_user, the policy, the checkpoint."""
+    from fedpref.server import deploy
+
+    with exit_on_error():
+        st = deploy.status(deploy.ServerHome.load(home))
+    if as_json:
+        typer.echo(json.dumps({k: v for k, v in st.items()}, allow_nan=False))
+        return
+    last = st["last_round"]
+    pol = st["policy"]
+    lines = [
+        f"server           {'running' if st['running'] else 'stopped'} ({st['device_address']})",
+        f"run              {st['run']['id'] or '-'} {st['run']['status'] or ''}",
+        f"rounds completed {st['rounds_completed']}",
+        f"epsilon_user     {st['epsilon_user']:.4g} (delta {st['delta']}, budget {st['max_epsilon_user']})",
+        f"safety policy    {'v%d (%s…)' % (pol['version'], pol['digest'][:12]) if pol else 'none'}",
+        f"checkpoint       {st['latest_checkpoint'] or '-'}",
+    ]
+    if st["stopped_reason"]:
+        lines.append(f"stopped early    {st['stopped_reason']}")
+    if last:
+        lines.append(f"last round {last['round']}: sampled {last['sampled']} of {last['population']}, "
+                     f"responded {last['responded']}, accepted {last['accepted']}")
+        lines += [f"  rejected node {r['node']}: {r['reason']}" for r in last["rejected"]]
+        lines += [f"  declined node {r['node']}: {r['reason']}" for r in last["declined"]]
+    typer.echo("\n".join(lines))
+
+
+@app.command("stop")
+def stop(home: ServerHomeOpt) -> None:
+    """Stop the SuperLink, nginx and the run that `start` started (nothing else)."""
+    from fedpref.server import deploy
+
+    with exit_on_error():
+        stopped = deploy.stop(deploy.ServerHome.load(home))
+    typer.echo(f"stopped {', '.join(stopped)}" if stopped else "not running; nothing to stop")
 
 
 @app.command("exit-codes")

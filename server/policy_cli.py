@@ -74,7 +74,7 @@ from fedpref.safety_policy import (
 )
 from fedpref.safety_policy.errors import short
 from fedpref.safety_policy.root import MAX_ROOT_SIZE
-from fedpref.server.exit_codes import exit_on_error
+from fedpref.protocol.exit_codes import exit_on_error
 
 __all__ = ["PASSPHRASE_ENV", "keys_app", "parse_when", "policy_app"]
 

@@ -154,12 +154,15 @@ class SecureFedPrefStrategy(Strategy):
     ClientManager, the plain-part validation of replies, and the release of the unmasked sum.
     """
 
-    def __init__(self, core: FedPrefStrategy, *, secagg: SecAggConfig, initial: dict[str, np.ndarray]) -> None:
+    def __init__(self, core: FedPrefStrategy, *, secagg: SecAggConfig, initial: dict[str, np.ndarray],
+                 round_offset: int = 0) -> None:
         self.core = core
         self.secagg = secagg
         self.keys = list(core.shapes)
         self._initial = initial
         self._round: _Round | None = None
+        # Flower's legacy workflow counts rounds from 1; a resumed run adds the rounds already charged
+        self.round_offset = round_offset
 
     # -- setup ----------------------------------------------------------------------------
     def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
@@ -169,6 +172,7 @@ class SecureFedPrefStrategy(Strategy):
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, FitIns]]:
         core, fed = self.core, self.core.fed
+        server_round += self.round_offset
         if core.stopped_reason is not None or not core.budget_allows(server_round):
             return []  # SecAgg+ then halts the round: nothing is trained, released or charged
         t0 = core.clock()
@@ -265,6 +269,7 @@ class SecureFedPrefStrategy(Strategy):
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
         """``results`` all carry the same unmasked *mean*; nothing here is one device's."""
         rnd = self._round
+        server_round += self.round_offset
         if rnd is None or rnd.rec.server_round != server_round or rnd.done:
             return None, {}
         if not results:
@@ -317,6 +322,7 @@ class SecureFedPrefStrategy(Strategy):
     def halted(self, server_round: int, stage: str) -> None:
         """Called by the workflow when SecAgg+ stops a round it had started."""
         rnd = self._round
+        server_round += self.round_offset
         if rnd is not None and rnd.rec.server_round == server_round and not rnd.done:
             self._halt(f"secure aggregation halted at {stage}: too few nodes left for the reconstruction threshold")
 
@@ -405,14 +411,14 @@ def run_secure_federation(
     """:func:`fedpref.server.app.run_federation`, with SecAgg+; returns the same strategy/history."""
     fed = settings.federation
     f = prepare_federation(run, settings, clock=clock, label=" (secagg)")
-    core, initial, bar = f.strategy, f.initial, f.bar
-    if f.resume.next_round > 1:
-        # Flower's legacy workflow always starts at round 1; refuse rather than re-number rounds
-        raise ConfigError(
-            f"{run.server_dir} holds {f.resume.next_round - 1} charged round(s); a secure-aggregation run cannot "
-            "resume yet: start it with a new workdir (the ledger there stays as the record)"
-        )
-    strategy = SecureFedPrefStrategy(core, secagg=secagg, initial=initial)
+    core, bar = f.strategy, f.bar
+    done = f.resume.next_round - 1  # rounds charged by earlier runs on this workdir (a restart, a new policy)
+    if done >= fed.rounds:
+        bar.close()
+        log.warning("fedpref: %s already holds %d of %d rounds; nothing to do", run.server_dir, done, fed.rounds)
+        write_summary(run, f, secure_aggregation=True)
+        return core
+    strategy = SecureFedPrefStrategy(core, secagg=secagg, initial=f.resume.arrays, round_offset=done)
     log.warning(
         "fedpref: secure aggregation (Flower SecAgg+) on: share_fraction=%.2f reconstruction=%.2f "
         "quantization 2C/%d; P(round halted for < %d sampled) ≈ %.2g per round at N=%d",
@@ -420,7 +426,7 @@ def run_secure_federation(
         halt_probability(population=fed.min_available_clients, sample_rate=fed.client_sample_rate,
                          min_cohort=secagg.min_cohort), fed.min_available_clients,
     )
-    legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=fed.rounds), strategy=strategy)
+    legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=fed.rounds - done), strategy=strategy)
     try:
         make_workflow(fed.round_timeout_s, fed.clip_norm, secagg)(grid, legacy)
     finally:

@@ -1,4 +1,4 @@
-"""Tests for fedpref.server.exit_codes."""
+"""Tests for fedpref.protocol.exit_codes."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from fedpref.protocol.errors import (
     FedPrefError,
     IntegrityError,
 )
-from fedpref.server.exit_codes import (
+from fedpref.protocol.exit_codes import (
     EXIT_CODE_HELP,
     ExitCode,
     exit_code_for,

@@ -34,7 +34,7 @@ from fedpref.safety_policy import (
 )
 from fedpref.server import policy_cli
 from fedpref.server.cli import app
-from fedpref.server.exit_codes import EXIT_CODE_HELP, ExitCode, exit_code_for
+from fedpref.protocol.exit_codes import EXIT_CODE_HELP, ExitCode, exit_code_for
 
 PASS = "correct horse battery staple"
 

@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from fedpref.server.cli import app, main
-from fedpref.server.exit_codes import ExitCode
+from fedpref.protocol.exit_codes import ExitCode
 
 pytestmark = pytest.mark.filterwarnings("ignore:Optimal order is the:UserWarning")
 runner = CliRunner()

@@ -9,7 +9,7 @@ import sys
 from cryptography import x509
 
 from fedpref.server.app import load_server_settings
-from fedpref.server.exit_codes import ExitCode
+from fedpref.protocol.exit_codes import ExitCode
 
 
 def _init(home, *args):

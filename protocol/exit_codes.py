@@ -6,7 +6,7 @@ Ranges, so that new codes have room:
 - 2-9: the command line, config or data given to the command
 - 10-19: safety policies and signing keys
 - 20-29: privacy budgets
-- 30-39: nodes and rounds (reserved)
+- 30-39: homes, processes, the network and nodes (deployment)
 - 130: interrupted (128 + SIGINT)
 
 Never renumber a code: scripts depend on them. Retire one by commenting it out.
@@ -21,11 +21,17 @@ from enum import IntEnum
 from typing import NoReturn
 
 from fedpref.protocol.errors import (
+    AlreadyRunningError,
     BudgetExceededError,
     ConfigError,
     DataError,
     FedPrefError,
+    HomeError,
     IntegrityError,
+    NodeRejectedError,
+    NotRunningError,
+    ServerUnreachableError,
+    TlsVerificationError,
 )
 from fedpref.safety_policy.errors import (
     ExpiredPolicyError,
@@ -50,6 +56,12 @@ class ExitCode(IntEnum):
     POLICY_EXPIRED = 13
     ROOT_EXPIRED = 14
     BUDGET_EXCEEDED = 20
+    NO_HOME = 30
+    UNREACHABLE = 31
+    TLS_VERIFICATION = 32
+    ALREADY_RUNNING = 33
+    NOT_RUNNING = 34
+    NODE_REJECTED = 35
     INTERRUPTED = 130
 
 
@@ -100,6 +112,30 @@ EXIT_CODE_HELP: dict[ExitCode, str] = {
         "released. Stop training, or raise the noise, lower the sampling rate or, if "
         "policy allows, the budget."
     ),
+    ExitCode.NO_HOME: (
+        "The --home folder does not exist or was not initialised by this tool. Run "
+        "`fedpref-server init --home DIR` or `fedpref-agent init --home DIR ...` first, or fix the path."
+    ),
+    ExitCode.UNREACHABLE: (
+        "The server address did not answer (unknown host, connection refused or timed out). "
+        "Check the HOST:PORT, that the server is started, and the network in between."
+    ),
+    ExitCode.TLS_VERIFICATION: (
+        "The server's TLS certificate does not verify against the CA file given (a wrong CA, "
+        "or a certificate for another host). Get the operator's tls/ca.pem and pass it with --ca."
+    ),
+    ExitCode.ALREADY_RUNNING: (
+        "This home's server (or agent) is already running. Use `status` to see it, or `stop` "
+        "before starting it again."
+    ),
+    ExitCode.NOT_RUNNING: (
+        "The command needs the running server, and this home's server is stopped. Run "
+        "`fedpref-server start --home DIR --detach` first."
+    ),
+    ExitCode.NODE_REJECTED: (
+        "The server refused this device: its public key is not registered. Give the device's "
+        "identity/node.pub to the operator, who runs `fedpref-server nodes add`."
+    ),
     ExitCode.INTERRUPTED: "Interrupted by the user (Ctrl-C).",
 }
 
@@ -113,6 +149,12 @@ _EXCEPTION_CODES: tuple[tuple[type[FedPrefError], ExitCode], ...] = (
     (ExpiredRootError, ExitCode.ROOT_EXPIRED),
     (PolicyError, ExitCode.POLICY_REJECTED),
     (BudgetExceededError, ExitCode.BUDGET_EXCEEDED),
+    (HomeError, ExitCode.NO_HOME),
+    (ServerUnreachableError, ExitCode.UNREACHABLE),
+    (TlsVerificationError, ExitCode.TLS_VERIFICATION),
+    (AlreadyRunningError, ExitCode.ALREADY_RUNNING),
+    (NotRunningError, ExitCode.NOT_RUNNING),
+    (NodeRejectedError, ExitCode.NODE_REJECTED),
     (IntegrityError, ExitCode.INTEGRITY),
     (ConfigError, ExitCode.CONFIG),
     (DataError, ExitCode.DATA),

@@ -1,0 +1,225 @@
+"""A device agent's home: identity, encrypted store, policy, and what a round needs.
+
+Layout of ``--home DIR`` (written by ``fedpref-agent init``)::
+
+    agent.toml            [agent] server address and CA; [model] (must match the server's)
+    ca.pem                the operator's CA, pinned at init
+    identity/node.key     ECDSA P-256 key for Flower SuperNode authentication (OpenSSH, 0600)
+    identity/node.pub     the public key the operator registers (`fedpref-server nodes add`)
+    store/                DeviceStore: preference pairs (SQLite) and AES-GCM sealed blobs
+                            private_adapter  the PEFT folder (adapter_config.json +
+                                             adapter_model.safetensors) as a tar, sealed
+                            accountant       the DP-SGD accountant history, sealed
+    state/policy/         PolicyStore: the pinned trust root and the installed policy
+    state/shared/         the last global shared adapter received (PEFT format; public to
+                          the federation, so not sealed)
+    state/adapter.json    the private adapter's version (round, time) and δ
+    flwr/                 FLWR_HOME of the SuperNode (installed Flower App bundles)
+    logs/, run/           the SuperNode's log and pid file
+
+The ClientApp runs in a process the SuperNode starts; it finds this home through the
+node config key ``fedpref-home`` and uses :class:`EncryptedDeviceState`, so the private
+adapter and the accountant are only ever on disk sealed.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import tarfile
+import tempfile
+import tomllib
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from fedpref.client.data import PreferencePair, Split, UserData
+from fedpref.client.device import DeviceState, Runtime
+from fedpref.client.store import PASSPHRASE_ENV, DeviceStore
+from fedpref.model.config import ModelConfig
+from fedpref.model.io import load_adapter_weights, save_adapter
+from fedpref.model.preference import set_arrays
+from fedpref.protocol.accounting import SampleLevelAccountant
+from fedpref.protocol.atomic import write_text_atomic
+from fedpref.protocol.errors import ConfigError, DataError, HomeError
+from fedpref.protocol.partition import PRIVATE_ADAPTER, SHARED_ADAPTER, Group
+from fedpref.protocol.tomlconfig import build
+from fedpref.safety_policy.store import PolicyStore
+
+NODE_CONFIG_KEY = "fedpref-home"
+AGENT_FILE = "agent.toml"
+PRIVATE_BLOB = "private_adapter"
+ACCOUNTANT_BLOB = "accountant"
+
+
+@dataclass(frozen=True)
+class AgentHome:
+    root: Path
+    server: str
+    ca: Path
+    model: ModelConfig
+
+    # -- layout -------------------------------------------------------------------------
+    @property
+    def key_file(self) -> Path:
+        return self.root / "identity" / "node.key"
+
+    @property
+    def public_key_file(self) -> Path:
+        return self.root / "identity" / "node.pub"
+
+    @property
+    def store_dir(self) -> Path:
+        return self.root / "store"
+
+    @property
+    def state_dir(self) -> Path:
+        return self.root / "state"
+
+    @property
+    def adapter_meta(self) -> Path:
+        return self.state_dir / "adapter.json"
+
+    @property
+    def shared_dir(self) -> Path:
+        return self.state_dir / "shared"
+
+    @property
+    def flwr_home(self) -> Path:
+        return self.root / "flwr"
+
+    @property
+    def log_file(self) -> Path:
+        return self.root / "logs" / "supernode.log"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.root / "run" / "agent.pid"
+
+    # -- loading ------------------------------------------------------------------------
+    @classmethod
+    def load(cls, root: Path | str) -> AgentHome:
+        root = Path(root).expanduser().resolve()
+        path = root / AGENT_FILE
+        if not root.is_dir():
+            raise HomeError(f"--home {root} does not exist; run `fedpref-agent init --home {root} ...` first")
+        if not path.is_file():
+            raise HomeError(f"{root} is not a fedpref agent home (no {AGENT_FILE}); "
+                            f"run `fedpref-agent init --home {root} ...` or fix --home")
+        try:
+            data = tomllib.loads(path.read_text())
+            agent = data["agent"]
+            server, ca = str(agent["server"]), root / str(agent["ca"])
+        except (tomllib.TOMLDecodeError, KeyError, TypeError) as e:
+            raise DataError(f"{path}: not a valid agent config ({e}); re-create the home with `fedpref-agent init`") from None
+        model = build(ModelConfig, data.get("model"), where=f"{path} [model]")
+        return cls(root=root, server=server, ca=ca, model=model)
+
+    def open_store(self) -> DeviceStore:
+        meta = self.store_dir / "store.json"
+        scrypt = meta.is_file() and json.loads(meta.read_text() or "{}").get("kdf") == "scrypt"
+        passphrase = os.environ.get(PASSPHRASE_ENV) if scrypt else None
+        if scrypt and not passphrase:
+            raise ConfigError(f"{self.store_dir} is protected by a passphrase; set {PASSPHRASE_ENV}")
+        return DeviceStore.open(self.store_dir, passphrase=passphrase)
+
+    def policy_store(self) -> PolicyStore:
+        return PolicyStore(self.state_dir / "policy")  # where DeviceState keeps it
+
+    def state(self, store: DeviceStore) -> EncryptedDeviceState:
+        return EncryptedDeviceState(self, store)
+
+    def user(self, store: DeviceStore) -> UserData:
+        """The device's pairs as one user's training data (a device holds out nothing)."""
+        pairs = tuple(
+            PreferencePair(user_id="device", prompt=p.prompt, chosen=p.chosen, rejected=p.rejected, split=Split.TRAIN)
+            for p in store.pairs()
+        )
+        return UserData(user_id="device", community=None, train=pairs, test=())
+
+    def adapter_version(self) -> dict:
+        try:
+            return json.loads(self.adapter_meta.read_text())
+        except FileNotFoundError:
+            return {}
+        except ValueError as e:
+            raise DataError(f"{self.adapter_meta}: not valid JSON ({e}); delete it, the next round rewrites it") from None
+
+
+class EncryptedDeviceState(DeviceState):
+    """:class:`DeviceState` whose private adapter and accountant live sealed in the store."""
+
+    def __init__(self, home: AgentHome, store: DeviceStore) -> None:
+        super().__init__(home.state_dir)
+        self.home = home
+        self.store = store
+
+    @property
+    def cache_path(self) -> Path | None:
+        return None  # hidden states of the user's texts are rebuilt in memory, never written
+
+    def load_private(self, rt: Runtime) -> None:
+        blob = self.store.unseal(PRIVATE_BLOB)
+        if blob is None:
+            set_arrays(rt.model, Group.PRIVATE, rt.initial_private)
+            return
+        with tempfile.TemporaryDirectory(prefix="fedpref-adapter-") as tmp:
+            folder = Path(tmp) / PRIVATE_ADAPTER
+            _untar(blob, folder, where=self.store.root / "vault" / f"{PRIVATE_BLOB}.enc")
+            load_adapter_weights(rt.model, PRIVATE_ADAPTER, folder)
+
+    def save_private(self, rt: Runtime, *, metadata: dict[str, str] | None = None) -> None:
+        with tempfile.TemporaryDirectory(prefix="fedpref-adapter-") as tmp:
+            folder = Path(tmp) / PRIVATE_ADAPTER
+            save_adapter(rt.model, PRIVATE_ADAPTER, folder, metadata=metadata)
+            self.store.seal(PRIVATE_BLOB, _tar(folder))
+        meta = {"round": int((metadata or {}).get("round", 0)), "updated_at": _now()}
+        write_text_atomic(self.home.adapter_meta, json.dumps(self.home.adapter_version() | meta), mode=0o600)
+
+    def accountant(self) -> SampleLevelAccountant:
+        where = self.store.root / "vault" / f"{ACCOUNTANT_BLOB}.enc"
+        blob = self.store.unseal(ACCOUNTANT_BLOB)
+        return SampleLevelAccountant(where) if blob is None else SampleLevelAccountant.from_bytes(blob, where)
+
+    def save_accountant(self, acct: SampleLevelAccountant) -> None:
+        self.store.seal(ACCOUNTANT_BLOB, acct.to_bytes())
+
+    def received_global(self, rt: Runtime, server_round: int, shared: dict[str, np.ndarray]) -> None:
+        set_arrays(rt.model, Group.SHARED, shared)  # the round's delta is already computed
+        save_adapter(rt.model, SHARED_ADAPTER, self.home.shared_dir, metadata={"round": str(server_round)})
+
+
+def _tar(folder: Path) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for f in sorted(folder.iterdir()):
+            tar.add(f, arcname=f.name, recursive=False)
+    return buf.getvalue()
+
+
+def _untar(blob: bytes, folder: Path, *, where: Path) -> None:
+    folder.mkdir(mode=0o700)
+    try:
+        with tarfile.open(fileobj=io.BytesIO(blob), mode="r") as tar:
+            tar.extractall(folder, filter="data")
+    except (tarfile.TarError, OSError) as e:
+        raise DataError(f"{where}: the sealed adapter is not a valid adapter archive ({e}); "
+                        "run `fedpref-agent forget` to start the adapter afresh") from None
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def forget(home: AgentHome, store: DeviceStore) -> dict:
+    """Delete the preference pairs, the sealed adapter and accountant, and derived state."""
+    pairs = store.clear_pairs()
+    adapter = store.delete(PRIVATE_BLOB)
+    accountant = store.delete(ACCOUNTANT_BLOB)
+    home.adapter_meta.unlink(missing_ok=True)
+    shutil.rmtree(home.shared_dir, ignore_errors=True)
+    return {"pairs_deleted": pairs, "adapter_deleted": adapter, "accountant_deleted": accountant}

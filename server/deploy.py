@@ -1,0 +1,570 @@
+"""Running a fedpref server on Flower's Deployment Engine: ``start``, ``stop``, ``status``, ``nodes``.
+
+What ``fedpref-server start --home DIR`` runs, all of it recorded in ``DIR/run/processes.json``
+so that ``stop`` stops exactly that and nothing else:
+
+- **flower-superlink** on loopback only (``[server] superlink``, default device port + 1),
+  with TLS (the home's certificate), SuperNode authentication, a persistent SQLite database
+  (``state/superlink.db``: registered nodes survive restarts) and runtime dependency
+  installation off. Flower 1.42 serves its Control, Fleet and Runtime APIs on this one port,
+  and the open-source Control API has no login: whoever reaches it can submit a run, and so
+  ship code to every device. Hence loopback.
+- **nginx** on the device-facing address (``[server] address``): it terminates TLS with the
+  same certificate and proxies only ``/v1/fleet/`` (the Fleet API SuperNodes use) to the
+  SuperLink, re-encrypted and verified against the home's CA. Every other path, the Control
+  API's ``/v1/control/`` included, is answered 404 by nginx itself.
+
+``start`` then submits the fedpref Flower App (the same ServerApp/ClientApp as the
+simulation, from a generated app folder ``DIR/app``) with ``flwr run`` to the loopback
+Control API. The ServerApp keeps its ledger, checkpoints and history in ``DIR/state/server``
+across runs: a new ``start`` continues the round count and the privacy ledger.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import tomllib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from fedpref.protocol.atomic import write_bytes_atomic, write_text_atomic
+from fedpref.protocol.errors import (
+    AlreadyRunningError,
+    ConfigError,
+    DataError,
+    FedPrefError,
+    HomeError,
+    NotRunningError,
+)
+from fedpref.server.tls import parse_address
+
+CONNECTION = "fedpref"  # the SuperLink connection name in DIR/flwr/config.toml
+
+
+@dataclass(frozen=True)
+class ServerHome:
+    root: Path
+    address: str  # device-facing HOST:PORT (nginx)
+    superlink: str  # loopback HOST:PORT of the SuperLink
+    ca: Path
+    certificate: Path
+    private_key: Path
+    trust_root: Path
+
+    @classmethod
+    def load(cls, root: Path) -> ServerHome:
+        root = Path(root).expanduser().absolute()
+        path = root / "config.toml"
+        if not root.is_dir():
+            raise HomeError(f"--home {root} does not exist; run `fedpref-server init --home {root}` first")
+        if not path.is_file():
+            raise HomeError(f"{root} is not a fedpref server home (no config.toml); run "
+                            f"`fedpref-server init --home {root}` or fix --home")
+        try:
+            server = tomllib.loads(path.read_text())["server"]
+        except tomllib.TOMLDecodeError as e:
+            raise DataError(f"{path}: not valid TOML ({e}); fix the file") from None
+        except KeyError:
+            raise DataError(f"{path}: no [server] table; re-create the home with `fedpref-server init`") from None
+        host, port = parse_address(str(server.get("address", "")))
+        link = str(server.get("superlink", f"127.0.0.1:{port + 1}"))
+        link_host, _ = parse_address(link)
+        if link_host not in ("127.0.0.1", "localhost", "::1"):
+            raise ConfigError(f"{path}: [server] superlink = {link!r} must be a loopback address: Flower's Control "
+                              "API has no login and must not be reachable from devices")
+        return cls(root=root, address=f"{host}:{port}", superlink=link,
+                   ca=root / str(server.get("ca", "tls/ca.pem")),
+                   certificate=root / str(server.get("certificate", "tls/server.pem")),
+                   private_key=root / str(server.get("private_key", "tls/server.key")),
+                   trust_root=root / str(server.get("trust_root", "keys/root.json")))
+
+    # -- layout -------------------------------------------------------------------------
+    @property
+    def config(self) -> Path:
+        return self.root / "config.toml"
+
+    @property
+    def state(self) -> Path:
+        return self.root / "state"
+
+    @property
+    def server_dir(self) -> Path:  # AppRun(workdir=state).server_dir
+        return self.state / "server"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.root / "run"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def processes_file(self) -> Path:
+        return self.run_dir / "processes.json"
+
+    @property
+    def flwr_home(self) -> Path:
+        return self.root / "flwr"
+
+    @property
+    def app_dir(self) -> Path:
+        return self.root / "app"
+
+    @property
+    def policy_file(self) -> Path:
+        return self.state / "policy.json"
+
+    def env(self) -> dict[str, str]:
+        return dict(os.environ, FLWR_HOME=str(self.flwr_home))
+
+
+# --- processes -------------------------------------------------------------------------------
+
+
+def _cmdline(pid: int) -> list[str] | None:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+    return [a.decode(errors="replace") for a in raw.split(b"\0") if a]
+
+
+def _alive(proc: dict) -> bool:
+    """The recorded process still runs, and is the same program (not a recycled pid)."""
+    cmd = _cmdline(int(proc["pid"]))  # nginx rewrites its argv to "nginx: master process ..."
+    prog = Path(proc["cmd"][0]).name
+    return bool(cmd) and any(prog in part for part in cmd[:3])
+
+
+def recorded(home: ServerHome) -> dict:
+    try:
+        return json.loads(home.processes_file.read_text())
+    except FileNotFoundError:
+        return {}
+    except ValueError as e:
+        raise DataError(f"{home.processes_file}: not valid JSON ({e}); check for stray fedpref processes, "
+                        "then delete the file") from None
+
+
+def running(home: ServerHome) -> list[dict]:
+    return [p for p in recorded(home).get("processes", []) if _alive(p)]
+
+
+def _spawn(name: str, cmd: list[str], log: Path, env: dict[str, str]) -> dict:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab", buffering=0) as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env=env, start_new_session=True)
+    return {"name": name, "pid": proc.pid, "cmd": cmd, "log": str(log)}
+
+
+def _wait_port(address: str, proc: dict, *, timeout: float = 60.0) -> None:
+    host, port = parse_address(address)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not _alive(proc):
+            tail = _tail(Path(proc["log"]))
+            raise ConfigError(f"{proc['name']} exited at start-up: {tail}; see {proc['log']}")
+        try:
+            socket.create_connection((host, port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.3)
+    raise ConfigError(f"{proc['name']} did not listen on {address} within {timeout:.0f} s; see {proc['log']}")
+
+
+def _tail(log: Path, n: int = 3) -> str:
+    try:
+        lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return "(no log)"
+    errors = [ln for ln in lines if "rror" in ln or "emerg" in ln] or lines
+    return " | ".join(errors[-n:])
+
+
+def _port_free(address: str) -> bool:
+    host, port = parse_address(address)
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def _terminate(procs: list[dict], *, grace: float = 20.0) -> list[str]:
+    """SIGTERM each recorded process group (the process and its children), then SIGKILL."""
+    for p in procs:
+        try:
+            os.killpg(int(p["pid"]), signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and any(_alive(p) for p in procs):
+        time.sleep(0.2)
+    for p in procs:
+        try:
+            os.killpg(int(p["pid"]), signal.SIGKILL)  # leftovers of the group, if any
+        except ProcessLookupError:
+            pass
+    return [p["name"] for p in procs]
+
+
+# --- generated files -------------------------------------------------------------------------
+
+
+def nginx_conf(home: ServerHome, link: str) -> str:
+    host, port = parse_address(home.address)
+    listen = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    tmp = home.run_dir / "nginx"
+    return f"""# written by `fedpref-server start`; regenerated at every start
+worker_processes 1;
+pid {home.run_dir / 'nginx.pid'};
+error_log {home.logs / 'nginx-error.log'} warn;
+daemon off;
+events {{ worker_connections 1024; }}
+http {{
+    access_log {home.logs / 'nginx-access.log'};
+    client_body_temp_path {tmp}/body;
+    proxy_temp_path {tmp}/proxy;
+    fastcgi_temp_path {tmp}/fastcgi;
+    uwsgi_temp_path {tmp}/uwsgi;
+    scgi_temp_path {tmp}/scgi;
+    server_tokens off;
+    server {{
+        listen {listen} ssl;
+        ssl_certificate {home.certificate};
+        ssl_certificate_key {home.private_key};
+        ssl_protocols TLSv1.2 TLSv1.3;
+        client_max_body_size 512m;
+        # Only the Fleet API: SuperNodes register, pull messages and push replies here.
+        location /v1/fleet/ {{
+            proxy_pass https://{link};
+            proxy_ssl_trusted_certificate {home.ca};
+            proxy_ssl_verify on;
+            proxy_ssl_name localhost;
+            proxy_http_version 1.1;
+            proxy_request_buffering off;
+            proxy_buffering off;
+            proxy_read_timeout 3600s;
+            proxy_send_timeout 3600s;
+        }}
+        # The Control API (/v1/control/: submit runs, register nodes) and the Runtime API
+        # stay on loopback: nothing else is served here.
+        location / {{ return 404; }}
+    }}
+}}
+"""
+
+
+def app_pyproject() -> str:
+    from importlib.metadata import version
+
+    return f"""# The fedpref Flower App as the operator's server submits it (`fedpref-server start`).
+# The components are the installed fedpref's, the same ServerApp and ClientApp as in simulation.
+[build-system]
+requires = ["setuptools>=68"]
+build-backend = "setuptools.build_meta"
+
+[project]
+name = "fedpref-deployment"
+version = "{version('fedpref')}"
+description = "fedpref: personalized preference learning within signed safety bounds"
+dependencies = []  # devices and server run fedpref from their own environment
+
+[tool.flwr.app]
+publisher = "fedpref"
+
+[tool.flwr.app.components]
+serverapp = "fedpref.server.app:app"
+clientapp = "fedpref.client.app:app"
+
+[tool.flwr.app.config]
+config = ""
+data = ""
+workdir = ""
+method = "personalized"
+cache = ""
+seed = 0
+secure-aggregation = true
+policy = ""
+root = ""
+tamper-safety = ""
+deterministic-noise = false
+tamper-envelope = false   # attack experiment only (tests): the policy envelope is sent corrupted
+rounds = 0
+"""
+
+
+def _toml_str(v: Any) -> str:
+    return json.dumps(v) if isinstance(v, str) else ("true" if v is True else "false" if v is False else repr(v))
+
+
+def _write_flwr_config(home: ServerHome) -> None:
+    write_text_atomic(home.flwr_home / "config.toml",
+                      f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+                      f'address = "{home.superlink}"\nroot-certificates = "{home.ca}"\n')
+
+
+def flwr(home: ServerHome, *args: str, timeout: float = 120.0) -> dict:
+    """Run the ``flwr`` CLI against this home's SuperLink; its JSON output, or a clear error."""
+    exe = shutil.which("flwr", path=os.path.dirname(sys.executable)) or shutil.which("flwr")
+    if exe is None:
+        raise ConfigError("the flwr command is not installed in this environment; reinstall fedpref")
+    _write_flwr_config(home)
+    try:
+        out = subprocess.run([exe, *args, "--format", "json"], capture_output=True, text=True, env=home.env(),
+                             timeout=timeout, cwd=home.root)
+    except subprocess.TimeoutExpired:
+        raise NotRunningError(f"flwr {args[0]} timed out after {timeout:.0f} s; is the server running?") from None
+    try:
+        result = json.loads(out.stdout[out.stdout.index("{"):])
+    except ValueError:
+        result = {"success": False, "error-message": (out.stderr or out.stdout).strip()[-500:]}
+    if not result.get("success", False):
+        msg = " ".join(str(result.get("error-message", out.stderr)).split())
+        raise FedPrefError(f"flwr {' '.join(args[:2])} failed: {msg}")
+    return result
+
+
+# --- start / stop -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Started:
+    run_id: int
+    first_round: int
+    last_round: int
+    policy_version: int
+    processes: list[dict]
+
+
+def _history(home: ServerHome) -> list[dict]:
+    try:
+        return json.loads((home.server_dir / "history.json").read_text())
+    except FileNotFoundError:
+        return []
+    except ValueError as e:
+        raise DataError(f"{home.server_dir / 'history.json'}: not valid JSON ({e}); restore it from a backup") from None
+
+
+def _rounds_done(home: ServerHome) -> int:
+    from fedpref.server.privacy import PrivacyLedger
+
+    ledger = home.server_dir / "ledger.jsonl"
+    charged = [e.round for e in PrivacyLedger(ledger).entries()] if ledger.exists() else []
+    return max([*charged, *(h["server_round"] for h in _history(home)), 0])
+
+
+def _install_policy(home: ServerHome, envelope: Path, backbone_sha256: str) -> dict:
+    """Verify the envelope as devices will, keep a copy in the home; the policy now in force."""
+    from fedpref.server.app import load_server_policy
+
+    policy = load_server_policy(envelope, home.trust_root, backbone_sha256=backbone_sha256)
+    current = _policy_in_force(home)
+    if current and policy.version < current["version"]:
+        raise ConfigError(f"--policy {envelope} is v{policy.version}, older than v{current['version']} in force; "
+                          "devices would refuse it (rollback): sign a higher --version")
+    copy = home.state / "policies" / f"policy-v{policy.version}.dsse.json"
+    write_bytes_atomic(copy, policy.envelope)
+    record = {"version": policy.version, "digest": policy.digest, "envelope": str(copy),
+              "installed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())} | {
+                  k: v for k, v in policy.summary.items() if k in ("name", "expires_at", "issued_at")}
+    write_text_atomic(home.policy_file, json.dumps(record, indent=1))
+    return record
+
+
+def _summary(home: ServerHome) -> dict:
+    try:
+        return json.loads((home.server_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _policy_in_force(home: ServerHome) -> dict | None:
+    try:
+        return json.loads(home.policy_file.read_text())
+    except FileNotFoundError:
+        return None
+    except ValueError as e:
+        raise DataError(f"{home.policy_file}: not valid JSON ({e}); start again with --policy ENVELOPE") from None
+
+
+def start(home: ServerHome, *, rounds: int | None, policy: Path | None, extra_run_config: dict | None = None) -> Started:
+    """Start SuperLink and nginx, submit the run; returns at once (the processes keep running)."""
+    from fedpref.model.backbone import load_backbone
+    from fedpref.server.app import load_server_settings
+
+    if alive := running(home):
+        names = ", ".join(f"{p['name']} (pid {p['pid']})" for p in alive)
+        raise AlreadyRunningError(f"{home.root} is already running: {names}; `fedpref-server stop --home {home.root}` first")
+    settings = load_server_settings(str(home.config))  # fail before starting anything
+    for f in (home.ca, home.certificate, home.private_key, home.trust_root):
+        if not f.is_file():
+            raise HomeError(f"{f} is missing; the home is incomplete (re-create it with `fedpref-server init`)")
+    nginx = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if os.access(p, os.X_OK)), None)
+    if nginx is None:
+        raise ConfigError("nginx is not installed; it is the TLS reverse proxy that exposes only the Fleet API "
+                          "(Debian/Ubuntu: apt-get install nginx-light)")
+    for addr in (home.address, home.superlink):
+        if not _port_free(addr):
+            raise AlreadyRunningError(f"{addr} is already in use by another program; free it or change [server] in {home.config}")
+    if policy is not None:
+        in_force: dict | None = _install_policy(home, policy, load_backbone(settings.model.backbone or None).sha256)
+    else:
+        in_force = _policy_in_force(home)
+    done = _rounds_done(home)
+    more = rounds if rounds is not None else settings.federation.rounds
+    if more < 1:
+        raise ConfigError(f"--rounds {more}; give at least 1")
+
+    for d in (home.run_dir / "nginx", home.logs, home.state, home.flwr_home, home.app_dir):
+        d.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(home.run_dir / "nginx.conf", nginx_conf(home, home.superlink))
+    write_text_atomic(home.app_dir / "pyproject.toml", app_pyproject())
+    _write_flwr_config(home)
+    link_host, link_port = parse_address(home.superlink)
+    exe_dir = os.path.dirname(sys.executable)
+    superlink = shutil.which("flower-superlink", path=exe_dir) or "flower-superlink"
+    procs: list[dict] = []
+    try:
+        procs.append(_spawn("superlink", [
+            superlink, "--ssl-ca-certfile", str(home.ca), "--ssl-certfile", str(home.certificate),
+            "--ssl-keyfile", str(home.private_key), "--database", str(home.state / "superlink.db"),
+            "--enable-supernode-auth", "--disable-runtime-dependency-installation",
+            "--host", link_host, "--port", str(link_port)], home.logs / "superlink.log", home.env()))
+        _save_processes(home, procs)
+        _wait_port(home.superlink, procs[0])
+        procs.append(_spawn("nginx", [nginx, "-c", str(home.run_dir / "nginx.conf"), "-e",
+                                      str(home.logs / "nginx-error.log")], home.logs / "nginx.log", home.env()))
+        _save_processes(home, procs)
+        _wait_port(home.address, procs[1])
+        run_config = {
+            "config": str(home.config), "workdir": str(home.state), "method": "personalized",
+            "secure-aggregation": True, "rounds": done + more,
+            "policy": in_force["envelope"] if in_force else "", "root": str(home.trust_root) if in_force else "",
+        } | (extra_run_config or {})
+        rc_file = home.run_dir / "run-config.toml"
+        write_text_atomic(rc_file, "".join(f"{k} = {_toml_str(v)}\n" for k, v in run_config.items()))
+        submitted = flwr(home, "run", str(home.app_dir), CONNECTION, "--run-config", str(rc_file))
+        run_id = int(submitted["run-id"])
+        _save_processes(home, procs, run_id=run_id, rounds=(done + 1, done + more))
+    except BaseException:
+        _terminate(procs, grace=5)
+        home.processes_file.unlink(missing_ok=True)
+        raise
+    return Started(run_id, done + 1, done + more, in_force["version"] if in_force else 0, procs)
+
+
+def _save_processes(home: ServerHome, procs: list[dict], **extra: Any) -> None:
+    write_text_atomic(home.processes_file, json.dumps(
+        {"started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "processes": procs, **extra}, indent=1))
+
+
+def stop(home: ServerHome) -> list[str]:
+    """Stop what ``start`` recorded (and only that); returns the names stopped."""
+    rec = recorded(home)
+    procs = rec.get("processes", [])
+    alive = [p for p in procs if _alive(p)]
+    stopped = _terminate(alive) if alive else []
+    if procs:
+        write_text_atomic(home.run_dir / "last-run.json", json.dumps(rec | {"stopped_at": time.strftime(
+            "%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, indent=1))
+    home.processes_file.unlink(missing_ok=True)
+    return stopped
+
+
+def run_state(home: ServerHome, run_id: int) -> str:
+    """Flower's status of the run (``running``, ``finished:completed`` ...)."""
+    try:
+        runs = flwr(home, "ls", CONNECTION, "--run-id", str(run_id), timeout=30).get("runs", [])
+    except FedPrefError:
+        return "unknown"
+    return str(runs[0].get("status", "unknown")) if runs else "unknown"
+
+
+# --- status ---------------------------------------------------------------------------------
+
+
+def status(home: ServerHome) -> dict:
+    from fedpref.server.privacy import PrivacyLedger
+
+    history = _history(home)
+    ledger_path = home.server_dir / "ledger.jsonl"
+    ledger = [asdict(e) for e in PrivacyLedger(ledger_path).entries()] if ledger_path.exists() else []
+    rec = recorded(home)
+    alive = running(home)
+    latest = home.server_dir / "checkpoints" / "LATEST"
+    last = history[-1] if history else None
+    fed = {}
+    try:
+        fed = tomllib.loads(home.config.read_text()).get("federation", {})
+    except (OSError, tomllib.TOMLDecodeError):
+        pass
+    out: dict[str, Any] = {
+        "home": str(home.root),
+        "running": bool(alive),
+        "processes": [{"name": p["name"], "pid": p["pid"]} for p in alive],
+        "device_address": home.address,
+        "run": {"id": rec.get("run_id"), "rounds": rec.get("rounds"),
+                "status": run_state(home, rec["run_id"]) if alive and rec.get("run_id") else None},
+        "rounds_completed": len(history),
+        "last_round": None if last is None else {
+            "round": last["server_round"], "population": last["population"], "sampled": last["sampled"],
+            "responded": last["replied"], "accepted": last["accepted"], "rejected": last["rejected"],
+            "declined": last["declined"], "policy_version": last.get("policy_version", 0)},
+        "epsilon_user": ledger[-1]["epsilon"] if ledger else 0.0,
+        "delta": fed.get("delta"),
+        "max_epsilon_user": fed.get("max_epsilon_user"),
+        "ledger": ledger,
+        "policy": _policy_in_force(home),
+        "stopped_reason": _summary(home).get("stopped_reason"),
+        "latest_checkpoint": str(home.server_dir / "checkpoints" / latest.read_text().strip()) if latest.exists() else None,
+    }
+    return out
+
+
+# --- nodes ----------------------------------------------------------------------------------
+
+
+def _require_running(home: ServerHome) -> None:
+    if not any(p["name"] == "superlink" for p in running(home)):
+        raise NotRunningError(f"the server of {home.root} is not running; nodes are registered with the running "
+                              f"SuperLink: `fedpref-server start --home {home.root} --detach` first")
+
+
+def nodes_add(home: ServerHome, public_key: Path) -> dict:
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import load_ssh_public_key
+
+    try:
+        key = load_ssh_public_key(public_key.read_bytes())
+    except OSError as e:
+        raise ConfigError(f"{public_key}: {e.strerror}; give the device's identity/node.pub") from None
+    except (ValueError, TypeError) as e:  # cryptography raises ValueError/UnsupportedAlgorithm(ValueError)
+        raise DataError(f"{public_key}: not an OpenSSH public key ({e}); give the device's identity/node.pub") from None
+    if not isinstance(key, ec.EllipticCurvePublicKey):
+        raise DataError(f"{public_key}: not an ECDSA key; Flower SuperNode authentication uses ECDSA (NIST curves)")
+    _require_running(home)
+    out = flwr(home, "supernode", "register", str(public_key.absolute()), CONNECTION)
+    return {"node_id": str(out["node-id"]), "public_key": str(public_key)}
+
+
+def nodes_list(home: ServerHome) -> list[dict]:
+    _require_running(home)
+    return list(flwr(home, "supernode", "list", CONNECTION).get("nodes", []))
+
+
+def nodes_remove(home: ServerHome, node_id: str) -> None:
+    _require_running(home)
+    flwr(home, "supernode", "unregister", node_id, CONNECTION)
