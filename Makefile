@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.fedpref-installed
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench proto clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/fedpref-sim bench
+
+proto: $(STAMP)   # regenerate protocol/agent_pb2*.py from protocol/agent.proto
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
+	PYTHON=$(BIN)/python scripts/gen_proto.sh
 
 clean:
 	rm -rf results build *.egg-info .pytest_cache

@@ -394,7 +394,7 @@ def start(
         write_text_atomic(h.pid_file, f"{os.getpid()}\n")
         log = open(h.log_file, "ab", buffering=0)
         child = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    typer.echo(f"SuperNode started (pid {child.pid}) for {h.server}; log: {h.log_file}", err=True)
+    typer.echo(f"SuperNode started (pid {child.pid}) for {h.server}; log: {h.log_file}")
 
     def _stop(signum: int, _frame: object) -> None:
         if child.poll() is None:
@@ -408,7 +408,7 @@ def start(
         h.pid_file.unlink(missing_ok=True)
         log.close()
     if rc in (0, -signal.SIGTERM, -signal.SIGINT):
-        typer.echo("SuperNode stopped", err=True)
+        typer.echo("SuperNode stopped")
         return
     tail = h.log_file.read_text(errors="replace")[-4000:]
     with exit_on_error():

@@ -40,6 +40,7 @@ from fedpref.protocol.messages import (
 from fedpref.protocol.partition import PRIVATE_ADAPTER, SHARED_ADAPTER, Group, group_of
 from fedpref.safety_policy.classifier import SafetyModule, attach, attached
 from fedpref.safety_policy.errors import PolicyError
+from fedpref.safety_policy.root import load_root
 from fedpref.safety_policy.store import PolicyStore
 
 log = logging.getLogger("fedpref.client")
@@ -152,8 +153,13 @@ def enforce_policy(
     trust_root: bytes | None,
     now: datetime | None = None,
     tamper: bool = False,
+    roots: tuple[bytes, ...] = (),
 ):
     """Install ``envelope`` if sent, check the policy the server requires, attach its module.
+
+    ``roots`` (sent with the envelope) may carry trust-root versions newer than the pinned
+    one: the device follows the chain (each version signed by a threshold of the previous
+    one's keys and of its own) before verifying the envelope, so a key rotation reaches it.
 
     Fails closed: any verification error raises :class:`PolicyRefused` and the previously
     installed policy stays in force on disk. Returns the verified Policy, or ``None`` when
@@ -166,6 +172,11 @@ def enforce_policy(
         root = store.trusted_root(now=now)
         if root is None and trust_root is not None:
             root = store.init_root(trust_root, now=now)
+        if root is not None and roots:
+            newer = sorted((v, r) for r in roots if (v := load_root(r).version) > root.version)
+            if newer:
+                root = store.update_root([r for _, r in newer], now=now)
+                log.info("followed the trust root to v%d", root.version)
         if envelope is not None and hashlib.sha256(envelope).hexdigest() != store.envelope_sha256:
             if root is None:
                 raise PolicyRefused("a policy arrived but this device has no trust root pinned; pin root.json first")
@@ -254,7 +265,7 @@ def train_round(
     if cfg.protocol_version != PROTOCOL_VERSION:
         raise DeclinedRound(f"protocol version {cfg.protocol_version} unsupported (device speaks {PROTOCOL_VERSION})")
     policy = enforce_policy(rt, state, required_version=cfg.policy_version, envelope=req.envelope,
-                            trust_root=trust_root, now=now, tamper=tamper_safety)
+                            trust_root=trust_root, now=now, tamper=tamper_safety, roots=req.roots)
     if report_eval is None:
         report_eval = cfg.report_eval  # the server decides (federation.report_eval_metrics)
     local = LocalTrainConfig(

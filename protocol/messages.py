@@ -4,7 +4,8 @@ Typed dataclasses, and their encoding to and from Flower ``RecordDict``. Both si
 this module and nothing else of each other.
 
 Server → client (train): ``RecordDict{"shared": ArrayRecord, "config": ConfigRecord}`` and,
-when the client's policy is older, ``"policy": ConfigRecord{"envelope": bytes}``.
+when the client's policy is older, ``"policy": ConfigRecord{"envelope": bytes, "roots":
+list[bytes]}`` (``roots``: the operator's trust-root chain, so devices can follow a key rotation).
 Client → server: ``RecordDict{"delta": ArrayRecord, "metrics": MetricRecord,
 "attestation": ConfigRecord}``.
 """
@@ -132,10 +133,14 @@ def record_to_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
     return {k: v.numpy() for k, v in record.items()}
 
 
-def train_request(shared: dict[str, np.ndarray], config: RoundConfig, envelope: bytes | None) -> RecordDict:
+def train_request(shared: dict[str, np.ndarray], config: RoundConfig, envelope: bytes | None,
+                  roots: tuple[bytes, ...] = ()) -> RecordDict:
     content = RecordDict({K_SHARED: arrays_to_record(shared), K_CONFIG: config.to_record()})
     if envelope is not None:
-        content[K_POLICY] = ConfigRecord({"envelope": envelope})
+        record = ConfigRecord({"envelope": envelope})
+        if roots:
+            record["roots"] = list(roots)
+        content[K_POLICY] = record
     return content
 
 
@@ -144,6 +149,7 @@ class TrainRequest:
     shared: dict[str, np.ndarray]
     config: RoundConfig
     envelope: bytes | None
+    roots: tuple[bytes, ...] = ()  # trust-root versions the server holds (signed chain), oldest first
 
     @classmethod
     def from_content(cls, content: RecordDict) -> TrainRequest:
@@ -152,13 +158,17 @@ class TrainRequest:
             config = RoundConfig.from_record(content.config_records[K_CONFIG])
         except KeyError as e:
             raise DataError(f"train request lacks record {e.args[0]!r}") from None
-        env = None
+        env, roots = None, ()
         if K_POLICY in content.config_records:
             raw = content.config_records[K_POLICY].get("envelope")
             if not isinstance(raw, bytes):
                 raise DataError("train request: policy record has no bytes 'envelope'")
             env = raw
-        return cls(shared=shared, config=config, envelope=env)
+            chain = content.config_records[K_POLICY].get("roots", [])
+            if not isinstance(chain, list) or not all(isinstance(r, bytes) for r in chain):
+                raise DataError("train request: policy record 'roots' is not a list of bytes")
+            roots = tuple(chain)
+        return cls(shared=shared, config=config, envelope=env, roots=roots)
 
 
 def train_reply(delta: dict[str, np.ndarray], metrics: TrainMetrics, attestation: Attestation) -> RecordDict:

@@ -43,6 +43,7 @@ from fedpref.protocol.messages import Attestation, RoundConfig, TrainMetrics, Tr
 
 K_SHARED_KEYS = "fedpref.shared-keys"  # FitIns config: "\n".join(shared parameter names)
 K_ENVELOPE = "fedpref.policy-envelope"  # FitIns config: the signed policy envelope (bytes)
+K_ROOT_PREFIX = "fedpref.trust-root."  # FitIns config: K_ROOT_PREFIX + i → the i-th trust-root version (bytes)
 ATTESTATION_PREFIX = "attestation."  # FitRes metrics: attestation.<Attestation field>
 K_EPSILON_SAMPLE = "epsilon_sample"  # FitRes metrics (plain): the device's running ε_sample
 SECURE_AGGREGATION_KEY = "secure-aggregation"  # Flower run config switch (bool)
@@ -100,12 +101,15 @@ def sum_error_bound(*, cohort: int, clip_norm: float, quantization_range: int) -
 
 
 # -- server → client --------------------------------------------------------------------
-def fit_config(cfg: RoundConfig, keys: Sequence[str], envelope: bytes | None) -> dict[str, bool | bytes | float | int | str]:
+def fit_config(cfg: RoundConfig, keys: Sequence[str], envelope: bytes | None,
+               roots: Sequence[bytes] = ()) -> dict[str, bool | bytes | float | int | str]:
     """The legacy ``FitIns.config`` of one node."""
     out: dict[str, bool | bytes | float | int | str] = dict(asdict(cfg))
     out[K_SHARED_KEYS] = "\n".join(keys)
     if envelope is not None:
         out[K_ENVELOPE] = envelope
+        for i, r in enumerate(roots):
+            out[f"{K_ROOT_PREFIX}{i}"] = r
     return out
 
 
@@ -122,7 +126,10 @@ def parse_fit(parameters: Sequence[np.ndarray], config: Mapping[str, object]) ->
         raise DataError(f"secure-aggregation train request: {K_ENVELOPE!r} is {type(env).__name__}, not bytes")
     cfg = RoundConfig.from_record({f.name: config.get(f.name) for f in fields(RoundConfig)})  # type: ignore[arg-type]
     shared = {k: np.asarray(v) for k, v in zip(keys, parameters)}
-    return TrainRequest(shared=shared, config=cfg, envelope=env), keys
+    roots = []
+    while isinstance(r := config.get(f"{K_ROOT_PREFIX}{len(roots)}"), bytes):
+        roots.append(r)
+    return TrainRequest(shared=shared, config=cfg, envelope=env, roots=tuple(roots)), keys
 
 
 # -- client → server --------------------------------------------------------------------

@@ -79,6 +79,7 @@ class ServerPolicy:
     digest: str
     envelope: bytes
     summary: dict
+    roots: tuple[bytes, ...] = ()  # every trust-root version next to root.json, oldest first
 
     def as_tuple(self) -> tuple[int, str, bytes | None]:
         return self.version, self.digest, self.envelope
@@ -103,7 +104,9 @@ def load_server_policy(envelope_path: Path, root_path: Path, *, backbone_sha256:
     root = load_root(root_bytes, now=now)
     policy = verify_envelope(envelope, root, last_version=0, now=now, backbone_sha256=backbone_sha256)
     digest = SafetyModule.from_policy(policy).digest()
-    return ServerPolicy(version=policy.version, digest=digest, envelope=envelope, summary=policy.manifest_summary())
+    chain = sorted((load_root(p.read_bytes()).version, p.read_bytes()) for p in root_path.parent.glob("root-v*.json"))
+    return ServerPolicy(version=policy.version, digest=digest, envelope=envelope, summary=policy.manifest_summary(),
+                        roots=tuple(raw for _, raw in chain))
 
 
 def tampered_envelope(envelope: bytes) -> bytes:
@@ -199,6 +202,8 @@ def prepare_federation(run: AppRun, settings: ServerSettings, *, clock=time.time
         policy=policy.as_tuple if policy is not None else None,
     )
     strategy.history.extend(resume.history)
+    if policy is not None:
+        strategy.policy_roots = policy.roots
     return Federation(backbone.sha256, policy, strategy, initial, resume, bar)
 
 

@@ -198,7 +198,7 @@ class SecureFedPrefStrategy(Strategy):
         for n in picked:
             send = envelope is not None and core.node_policy.get(n, 0) < version
             rec.policy_sent += send
-            ins = FitIns(parameters, cast(dict[str, Scalar], fit_config(cfg, self.keys, envelope if send else None)))
+            ins = FitIns(parameters, cast(dict[str, Scalar], fit_config(cfg, self.keys, envelope if send else None, core.policy_roots if send else ())))
             out.append((by_id[n], ins))
             sizes.append(plain_bytes + (len(envelope) if send and envelope else 0))
         rec.bytes_down_per_client = int(np.mean(sizes))

@@ -105,6 +105,7 @@ class FedPrefStrategy(FedAvg):
         self.stopped_reason: str | None = None
         # policy version each node last attested (or refused with); unknown nodes get the envelope
         self.node_policy: dict[int, int] = {}
+        self.policy_roots: tuple[bytes, ...] = ()  # the trust-root chain sent with the envelope
 
     def summary(self) -> None:
         log.info(
@@ -151,7 +152,7 @@ class FedPrefStrategy(FedAvg):
         version, _, envelope = self.policy()
         cfg = self.round_config(server_round)
         plain = train_request(self._global, cfg, None)
-        with_policy = train_request(self._global, cfg, envelope) if envelope is not None else plain
+        with_policy = train_request(self._global, cfg, envelope, self.policy_roots) if envelope is not None else plain
         messages, sizes, sent = [], [], 0
         for n in picked:
             # the envelope goes only to nodes not known to hold this version (distribution)

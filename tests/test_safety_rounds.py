@@ -232,6 +232,36 @@ def test_device_refuses_a_tampered_envelope_and_keeps_the_old_policy(device, pol
     assert not (state.root / "adapters" / PRIVATE_ADAPTER).exists()  # refused before any training
 
 
+def test_device_follows_a_key_rotation_sent_with_the_envelope(device, policy_kit):
+    """Root v2 (new keys, signed by the old threshold and the new) travels with a policy signed
+    only by the new keys: the device follows the chain, then installs; without it, it refuses."""
+    from fedpref.safety_policy import generate_signing_key, make_root_body, rotate_root, sign_policy
+
+    rt, user, cache, state = device
+    enforce_policy(rt, state, required_version=1, envelope=policy_kit.envelopes[1], trust_root=policy_kit.root)
+    new_keys = [generate_signing_key() for _ in range(2)]
+    body = make_root_body(new_keys, 2, expires=policy_kit.now + timedelta(days=30), version=2)
+    root_v2 = rotate_root(load_root(policy_kit.root), body, policy_kit.keys[:2], new_keys)
+    env = sign_policy(policy_kit.manifest, policy_kit.files, new_keys, version=2, issued_at=policy_kit.now,
+                      expires_at=policy_kit.now + timedelta(days=7))
+    with pytest.raises(PolicyRefused, match="previous policy stays in force"):
+        enforce_policy(rt, state, required_version=2, envelope=env, trust_root=policy_kit.root)
+    assert state.policy_store().version == 1
+    # the roots as the server sends them: every version, oldest first, through the wire format
+    cfg_req = _request(rt, version=2, envelope=env)
+    req = TrainRequest.from_content(train_request(cfg_req.shared, cfg_req.config, env, (policy_kit.root, root_v2)))
+    assert req.roots == (policy_kit.root, root_v2)
+    enforce_policy(rt, state, required_version=2, envelope=req.envelope, trust_root=policy_kit.root, roots=req.roots)
+    assert state.policy_store().version == 2 and state.policy_store().trusted_root().version == 2
+    forged = make_root_body([generate_signing_key()], 1, expires=policy_kit.now + timedelta(days=30), version=3)
+    from fedpref.safety_policy import sign_root
+
+    with pytest.raises(PolicyRefused):  # a root v3 not signed by v2's keys is not followed
+        enforce_policy(rt, state, required_version=2, envelope=env + b" ", trust_root=policy_kit.root,
+                       roots=(root_v2, sign_root(forged, [generate_signing_key()])))
+    assert state.policy_store().trusted_root().version == 2
+
+
 def test_device_refuses_when_the_required_version_never_arrived(device, policy_kit):
     rt, user, cache, state = device
     with pytest.raises(PolicyRefused, match="enforces policy v1, this device has v0"):
