@@ -27,7 +27,8 @@ from typing import Annotated, NoReturn
 import click
 import typer
 
-from fedpref.client.agent_home import AGENT_FILE, NODE_CONFIG_KEY, AgentHome, forget
+from fedpref.client.agent_home import AGENT_FILE, AgentHome, forget
+from fedpref.client.app import NODE_CONFIG_KEY
 from fedpref.protocol.errors import (
     AlreadyRunningError,
     ConfigError,

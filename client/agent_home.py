@@ -29,28 +29,22 @@ import json
 import os
 import shutil
 import tarfile
-import tempfile
 import tomllib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
-
 from fedpref.client.data import PreferencePair, Split, UserData
-from fedpref.client.device import DeviceState, Runtime
 from fedpref.client.store import PASSPHRASE_ENV, DeviceStore
 from fedpref.model.config import ModelConfig
-from fedpref.model.io import load_adapter_weights, save_adapter
-from fedpref.model.preference import set_arrays
-from fedpref.protocol.accounting import SampleLevelAccountant
-from fedpref.protocol.atomic import write_text_atomic
 from fedpref.protocol.errors import ConfigError, DataError, HomeError
-from fedpref.protocol.partition import PRIVATE_ADAPTER, SHARED_ADAPTER, Group
 from fedpref.protocol.tomlconfig import build
 from fedpref.safety_policy.store import PolicyStore
 
-NODE_CONFIG_KEY = "fedpref-home"
+if TYPE_CHECKING:
+    from fedpref.client.agent_state import EncryptedDeviceState
+
 AGENT_FILE = "agent.toml"
 PRIVATE_BLOB = "private_adapter"
 ACCOUNTANT_BLOB = "accountant"
@@ -131,6 +125,8 @@ class AgentHome:
         return PolicyStore(self.state_dir / "policy")  # where DeviceState keeps it
 
     def state(self, store: DeviceStore) -> EncryptedDeviceState:
+        from fedpref.client.agent_state import EncryptedDeviceState  # torch: only where a model is needed
+
         return EncryptedDeviceState(self, store)
 
     def user(self, store: DeviceStore) -> UserData:
@@ -150,68 +146,25 @@ class AgentHome:
             raise DataError(f"{self.adapter_meta}: not valid JSON ({e}); delete it, the next round rewrites it") from None
 
 
-class EncryptedDeviceState(DeviceState):
-    """:class:`DeviceState` whose private adapter and accountant live sealed in the store."""
-
-    def __init__(self, home: AgentHome, store: DeviceStore) -> None:
-        super().__init__(home.state_dir)
-        self.home = home
-        self.store = store
-
-    @property
-    def cache_path(self) -> Path | None:
-        return None  # hidden states of the user's texts are rebuilt in memory, never written
-
-    def load_private(self, rt: Runtime) -> None:
-        blob = self.store.unseal(PRIVATE_BLOB)
-        if blob is None:
-            set_arrays(rt.model, Group.PRIVATE, rt.initial_private)
-            return
-        with tempfile.TemporaryDirectory(prefix="fedpref-adapter-") as tmp:
-            folder = Path(tmp) / PRIVATE_ADAPTER
-            _untar(blob, folder, where=self.store.root / "vault" / f"{PRIVATE_BLOB}.enc")
-            load_adapter_weights(rt.model, PRIVATE_ADAPTER, folder)
-
-    def save_private(self, rt: Runtime, *, metadata: dict[str, str] | None = None) -> None:
-        with tempfile.TemporaryDirectory(prefix="fedpref-adapter-") as tmp:
-            folder = Path(tmp) / PRIVATE_ADAPTER
-            save_adapter(rt.model, PRIVATE_ADAPTER, folder, metadata=metadata)
-            self.store.seal(PRIVATE_BLOB, _tar(folder))
-        meta = {"round": int((metadata or {}).get("round", 0)), "updated_at": _now()}
-        write_text_atomic(self.home.adapter_meta, json.dumps(self.home.adapter_version() | meta), mode=0o600)
-
-    def accountant(self) -> SampleLevelAccountant:
-        where = self.store.root / "vault" / f"{ACCOUNTANT_BLOB}.enc"
-        blob = self.store.unseal(ACCOUNTANT_BLOB)
-        return SampleLevelAccountant(where) if blob is None else SampleLevelAccountant.from_bytes(blob, where)
-
-    def save_accountant(self, acct: SampleLevelAccountant) -> None:
-        self.store.seal(ACCOUNTANT_BLOB, acct.to_bytes())
-
-    def received_global(self, rt: Runtime, server_round: int, shared: dict[str, np.ndarray]) -> None:
-        set_arrays(rt.model, Group.SHARED, shared)  # the round's delta is already computed
-        save_adapter(rt.model, SHARED_ADAPTER, self.home.shared_dir, metadata={"round": str(server_round)})
-
-
-def _tar(folder: Path) -> bytes:
+def tar(folder: Path) -> bytes:
     buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
+    with tarfile.open(fileobj=buf, mode="w") as archive:
         for f in sorted(folder.iterdir()):
-            tar.add(f, arcname=f.name, recursive=False)
+            archive.add(f, arcname=f.name, recursive=False)
     return buf.getvalue()
 
 
-def _untar(blob: bytes, folder: Path, *, where: Path) -> None:
+def untar(blob: bytes, folder: Path, *, where: Path) -> None:
     folder.mkdir(mode=0o700)
     try:
-        with tarfile.open(fileobj=io.BytesIO(blob), mode="r") as tar:
-            tar.extractall(folder, filter="data")
+        with tarfile.open(fileobj=io.BytesIO(blob), mode="r") as archive:
+            archive.extractall(folder, filter="data")
     except (tarfile.TarError, OSError) as e:
         raise DataError(f"{where}: the sealed adapter is not a valid adapter archive ({e}); "
                         "run `fedpref-agent forget` to start the adapter afresh") from None
 
 
-def _now() -> str:
+def now_utc() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 

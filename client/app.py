@@ -12,29 +12,24 @@ import json
 import logging
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS as SECAGG_CONFIGS
 
-from fedpref.client.agent_home import NODE_CONFIG_KEY, AgentHome
 from fedpref.client.data import UserData, group_by_user, load_jsonl
-from fedpref.client.device import (
-    DeclinedRound,
-    DeviceState,
-    PolicyRefused,
-    adapters_for,
-    get_runtime,
-    stable_seed,
-    train_round,
-    user_cache,
-)
-from fedpref.model.cache import TextCache
-from fedpref.model.config import ModelConfig
-from fedpref.protocol.atomic import write_text_atomic
-from fedpref.protocol.errors import FedPrefError
+from fedpref.protocol.errors import DeclinedRound, FedPrefError, PolicyRefused
 from fedpref.protocol.messages import TrainRequest
 from fedpref.protocol.runconfig import AppRun, from_run_config
-from fedpref.protocol.tomlconfig import build, read_toml
+
+if TYPE_CHECKING:
+    from fedpref.model.cache import TextCache
+    from fedpref.model.config import ModelConfig
+
+# torch, transformers and peft are imported only where a round trains: Flower starts a ClientApp
+# process per message, and the SecAgg+ key-exchange and unmasking stages train nothing.
+NODE_CONFIG_KEY = "fedpref-home"  # node config: the agent home of a real device (fedpref-agent start)
 
 log = logging.getLogger("fedpref.client")
 
@@ -60,12 +55,17 @@ def _users(data: Path) -> dict[str, UserData]:  # simulation only
 
 @functools.lru_cache(maxsize=2)
 def _model_config(config_file: str) -> ModelConfig:
+    from fedpref.model.config import ModelConfig
+    from fedpref.protocol.tomlconfig import build, read_toml
+
     data = read_toml(config_file) if config_file else {}
     return build(ModelConfig, data.get("model"), where=f"{config_file or '<defaults>'} [model]")
 
 
 @functools.lru_cache(maxsize=2)
 def _shared_cache(path: str) -> TextCache | None:
+    from fedpref.model.cache import TextCache
+
     return TextCache.load(path) if path and Path(path).exists() else None
 
 
@@ -112,6 +112,8 @@ def train_for_node(run: AppRun, context: Context, req: TrainRequest):  # -> Reco
     if run.data is None:
         raise FedPrefError("run config data is empty and this node has no fedpref-home; give the preference "
                            "JSONL (simulation) or start the node with `fedpref-agent start` (deployment)")
+    from fedpref.client.device import DeviceState, adapters_for, get_runtime, stable_seed, train_round, user_cache
+
     user = _user_for(context, _users(run.data))
     rt = get_runtime(_model_config(run.config_file), adapters_for(
         train_shared=req.config.train_shared, train_private=req.config.train_private))
@@ -128,6 +130,10 @@ def train_for_node(run: AppRun, context: Context, req: TrainRequest):  # -> Reco
 
 def train_on_device(home_dir: Path, req: TrainRequest, *, node_id: int):  # -> RecordDict
     """One round on a real device: its pairs, its sealed adapter and accountant, its pinned root."""
+    from fedpref.client.agent_home import AgentHome
+    from fedpref.client.device import adapters_for, get_runtime, stable_seed, train_round, user_cache
+    from fedpref.protocol.atomic import write_text_atomic
+
     home = AgentHome.load(home_dir)
     with home.open_store() as store:
         user = home.user(store)

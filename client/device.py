@@ -28,7 +28,7 @@ from fedpref.model.config import ModelConfig
 from fedpref.model.io import adapter_exists, load_adapter_weights, save_adapter
 from fedpref.model.preference import build_model, get_arrays, set_arrays
 from fedpref.protocol.accounting import SampleLevelAccountant
-from fedpref.protocol.errors import FedPrefError
+from fedpref.protocol.errors import DeclinedRound, FedPrefError, PolicyRefused
 from fedpref.protocol.messages import (
     PROTOCOL_VERSION,
     Attestation,
@@ -44,14 +44,6 @@ from fedpref.safety_policy.root import load_root
 from fedpref.safety_policy.store import PolicyStore
 
 log = logging.getLogger("fedpref.client")
-
-
-class DeclinedRound(FedPrefError):
-    """The device will not train this round (budget, policy); the reason goes to the server."""
-
-
-class PolicyRefused(DeclinedRound):
-    """The device refuses to train: the policy sent or installed does not verify (fail closed)."""
 
 
 @dataclass

@@ -30,8 +30,7 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable, Mod
 
 from fedpref.client.app import declined_reply, train_for_node
-from fedpref.client.device import DeclinedRound
-from fedpref.protocol.errors import FedPrefError
+from fedpref.protocol.errors import DeclinedRound, FedPrefError
 from fedpref.protocol.messages import K_METRICS, TrainReply, TrainRequest, l2_norm, record_to_arrays
 from fedpref.protocol.runconfig import from_run_config
 from fedpref.protocol.secagg import fit_reply, parse_fit

@@ -4,8 +4,28 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from fedpref.model.preference import AdapterSpec
 from fedpref.protocol.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """Where and how big the LoRA adapters are (the same spec for shared and private)."""
+
+    rank: int = 4  # LoRA r
+    alpha: float = 8.0  # LoRA alpha (scaling = alpha / r)
+    top_layers: int = 1  # adapt the last N transformer blocks; lower blocks can be cached
+    targets: tuple[str, ...] = ("value",)  # sub-modules of each adapted block
+    personal_dims: int = 8  # k: size of the shared style projection the personal head reads; 0 = none (head reads f)
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise ConfigError(f"adapter.rank = {self.rank}; use a LoRA rank ≥ 1 (e.g. 8)")
+        if self.top_layers < 1:
+            raise ConfigError(f"adapter.top_layers = {self.top_layers}; adapt at least the last block (1)")
+        if not self.targets:
+            raise ConfigError("adapter.targets is empty; name block sub-modules, e.g. ['query', 'value']")
+        if self.personal_dims < 0:
+            raise ConfigError(f"adapter.personal_dims = {self.personal_dims}; use ≥ 1 (e.g. 8), or 0 for no projection")
 
 
 @dataclass(frozen=True)

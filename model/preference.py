@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -33,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedpref.model.backbone import Backbone, pool
+from fedpref.model.config import AdapterSpec  # noqa: F401  (re-exported: defined with the config)
 from fedpref.protocol.errors import ConfigError, IntegrityError
 from fedpref.protocol.partition import PRIVATE_ADAPTER, SHARED_ADAPTER, Group, group_of
 
@@ -41,27 +41,6 @@ _ATTENTION_NAMES = {
     "query": ("query", "q_proj", "q_lin", "c_attn"),
     "value": ("value", "v_proj", "v_lin"),
 }
-
-
-@dataclass(frozen=True)
-class AdapterSpec:
-    """Where and how big the LoRA adapters are (the same spec for shared and private)."""
-
-    rank: int = 4  # LoRA r
-    alpha: float = 8.0  # LoRA alpha (scaling = alpha / r)
-    top_layers: int = 1  # adapt the last N transformer blocks; lower blocks can be cached
-    targets: tuple[str, ...] = ("value",)  # sub-modules of each adapted block
-    personal_dims: int = 8  # k: size of the shared style projection the personal head reads; 0 = none (head reads f)
-
-    def __post_init__(self) -> None:
-        if self.rank < 1:
-            raise ConfigError(f"adapter.rank = {self.rank}; use a LoRA rank ≥ 1 (e.g. 8)")
-        if self.top_layers < 1:
-            raise ConfigError(f"adapter.top_layers = {self.top_layers}; adapt at least the last block (1)")
-        if not self.targets:
-            raise ConfigError("adapter.targets is empty; name block sub-modules, e.g. ['query', 'value']")
-        if self.personal_dims < 0:
-            raise ConfigError(f"adapter.personal_dims = {self.personal_dims}; use ≥ 1 (e.g. 8), or 0 for no projection")
 
 
 class _Replayable(nn.Module):

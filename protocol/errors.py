@@ -31,6 +31,14 @@ class BudgetExceededError(FedPrefError):
     """Training would exceed a configured privacy budget."""
 
 
+class DeclinedRound(FedPrefError):
+    """A device will not train this round (budget, policy); the reason goes to the server."""
+
+
+class PolicyRefused(DeclinedRound):
+    """A device refuses to train: the policy sent or installed does not verify (fail closed)."""
+
+
 class HomeError(ConfigError):
     """A ``--home`` folder is missing, not initialised, or initialised for something else."""
 

@@ -306,6 +306,23 @@ def test_deployment_end_to_end(deployment) -> None:  # noqa: ANN001, PLR0915
     human = cli("fedpref-server", "status", "--home", srv).stdout
     assert "rounds completed 4" in human and "declined node" in human
 
+    # --- the local gRPC API of a device, served by `fedpref-agent serve` ----------------------------
+    from fedpref.client.api import connect
+
+    sock = d.base / "api" / "agent.sock"
+    serve = subprocess.Popen([str(BIN / "fedpref-agent"), "serve", "--home", str(home0), "--socket", str(sock)],
+                             env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    d.procs.append(serve)
+    wait_for(sock.exists, "the agent API socket", d.procs, timeout=60)
+    api = connect(sock)
+    assert api.status()["pairs"] == 24 and api.status()["policy_version"] == 2
+    assert api.add_feedback("p", "a kind answer", "a rude answer") == (25, 25)
+    api_ranked, version = api.rank("What should I do?", [*safe, unsafe])
+    assert version == 2 and api_ranked[-1]["candidate"] == unsafe and not api_ranked[-1]["allowed"]
+    serve.send_signal(signal.SIGTERM)
+    assert serve.wait(timeout=30) == 0
+    d.procs.remove(serve)
+
     # --- clean exit ------------------------------------------------------------------------------
     stopped = cli("fedpref-server", "stop", "--home", srv).stdout
     assert "superlink" in stopped and "nginx" in stopped
@@ -314,6 +331,16 @@ def test_deployment_end_to_end(deployment) -> None:  # noqa: ANN001, PLR0915
         p.send_signal(signal.SIGTERM)
     for p in d.procs:
         assert p.wait(timeout=30) == 0
+
+    # --- forget: the data, the adapter and the accountant go; --all takes the identity too ---------
+    home2 = d.agents[2][0]
+    out = cli("fedpref-agent", "forget", "--home", home2).stdout
+    assert "deleted 24 pairs, the private adapter, the accountant state" in out
+    st2 = json.loads(cli("fedpref-agent", "status", "--home", home2, "--json").stdout)
+    assert st2["pairs"] == 0 and st2["epsilon_sample"] == 0 and st2["adapter_version"] == ""
+    assert not list((home2 / "store" / "vault").iterdir())
+    cli("fedpref-agent", "forget", "--home", home2, "--all")
+    assert not home2.exists()
 
 
 def deployment_backbone(srv: Path) -> str:

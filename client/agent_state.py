@@ -1,0 +1,64 @@
+"""The sealed device state of an agent home: the private adapter (PEFT format, as a tar) and
+the DP accountant live AES-GCM encrypted in the home's :class:`DeviceStore`; the hidden-state
+cache of the user's texts is never written. Kept apart from :mod:`fedpref.client.agent_home`
+because it needs torch, which the agent's light commands (init, feedback, status) do not."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from fedpref.client.agent_home import ACCOUNTANT_BLOB, PRIVATE_BLOB, AgentHome, now_utc, tar, untar
+from fedpref.client.device import DeviceState, Runtime
+from fedpref.client.store import DeviceStore
+from fedpref.model.io import load_adapter_weights, save_adapter
+from fedpref.model.preference import set_arrays
+from fedpref.protocol.accounting import SampleLevelAccountant
+from fedpref.protocol.atomic import write_text_atomic
+from fedpref.protocol.partition import PRIVATE_ADAPTER, SHARED_ADAPTER, Group
+
+
+class EncryptedDeviceState(DeviceState):
+    """:class:`DeviceState` whose private adapter and accountant live sealed in the store."""
+
+    def __init__(self, home: AgentHome, store: DeviceStore) -> None:
+        super().__init__(home.state_dir)
+        self.home = home
+        self.store = store
+
+    @property
+    def cache_path(self) -> Path | None:
+        return None  # hidden states of the user's texts are rebuilt in memory, never written
+
+    def load_private(self, rt: Runtime) -> None:
+        blob = self.store.unseal(PRIVATE_BLOB)
+        if blob is None:
+            set_arrays(rt.model, Group.PRIVATE, rt.initial_private)
+            return
+        with tempfile.TemporaryDirectory(prefix="fedpref-adapter-") as tmp:
+            folder = Path(tmp) / PRIVATE_ADAPTER
+            untar(blob, folder, where=self.store.root / "vault" / f"{PRIVATE_BLOB}.enc")
+            load_adapter_weights(rt.model, PRIVATE_ADAPTER, folder)
+
+    def save_private(self, rt: Runtime, *, metadata: dict[str, str] | None = None) -> None:
+        with tempfile.TemporaryDirectory(prefix="fedpref-adapter-") as tmp:
+            folder = Path(tmp) / PRIVATE_ADAPTER
+            save_adapter(rt.model, PRIVATE_ADAPTER, folder, metadata=metadata)
+            self.store.seal(PRIVATE_BLOB, tar(folder))
+        meta = {"round": int((metadata or {}).get("round", 0)), "updated_at": now_utc()}
+        write_text_atomic(self.home.adapter_meta, json.dumps(self.home.adapter_version() | meta), mode=0o600)
+
+    def accountant(self) -> SampleLevelAccountant:
+        where = self.store.root / "vault" / f"{ACCOUNTANT_BLOB}.enc"
+        blob = self.store.unseal(ACCOUNTANT_BLOB)
+        return SampleLevelAccountant(where) if blob is None else SampleLevelAccountant.from_bytes(blob, where)
+
+    def save_accountant(self, acct: SampleLevelAccountant) -> None:
+        self.store.seal(ACCOUNTANT_BLOB, acct.to_bytes())
+
+    def received_global(self, rt: Runtime, server_round: int, shared: dict[str, np.ndarray]) -> None:
+        set_arrays(rt.model, Group.SHARED, shared)  # the round's delta is already computed
+        save_adapter(rt.model, SHARED_ADAPTER, self.home.shared_dir, metadata={"round": str(server_round)})
