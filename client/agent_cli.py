@@ -24,7 +24,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated, NoReturn
 
-import click
 import typer
 
 from fedpref.client.agent_home import AGENT_FILE, AgentHome, forget
@@ -38,7 +37,7 @@ from fedpref.protocol.errors import (
     ServerUnreachableError,
     TlsVerificationError,
 )
-from fedpref.protocol.exit_codes import ExitCode, exit_on_error, fail
+from fedpref.protocol.exit_codes import exit_on_error, run_cli
 
 app = typer.Typer(name="fedpref-agent", no_args_is_help=True, add_completion=False,
                   help="The fedpref device agent: your preferences, your private adapter, your device.")
@@ -440,15 +439,7 @@ def _wait(child: subprocess.Popen) -> int:
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:
     """Console entry point; a usage error is one line and exit code 2."""
-    try:
-        rv = app(args=argv, prog_name="fedpref-agent", standalone_mode=False)
-    except click.exceptions.NoArgsIsHelpError:
-        raise SystemExit(int(ExitCode.USAGE)) from None
-    except click.UsageError as e:
-        fail(ExitCode.USAGE, e.format_message())
-    except click.Abort:
-        fail(ExitCode.INTERRUPTED, "interrupted")
-    raise SystemExit(rv if isinstance(rv, int) else int(ExitCode.SUCCESS))
+    run_cli(app, argv, "fedpref-agent")
 
 
 if __name__ == "__main__":

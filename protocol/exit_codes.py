@@ -15,10 +15,11 @@ Never renumber a code: scripts depend on them. Retire one by commenting it out.
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
+import warnings
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from enum import IntEnum
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from fedpref.protocol.errors import (
     AlreadyRunningError,
@@ -183,3 +184,26 @@ def exit_on_error() -> Iterator[None]:
         yield
     except FedPrefError as e:
         fail(exit_code_for(e), str(e))
+
+
+def _one_line_warning(message: Warning | str, category: type[Warning], *_: object, **__: object) -> str:
+    return f"warning: {' '.join(str(message).split())}\n"
+
+
+def run_cli(app: Any, argv: Sequence[str] | None, prog_name: str) -> NoReturn:  # noqa: ANN401  (a typer.Typer)
+    """Run a Typer app as a console entry point: errors and usage errors are one line with
+    their documented exit code (2 for the command line), warnings one line each."""
+    import click
+
+    warnings.formatwarning = _one_line_warning
+    try:
+        rv = app(args=argv, prog_name=prog_name, standalone_mode=False)
+    except click.exceptions.NoArgsIsHelpError as e:  # help was rendered when it was raised
+        if message := e.format_message().strip():
+            print(message, file=sys.stderr)
+        raise SystemExit(int(ExitCode.USAGE)) from None
+    except click.UsageError as e:
+        fail(ExitCode.USAGE, e.format_message())
+    except click.Abort:
+        fail(ExitCode.INTERRUPTED, "interrupted")
+    raise SystemExit(rv if isinstance(rv, int) else int(ExitCode.SUCCESS))

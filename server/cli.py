@@ -13,15 +13,13 @@ import json
 import math
 import sys
 from pathlib import Path
-import warnings
 from collections.abc import Sequence
 from typing import Annotated, NoReturn
 
-import click
 import typer
 
 from fedpref.server import privacy
-from fedpref.protocol.exit_codes import EXIT_CODE_HELP, ExitCode, exit_on_error, fail
+from fedpref.protocol.exit_codes import EXIT_CODE_HELP, ExitCode, exit_on_error, run_cli
 from fedpref.server.policy_cli import keys_app, policy_app
 from fedpref.server.privacy import AccountantKind
 
@@ -303,25 +301,9 @@ def exit_codes() -> None:
         typer.echo(f"{int(code):>3}  {code.name:<17} {EXIT_CODE_HELP[code]}")
 
 
-def _one_line_warning(message: Warning | str, category: type[Warning], *_: object,
-                      **__: object) -> str:
-    return f"warning: {' '.join(str(message).split())}\n"
-
-
 def main(argv: Sequence[str] | None = None) -> NoReturn:
     """Console entry point: run :data:`app`; a usage error is one line and exit code 2."""
-    warnings.formatwarning = _one_line_warning
-    try:
-        rv = app(args=argv, prog_name="fedpref-server", standalone_mode=False)
-    except click.exceptions.NoArgsIsHelpError as e:  # help was rendered when it was raised
-        if message := e.format_message().strip():
-            typer.echo(message, err=True)
-        raise SystemExit(int(ExitCode.USAGE)) from None
-    except click.UsageError as e:
-        fail(ExitCode.USAGE, e.format_message())
-    except click.Abort:
-        fail(ExitCode.INTERRUPTED, "interrupted")
-    raise SystemExit(rv if isinstance(rv, int) else int(ExitCode.SUCCESS))
+    run_cli(app, argv, "fedpref-server")
 
 
 if __name__ == "__main__":
