@@ -18,7 +18,7 @@ Layout of ``--home DIR`` (written by ``fedpref-agent init``)::
     logs/, run/           the SuperNode's log and pid file
 
 The ClientApp runs in a process the SuperNode starts; it finds this home through the
-node config key ``fedpref-home`` and uses :class:`EncryptedDeviceState`, so the private
+node config key ``fedpref-home`` and uses :class:`~fedpref.client.agent_state.EncryptedDeviceState`, so the private
 adapter and the accountant are only ever on disk sealed.
 """
 

@@ -11,7 +11,6 @@ import functools
 import json
 import logging
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 from flwr.app import Context, Error, Message

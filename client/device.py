@@ -77,7 +77,7 @@ class DeviceState:
     """Everything a device keeps for one user, under one folder.
 
     The private adapter and the accountant go through the methods below, so that a device
-    agent can keep them encrypted (:class:`fedpref.client.agent_home.EncryptedDeviceState`);
+    agent can keep them encrypted (:class:`fedpref.client.agent_state.EncryptedDeviceState`);
     the simulation keeps them as plain files.
     """
 
