@@ -96,7 +96,7 @@ def init(
     from fedpref.protocol.atomic import write_bytes_atomic, write_text_atomic
     from fedpref.protocol.tomlconfig import dump_tables, to_plain
     from fedpref.safety_policy.store import PolicyStore
-    from fedpref.server.tls import parse_address
+    from fedpref.protocol.netaddr import parse_address
 
     with exit_on_error():
         home = home.expanduser().absolute()
@@ -340,7 +340,7 @@ def _running_pid(h: AgentHome) -> int | None:
 
 def preflight(address: str, ca: Path, *, timeout: float = 10.0) -> None:
     """Reach the server and verify its certificate against the pinned CA (one-line errors)."""
-    from fedpref.server.tls import parse_address
+    from fedpref.protocol.netaddr import parse_address
 
     host, port = parse_address(address)
     try:

@@ -34,14 +34,6 @@ from fedpref.protocol.errors import (
     ServerUnreachableError,
     TlsVerificationError,
 )
-from fedpref.safety_policy.errors import (
-    ExpiredPolicyError,
-    ExpiredRootError,
-    KeyFileError,
-    MalformedRootError,
-    PolicyError,
-    WrongPassphraseError,
-)
 
 
 class ExitCode(IntEnum):
@@ -140,33 +132,34 @@ EXIT_CODE_HELP: dict[ExitCode, str] = {
     ExitCode.INTERRUPTED: "Interrupted by the user (Ctrl-C).",
 }
 
-# Most specific first: BudgetExceededError and IntegrityError are not ConfigError/DataError;
-# WrongPassphraseError is a KeyFileError, and every one of the policy errors is a PolicyError.
-_EXCEPTION_CODES: tuple[tuple[type[FedPrefError], ExitCode], ...] = (
-    (WrongPassphraseError, ExitCode.WRONG_PASSPHRASE),
-    (KeyFileError, ExitCode.KEY_FILE),
-    (MalformedRootError, ExitCode.KEY_FILE),
-    (ExpiredPolicyError, ExitCode.POLICY_EXPIRED),
-    (ExpiredRootError, ExitCode.ROOT_EXPIRED),
-    (PolicyError, ExitCode.POLICY_REJECTED),
-    (BudgetExceededError, ExitCode.BUDGET_EXCEEDED),
-    (HomeError, ExitCode.NO_HOME),
-    (ServerUnreachableError, ExitCode.UNREACHABLE),
-    (TlsVerificationError, ExitCode.TLS_VERIFICATION),
-    (AlreadyRunningError, ExitCode.ALREADY_RUNNING),
-    (NotRunningError, ExitCode.NOT_RUNNING),
-    (NodeRejectedError, ExitCode.NODE_REJECTED),
-    (IntegrityError, ExitCode.INTEGRITY),
-    (ConfigError, ExitCode.CONFIG),
-    (DataError, ExitCode.DATA),
-)
+# Each error class maps to a code; an error takes the code of the first mapped class in its
+# MRO, so a subclass can be more specific than its base. Layers above protocol add their own
+# classes with register_exit_codes (safety_policy/errors.py does), so that this module imports
+# nothing above protocol.
+_EXCEPTION_CODES: dict[type[FedPrefError], ExitCode] = {
+    BudgetExceededError: ExitCode.BUDGET_EXCEEDED,
+    HomeError: ExitCode.NO_HOME,
+    ServerUnreachableError: ExitCode.UNREACHABLE,
+    TlsVerificationError: ExitCode.TLS_VERIFICATION,
+    AlreadyRunningError: ExitCode.ALREADY_RUNNING,
+    NotRunningError: ExitCode.NOT_RUNNING,
+    NodeRejectedError: ExitCode.NODE_REJECTED,
+    IntegrityError: ExitCode.INTEGRITY,
+    ConfigError: ExitCode.CONFIG,
+    DataError: ExitCode.DATA,
+}
+
+
+def register_exit_codes(codes: dict[type[FedPrefError], ExitCode]) -> None:
+    """Map more error classes to exit codes (called by the modules that define them)."""
+    _EXCEPTION_CODES.update(codes)
 
 
 def exit_code_for(error: FedPrefError) -> ExitCode:
     """The exit code for a fedpref error (INTERNAL for an unmapped subclass)."""
-    for cls, code in _EXCEPTION_CODES:
-        if isinstance(error, cls):
-            return code
+    for cls in type(error).__mro__:
+        if cls in _EXCEPTION_CODES:
+            return _EXCEPTION_CODES[cls]
     return ExitCode.INTERNAL
 
 

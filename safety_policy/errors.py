@@ -36,6 +36,7 @@ Hierarchy::
 from __future__ import annotations
 
 from fedpref.protocol.errors import FedPrefError
+from fedpref.protocol.exit_codes import ExitCode, register_exit_codes
 
 __all__ = [
     "BackboneMismatchError",
@@ -196,3 +197,13 @@ class WrongPassphraseError(KeyFileError):
 
 class PolicyStoreError(PolicyError):
     """The on-disk policy store is inconsistent or corrupt; nothing in it is trusted."""
+
+
+register_exit_codes({  # documented in `fedpref-server exit-codes`
+    PolicyError: ExitCode.POLICY_REJECTED,
+    ExpiredPolicyError: ExitCode.POLICY_EXPIRED,
+    ExpiredRootError: ExitCode.ROOT_EXPIRED,
+    KeyFileError: ExitCode.KEY_FILE,
+    MalformedRootError: ExitCode.KEY_FILE,
+    WrongPassphraseError: ExitCode.WRONG_PASSPHRASE,
+})

@@ -22,16 +22,9 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedpref.protocol.atomic import write_bytes_atomic
 from fedpref.protocol.errors import ConfigError
+from fedpref.protocol.netaddr import parse_address
 
 __all__ = ["TlsFiles", "make_ca", "make_server_cert", "parse_address", "write_tls"]
-
-
-def parse_address(address: str) -> tuple[str, int]:
-    """``HOST:PORT`` (``[v6]:PORT`` for IPv6) → (host, port), with a clear error."""
-    host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(f"--address {address!r} is not HOST:PORT; give e.g. fl.example.org:9092 or 10.0.0.5:9092")
-    return host.strip("[]"), int(port)
 
 
 def _name(common_name: str) -> x509.Name:
