@@ -192,7 +192,7 @@ def _tail(log: Path, n: int = 3) -> str:
 
 
 def _port_free(address: str) -> bool:
-    host, port = parse_address(address)
+    host, port = parse_address(listen_address(address))
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -223,9 +223,21 @@ def _terminate(procs: list[dict], *, grace: float = 20.0) -> list[str]:
 # --- generated files -------------------------------------------------------------------------
 
 
+def listen_address(address: str) -> str:
+    """Where nginx listens for ``address``: that IP, or every interface for a host name (the
+    name is for the certificate and the devices; it need not resolve on the server itself)."""
+    import ipaddress
+
+    host, port = parse_address(address)
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return f"0.0.0.0:{port}"
+    return f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
+
+
 def nginx_conf(home: ServerHome, link: str) -> str:
-    host, port = parse_address(home.address)
-    listen = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    listen = listen_address(home.address)
     tmp = home.run_dir / "nginx"
     return f"""# written by `fedpref-server start`; regenerated at every start
 worker_processes 1;
@@ -448,7 +460,7 @@ def start(home: ServerHome, *, rounds: int | None, policy: Path | None, extra_ru
         procs.append(_spawn("nginx", [nginx, "-c", str(home.run_dir / "nginx.conf"), "-e",
                                       str(home.logs / "nginx-error.log")], home.logs / "nginx.log", home.env()))
         _save_processes(home, procs)
-        _wait_port(home.address, procs[1])
+        _wait_port(listen_address(home.address).replace("0.0.0.0", "127.0.0.1"), procs[1])
         run_config = {
             "config": str(home.config), "workdir": str(home.state), "method": "personalized",
             "secure-aggregation": True, "rounds": done + more,
