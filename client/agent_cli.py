@@ -375,6 +375,7 @@ def start(
 ) -> None:
     """Run a Flower SuperNode for this device: TLS to the server, authenticated with the device key."""
     from fedpref.protocol.atomic import write_text_atomic
+    from fedpref.protocol.netaddr import flower_env
 
     with exit_on_error():
         h = AgentHome.load(home)
@@ -390,7 +391,7 @@ def start(
         if max_wait is not None:
             cmd += ["--max-wait-time", str(max_wait)]
         h.log_file.parent.mkdir(parents=True, exist_ok=True)
-        env = dict(os.environ, FLWR_HOME=str(h.flwr_home))
+        env = flower_env(h.flwr_home)
         write_text_atomic(h.pid_file, f"{os.getpid()}\n")
         log = open(h.log_file, "ab", buffering=0)
         child = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)

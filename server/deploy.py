@@ -44,7 +44,7 @@ from fedpref.protocol.errors import (
     HomeError,
     NotRunningError,
 )
-from fedpref.server.tls import parse_address
+from fedpref.protocol.netaddr import flower_env, parse_address
 
 CONNECTION = "fedpref"  # the SuperLink connection name in DIR/flwr/config.toml
 
@@ -124,7 +124,7 @@ class ServerHome:
         return self.state / "policy.json"
 
     def env(self) -> dict[str, str]:
-        return dict(os.environ, FLWR_HOME=str(self.flwr_home))
+        return flower_env(self.flwr_home)
 
 
 # --- processes -------------------------------------------------------------------------------
