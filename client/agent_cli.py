@@ -18,7 +18,6 @@ import ssl
 import subprocess
 import sys
 import tempfile
-import threading
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -38,6 +37,7 @@ from fedpref.protocol.errors import (
     TlsVerificationError,
 )
 from fedpref.protocol.exit_codes import exit_on_error, run_cli
+from fedpref.protocol.netaddr import cmdline, flower_env, parse_address
 
 app = typer.Typer(name="fedpref-agent", no_args_is_help=True, add_completion=False,
                   help="The fedpref device agent: your preferences, your private adapter, your device.")
@@ -96,7 +96,6 @@ def init(
     from fedpref.protocol.atomic import write_bytes_atomic, write_text_atomic
     from fedpref.protocol.tomlconfig import dump_tables, to_plain
     from fedpref.safety_policy.store import PolicyStore
-    from fedpref.protocol.netaddr import parse_address
 
     with exit_on_error():
         home = home.expanduser().absolute()
@@ -331,16 +330,14 @@ def _running_pid(h: AgentHome) -> int | None:
         os.kill(pid, 0)
     except (OSError, ValueError, IndexError):
         return None
-    try:
-        cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
+    cmd = cmdline(pid)
+    if cmd is None:
         return pid
-    return pid if b"fedpref-agent" in cmd or b"agent_cli" in cmd else None
+    return pid if any("fedpref-agent" in a or "agent_cli" in a for a in cmd) else None
 
 
 def preflight(address: str, ca: Path, *, timeout: float = 10.0) -> None:
     """Reach the server and verify its certificate against the pinned CA (one-line errors)."""
-    from fedpref.protocol.netaddr import parse_address
 
     host, port = parse_address(address)
     try:
@@ -375,7 +372,6 @@ def start(
 ) -> None:
     """Run a Flower SuperNode for this device: TLS to the server, authenticated with the device key."""
     from fedpref.protocol.atomic import write_text_atomic
-    from fedpref.protocol.netaddr import flower_env
 
     with exit_on_error():
         h = AgentHome.load(home)
@@ -420,22 +416,13 @@ def start(
 
 
 def _wait(child: subprocess.Popen) -> int:
-    done = threading.Event()
-    rc: list[int] = []
-
-    def waiter() -> None:
-        rc.append(child.wait())
-        done.set()
-
-    threading.Thread(target=waiter, daemon=True).start()
-    while not done.wait(0.5):  # wake up for signals
-        pass
+    rc = child.wait()  # a SIGTERM/SIGINT runs _stop, then the wait resumes (PEP 475)
     # the SuperNode's own ClientApp children are in its session; make sure none outlive it
     try:
         os.killpg(child.pid, signal.SIGTERM)
     except OSError:
         pass
-    return rc[0]
+    return rc
 
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import shutil
 import tarfile
 import tomllib
@@ -36,9 +35,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from fedpref.client.data import PreferencePair, Split, UserData
-from fedpref.client.store import PASSPHRASE_ENV, DeviceStore
+from fedpref.client.store import DeviceStore, passphrase_from_env
 from fedpref.model.config import ModelConfig
-from fedpref.protocol.errors import ConfigError, DataError, HomeError
+from fedpref.protocol.errors import DataError, HomeError
 from fedpref.protocol.tomlconfig import build
 from fedpref.safety_policy.store import PolicyStore
 
@@ -114,12 +113,9 @@ class AgentHome:
         return cls(root=root, server=server, ca=ca, model=model)
 
     def open_store(self) -> DeviceStore:
-        meta = self.store_dir / "store.json"
-        scrypt = meta.is_file() and json.loads(meta.read_text() or "{}").get("kdf") == "scrypt"
-        passphrase = os.environ.get(PASSPHRASE_ENV) if scrypt else None
-        if scrypt and not passphrase:
-            raise ConfigError(f"{self.store_dir} is protected by a passphrase; set {PASSPHRASE_ENV}")
-        return DeviceStore.open(self.store_dir, passphrase=passphrase)
+        """The store; a passphrase-protected one takes its passphrase from the environment."""
+        scrypt = DeviceStore.uses_passphrase(self.store_dir)
+        return DeviceStore.open(self.store_dir, passphrase=passphrase_from_env() if scrypt else None)
 
     def policy_store(self) -> PolicyStore:
         return PolicyStore(self.state_dir / "policy")  # where DeviceState keeps it

@@ -155,6 +155,11 @@ class DeviceStore:
     def exists(root: Path) -> bool:
         return (Path(root) / "store.json").is_file()
 
+    @staticmethod
+    def uses_passphrase(root: Path) -> bool:
+        """Whether the store at ``root`` derives its key from a passphrase (store.json checked)."""
+        return DeviceStore.exists(root) and _read_meta(Path(root) / "store.json")["kdf"] == "scrypt"
+
     @classmethod
     def create(cls, root: Path, *, passphrase: str | None = None) -> DeviceStore:
         root = Path(root)

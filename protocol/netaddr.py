@@ -1,4 +1,5 @@
-"""``HOST:PORT`` addresses and the environment of Flower's processes, as both CLIs use them."""
+"""``HOST:PORT`` addresses, and the processes both CLIs start: Flower's environment, and what a
+pid runs (to never signal a recycled pid)."""
 
 from __future__ import annotations
 
@@ -23,3 +24,12 @@ def flower_env(flwr_home: Path) -> dict[str, str]:
     name, and a venv need not be activated)."""
     scripts = os.path.dirname(sys.executable)
     return dict(os.environ, FLWR_HOME=str(flwr_home), PATH=os.pathsep.join([scripts, os.environ.get("PATH", "")]))
+
+
+def cmdline(pid: int) -> list[str] | None:
+    """The arguments process ``pid`` runs with (Linux ``/proc``); None if it is gone or unreadable."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+    return [a.decode(errors="replace") for a in raw.split(b"\0") if a]

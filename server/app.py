@@ -104,7 +104,7 @@ def load_server_policy(envelope_path: Path, root_path: Path, *, backbone_sha256:
     root = load_root(root_bytes, now=now)
     policy = verify_envelope(envelope, root, last_version=0, now=now, backbone_sha256=backbone_sha256)
     digest = SafetyModule.from_policy(policy).digest()
-    chain = sorted((load_root(p.read_bytes()).version, p.read_bytes()) for p in root_path.parent.glob("root-v*.json"))
+    chain = sorted((load_root(raw).version, raw) for raw in (p.read_bytes() for p in root_path.parent.glob("root-v*.json")))
     return ServerPolicy(version=policy.version, digest=digest, envelope=envelope, summary=policy.manifest_summary(),
                         roots=tuple(raw for _, raw in chain))
 

@@ -241,7 +241,7 @@ def _follow(h, started) -> int:  # noqa: ANN001
             bar.update(done - bar.n)
             if st["ledger"]:
                 bar.set_postfix(eps_user=f"{st['epsilon_user']:.2f}")
-            state = deploy.run_state(h, started.run_id)
+            state = st["run"]["status"] or "unknown"  # status asked Flower already
             if state.startswith("finished") or not st["running"]:
                 break
             time.sleep(2)

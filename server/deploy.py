@@ -44,7 +44,7 @@ from fedpref.protocol.errors import (
     HomeError,
     NotRunningError,
 )
-from fedpref.protocol.netaddr import flower_env, parse_address
+from fedpref.protocol.netaddr import cmdline, flower_env, parse_address
 
 CONNECTION = "fedpref"  # the SuperLink connection name in DIR/flwr/config.toml
 
@@ -130,17 +130,9 @@ class ServerHome:
 # --- processes -------------------------------------------------------------------------------
 
 
-def _cmdline(pid: int) -> list[str] | None:
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return None
-    return [a.decode(errors="replace") for a in raw.split(b"\0") if a]
-
-
 def _alive(proc: dict) -> bool:
     """The recorded process still runs, and is the same program (not a recycled pid)."""
-    cmd = _cmdline(int(proc["pid"]))  # nginx rewrites its argv to "nginx: master process ..."
+    cmd = cmdline(int(proc["pid"]))  # nginx rewrites its argv to "nginx: master process ..."
     prog = Path(proc["cmd"][0]).name
     return bool(cmd) and any(prog in part for part in cmd[:3])
 
@@ -444,7 +436,6 @@ def start(home: ServerHome, *, rounds: int | None, policy: Path | None, extra_ru
         d.mkdir(parents=True, exist_ok=True)
     write_text_atomic(home.run_dir / "nginx.conf", nginx_conf(home, home.superlink))
     write_text_atomic(home.app_dir / "pyproject.toml", app_pyproject())
-    _write_flwr_config(home)
     link_host, link_port = parse_address(home.superlink)
     exe_dir = os.path.dirname(sys.executable)
     superlink = shutil.which("flower-superlink", path=exe_dir) or "flower-superlink"
