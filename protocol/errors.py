@@ -61,3 +61,7 @@ class NotRunningError(FedPrefError):
 
 class NodeRejectedError(FedPrefError):
     """The SuperLink refused this device: its public key is not registered."""
+
+
+class SimulationRuntimeError(FedPrefError):
+    """The Simulation Engine's runtime (Ray) could not start or join its cluster."""

@@ -32,6 +32,7 @@ from fedpref.protocol.errors import (
     NodeRejectedError,
     NotRunningError,
     ServerUnreachableError,
+    SimulationRuntimeError,
     TlsVerificationError,
 )
 
@@ -55,6 +56,7 @@ class ExitCode(IntEnum):
     ALREADY_RUNNING = 33
     NOT_RUNNING = 34
     NODE_REJECTED = 35
+    SIMULATION_RUNTIME = 36
     INTERRUPTED = 130
 
 
@@ -129,6 +131,11 @@ EXIT_CODE_HELP: dict[ExitCode, str] = {
         "The server refused this device: its public key is not registered. Give the device's "
         "identity/node.pub to the operator, who runs `fedpref-server nodes add`."
     ),
+    ExitCode.SIMULATION_RUNTIME: (
+        "The Simulation Engine's Ray runtime did not start (or could not join --ray-address) "
+        "after several attempts. The message has Ray's reason; check free memory and /tmp, "
+        "`ray status` for a cluster, and the logs under /tmp/ray/session_latest/logs."
+    ),
     ExitCode.INTERRUPTED: "Interrupted by the user (Ctrl-C).",
 }
 
@@ -144,6 +151,7 @@ _EXCEPTION_CODES: dict[type[FedPrefError], ExitCode] = {
     AlreadyRunningError: ExitCode.ALREADY_RUNNING,
     NotRunningError: ExitCode.NOT_RUNNING,
     NodeRejectedError: ExitCode.NODE_REJECTED,
+    SimulationRuntimeError: ExitCode.SIMULATION_RUNTIME,
     IntegrityError: ExitCode.INTEGRITY,
     ConfigError: ExitCode.CONFIG,
     DataError: ExitCode.DATA,

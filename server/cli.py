@@ -298,7 +298,7 @@ def stop(home: ServerHomeOpt) -> None:
 def exit_codes() -> None:
     """List every exit code with its meaning."""
     for code in ExitCode:
-        typer.echo(f"{int(code):>3}  {code.name:<17} {EXIT_CODE_HELP[code]}")
+        typer.echo(f"{int(code):>3}  {code.name:<18} {EXIT_CODE_HELP[code]}")
 
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:

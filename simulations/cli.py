@@ -2,24 +2,26 @@
 
 from __future__ import annotations
 
-import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from fedpref.protocol.errors import FedPrefError
+from fedpref.protocol.errors import DataError, FedPrefError
+from fedpref.protocol.exit_codes import exit_code_for, run_cli
 
 app = typer.Typer(help="Federated personalization simulations (researchers).", no_args_is_help=True, add_completion=False,
                   pretty_exceptions_enable=False)
 err = Console(stderr=True)
 
 
-def _fail(e: Exception, code: int = 2) -> None:
+def _fail(e: FedPrefError) -> None:
+    """One line ``error: ...`` and the error's documented exit code (``fedpref-server exit-codes``)."""
     err.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code)
+    raise typer.Exit(int(exit_code_for(e)))
 
 
 @app.command()
@@ -70,7 +72,7 @@ def run(
         if secure_aggregation is not None:
             cfg = dataclasses.replace(cfg, runtime=dataclasses.replace(cfg.runtime, secure_aggregation=secure_aggregation))
         if data is not None and not data.is_file():
-            raise FedPrefError(f"{data}: data file not found; give a JSONL of preference pairs or leave --data out")
+            raise DataError(f"{data}: data file not found; give a JSONL of preference pairs or leave --data out")
         res = run_simulation(cfg, out=out, data=data, config_file=(config or CONFIG_DIR / "demo.toml").resolve(), verbose=verbose)
     except FedPrefError as e:
         _fail(e)
@@ -98,11 +100,9 @@ def bench(
     bench_dp_overhead(steps=steps, batch_size=batch_size)
 
 
-def main() -> None:
-    try:
-        app()
-    except KeyboardInterrupt:
-        sys.exit(130)
+def main(argv: Sequence[str] | None = None) -> NoReturn:
+    """Console entry point: errors are one line with their exit code (2 for the command line)."""
+    run_cli(app, argv, "fedpref-sim")
 
 
 if __name__ == "__main__":

@@ -12,15 +12,62 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
+import time
 from pathlib import Path
 
 from flwr.simulation.run_simulation import _run_simulation
 from flwr.supercore.telemetry import EventType
 
 from fedpref.client.app import make_client_app
+from fedpref.protocol.errors import SimulationRuntimeError
 from fedpref.protocol.runconfig import Method
 from fedpref.server.app import make_server_app
 from fedpref.simulations.config import RuntimeConfig
+
+
+RAY_START_ATTEMPTS = 3
+log = logging.getLogger(__name__)
+
+
+def start_ray(init_args: dict, *, attempts: int = RAY_START_ATTEMPTS, backoff_s: float = 2.0) -> None:
+    """Start (or join) Ray before the Simulation Engine does, retrying a failed start.
+
+    Flower's Ray backend calls ``ray.init`` only when Ray is not initialised yet, and a failed
+    ``ray.init`` there surfaces as a ServerApp waiting on nodes that never come (or a SecAgg+
+    round halted for lack of nodes). Starting Ray here turns that into a retry, then one clear
+    error with Ray's reason. The backend's own ``ray.shutdown`` still ends the session after
+    the run. The PYTHONPATH handling mirrors ``RayBackend.init_ray``.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    pythonpath = os.pathsep.join(sys.path)
+    if os.environ.get("PYTHONPATH"):
+        pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
+    if "address" in init_args:
+        attempts = 1  # joining a cluster already waits on its GCS for minutes; don't multiply that
+    last: Exception | None = None
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **init_args)
+            return
+        except Exception as e:  # noqa: BLE001  (Ray raises bare Exception, RuntimeError, TimeoutError, ...)
+            last = e
+            log.warning("Ray did not start (attempt %d of %d): %s", attempt, attempts, e)
+            try:
+                ray.shutdown()  # kills whatever part of the head node did start
+            except Exception:  # noqa: BLE001
+                pass
+            if attempt < attempts:
+                time.sleep(backoff_s * attempt)
+    where = f"joining {init_args['address']!r}" if "address" in init_args else "starting a local head node"
+    raise SimulationRuntimeError(
+        f"Ray failed {where} ({attempts} attempt{'s' if attempts > 1 else ''}): "
+        f"{type(last).__name__}: {last}. Check free memory "
+        "and space under /tmp, and Ray's logs in /tmp/ray/session_latest/logs"
+    ) from last
 
 
 def run_on_simulation_engine(
@@ -59,6 +106,7 @@ def run_on_simulation_engine(
     }
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     logging.getLogger("flwr").setLevel(logging.INFO if verbose else logging.WARNING)
+    start_ray(init_args)
     _run_simulation(
         num_supernodes=num_users,
         exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,

@@ -102,6 +102,7 @@ def secagg_run(tiny_encoder_dir, tmp_path_factory):
     from fedpref.client.secagg import make_secagg_client_app
     from fedpref.server import secagg as server_secagg
     from fedpref.server.secagg import make_secagg_server_app
+    from fedpref.simulations.engine import start_ray
     from fedpref.simulations.persona import PersonaConfig, generate
 
     out = tmp_path_factory.mktemp("secagg")
@@ -143,6 +144,8 @@ def secagg_run(tiny_encoder_dir, tmp_path_factory):
 
     outer, inner = _client_mods(str(record_dir), DROP)
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    init_args = {"include_dashboard": False, "num_cpus": 2}
+    start_ray(init_args)  # retried: one failed Ray start must not fail the module
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(Strategy, "admit", admit)
         mp.setattr(Strategy, "aggregate_fit", aggregate_fit)
@@ -154,7 +157,7 @@ def secagg_run(tiny_encoder_dir, tmp_path_factory):
             server_app=make_secagg_server_app(settings),
             backend_name="ray",
             backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                            "init_args": {"include_dashboard": False, "num_cpus": 2}},
+                            "init_args": init_args},
             verbose_logging=False,
         )
     plain = {}
