@@ -224,16 +224,25 @@ def start(
 
 
 def _follow(h, started) -> int:  # noqa: ANN001
-    """Show round progress until the run ends (Ctrl-C: stop the server), then stop the server."""
+    """Show round progress until the run ends, then stop the server.
+
+    Ctrl-C and SIGTERM (a service manager, ``kill``) stop the server too: a foreground server
+    never outlives its command.
+    """
+    import signal
     import time
 
     from tqdm.auto import tqdm
 
     from fedpref.server import deploy
 
+    def _terminated(_signum, _frame):  # noqa: ANN001
+        raise KeyboardInterrupt
+
     total = started.last_round - started.first_round + 1
     bar = tqdm(total=total, desc="rounds", unit="round")
     state = "running"
+    previous = signal.signal(signal.SIGTERM, _terminated)
     try:
         while True:
             st = deploy.status(h)
@@ -248,8 +257,10 @@ def _follow(h, started) -> int:  # noqa: ANN001
     except KeyboardInterrupt:
         state = "interrupted"
     finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the stop short
         bar.close()
         deploy.stop(h)
+        signal.signal(signal.SIGTERM, previous)
     typer.echo(f"run {started.run_id}: {state}; server stopped")
     return 0 if state == "finished:completed" else int(ExitCode.INTERRUPTED if state == "interrupted" else ExitCode.INTERNAL)
 

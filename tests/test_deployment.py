@@ -327,6 +327,21 @@ def test_deployment_end_to_end(deployment) -> None:  # noqa: ANN001, PLR0915
     stopped = cli("fedpref-server", "stop", "--home", srv).stdout
     assert "superlink" in stopped and "nginx" in stopped
     assert "nothing to stop" in cli("fedpref-server", "stop", "--home", srv).stdout
+
+    # --- a foreground server stopped by SIGTERM (a service manager) takes its processes with it ----
+    fg = subprocess.Popen([str(BIN / "fedpref-server"), "start", "--home", str(srv), "--rounds", "1"],
+                          env={**ENV, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    d.procs.append(fg)
+    first = fg.stdout.readline()  # printed once the processes run; the progress loop follows
+    assert first.startswith("server started"), first
+    assert server_status(srv)["running"]
+    fg.send_signal(signal.SIGTERM)
+    out, _ = fg.communicate(timeout=60)
+    d.procs.remove(fg)
+    assert fg.returncode == 130 and "server stopped" in out, out
+    assert not server_status(srv)["running"]
+    with pytest.raises(OSError):  # nginx is gone: the device address refuses connections
+        socket.create_connection(("127.0.0.1", d.port), timeout=5).close()
     for p in d.procs:
         p.send_signal(signal.SIGTERM)
     for p in d.procs:
