@@ -9,6 +9,7 @@ stderr with a documented exit code (``fedpref-server exit-codes``), never a trac
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -25,7 +26,7 @@ from typing import Annotated, NoReturn
 
 import typer
 
-from fedpref.client.agent_home import AGENT_FILE, AgentHome, forget
+from fedpref.client.agent_home import AGENT_FILE, BASIS_FILE, AgentHome, forget
 from fedpref.client.app import NODE_CONFIG_KEY
 from fedpref.protocol.errors import (
     AlreadyRunningError,
@@ -89,6 +90,9 @@ def init(
                                           help="Backbone folder; the default is the packaged MiniLM.")] = "",
     passphrase: Annotated[bool, typer.Option("--passphrase", help="Derive the store key from FEDPREF_STORE_PASSPHRASE "
                                              "(scrypt) instead of writing a key file.")] = False,
+    basis: Annotated[Path | None, typer.Option("--basis", metavar="BASIS.safetensors", help=(
+        "The operator's attribute basis (`fedpref-server basis build`), when the server's "
+        "[model.adapter] names one; copied into DIR.")) ] = None,
 ) -> None:
     """Create the device identity, the encrypted store and the pinned trust root in DIR."""
     from fedpref.client.store import PASSPHRASE_ENV, DeviceStore
@@ -107,6 +111,13 @@ def init(
             root_bytes = root.read_bytes()
         except OSError as e:
             raise ConfigError(f"--root {root}: {e.strerror}; give the operator's keys/root.json") from None
+        model = ModelConfig(backbone=backbone)
+        if basis is not None:
+            from fedpref.model.basis import load_basis
+
+            weight, _, _ = load_basis(basis)  # a bad file fails here, before anything is written
+            model = dataclasses.replace(model, adapter=dataclasses.replace(
+                model.adapter, personal_dims=int(weight.shape[0]), attribute_basis=str(home / BASIS_FILE)))
         secret = os.environ.get(PASSPHRASE_ENV) if passphrase else None
         if passphrase and not secret:
             raise ConfigError(f"--passphrase needs the passphrase in {PASSPHRASE_ENV}")
@@ -118,11 +129,13 @@ def init(
             write_bytes_atomic(tmp / "identity" / "node.key", private, mode=0o600)
             write_bytes_atomic(tmp / "identity" / "node.pub", public)
             write_bytes_atomic(tmp / "ca.pem", ca_bytes)
+            if basis is not None:
+                write_bytes_atomic(tmp / BASIS_FILE, basis.read_bytes())
             DeviceStore.create(tmp / "store", passphrase=secret).close()
             write_text_atomic(tmp / AGENT_FILE, "# fedpref device agent, written by `fedpref-agent init`.\n"
                               "# [model] must match the server's [model].\n\n" + dump_tables({
                                   "agent": {"server": f"{host}:{port}", "ca": "ca.pem"},
-                                  "model": to_plain(ModelConfig(backbone=backbone)),
+                                  "model": to_plain(model),
                               }))
             os.chmod(tmp, 0o700)
             if home.exists():

@@ -4,6 +4,7 @@ Layout of ``--home DIR`` (written by ``fedpref-agent init``)::
 
     agent.toml            [agent] server address and CA; [model] (must match the server's)
     ca.pem                the operator's CA, pinned at init
+    attribute_basis.safetensors  the operator's attribute basis (`init --basis`; optional)
     identity/node.key     ECDSA P-256 key for Flower SuperNode authentication (OpenSSH, 0600)
     identity/node.pub     the public key the operator registers (`fedpref-server nodes add`)
     store/                DeviceStore: preference pairs (SQLite) and AES-GCM sealed blobs
@@ -45,6 +46,7 @@ if TYPE_CHECKING:
     from fedpref.client.agent_state import EncryptedDeviceState
 
 AGENT_FILE = "agent.toml"
+BASIS_FILE = "attribute_basis.safetensors"
 PRIVATE_BLOB = "private_adapter"
 ACCOUNTANT_BLOB = "accountant"
 

@@ -53,12 +53,17 @@ def _users(data: Path) -> dict[str, UserData]:  # simulation only
 
 
 @functools.lru_cache(maxsize=2)
-def _model_config(config_file: str) -> ModelConfig:
+def _model_config(config_file: str, attribute_basis: str = "") -> ModelConfig:
+    import dataclasses
+
     from fedpref.model.config import ModelConfig
     from fedpref.protocol.tomlconfig import build, read_toml
 
     data = read_toml(config_file) if config_file else {}
-    return build(ModelConfig, data.get("model"), where=f"{config_file or '<defaults>'} [model]")
+    cfg = build(ModelConfig, data.get("model"), where=f"{config_file or '<defaults>'} [model]")
+    if attribute_basis:  # run config `attribute-basis` (the simulation's generated basis)
+        cfg = dataclasses.replace(cfg, adapter=dataclasses.replace(cfg.adapter, attribute_basis=attribute_basis))
+    return cfg
 
 
 @functools.lru_cache(maxsize=2)
@@ -114,7 +119,7 @@ def train_for_node(run: AppRun, context: Context, req: TrainRequest):  # -> Reco
     from fedpref.client.device import DeviceState, adapters_for, get_runtime, stable_seed, train_round, user_cache
 
     user = _user_for(context, _users(run.data))
-    rt = get_runtime(_model_config(run.config_file), adapters_for(
+    rt = get_runtime(_model_config(run.config_file, run.attribute_basis), adapters_for(
         train_shared=req.config.train_shared, train_private=req.config.train_private))
     state = DeviceState(run.clients_dir / user.user_id)
     cache = user_cache(rt, user, state, _shared_cache(run.cache))

@@ -26,6 +26,7 @@ from fedpref.model.backbone import Backbone, load_backbone
 from fedpref.model.cache import TextCache
 from fedpref.model.config import ModelConfig
 from fedpref.model.io import adapter_exists, load_adapter_weights, save_adapter
+from fedpref.model.basis import model_identity
 from fedpref.model.preference import build_model, get_arrays, set_arrays
 from fedpref.protocol.accounting import SampleLevelAccountant
 from fedpref.protocol.errors import DeclinedRound, FedPrefError, PolicyRefused
@@ -54,6 +55,7 @@ class Runtime:
     snapshot: dict[str, torch.Tensor]
     initial_private: dict[str, np.ndarray]
     max_length: int
+    identity: str = ""  # the frozen weights this device attests: backbone sha256 (+ attribute basis)
     safety_source: str | None = field(default=None)  # sha256 of the envelope whose module is attached
 
 
@@ -65,7 +67,7 @@ def get_runtime(model_cfg: ModelConfig, adapters: tuple[str, ...]) -> Runtime:
     return Runtime(
         backbone=backbone, model=model, adapters=adapters, snapshot=_frozen_snapshot(model),
         initial_private=get_arrays(model, Group.PRIVATE) if PRIVATE_ADAPTER in adapters else {},
-        max_length=model_cfg.max_length,
+        max_length=model_cfg.max_length, identity=model_identity(backbone.sha256, model_cfg.adapter),
     )
 
 
@@ -310,7 +312,7 @@ def train_round(
         delta_norm=raw_norm, steps=result.steps, seconds=result.seconds,
     )
     att = Attestation(
-        protocol_version=PROTOCOL_VERSION, server_round=cfg.server_round, backbone_sha256=rt.backbone.sha256,
+        protocol_version=PROTOCOL_VERSION, server_round=cfg.server_round, backbone_sha256=rt.identity,
         policy_version=policy.version if policy is not None else 0,
         safety_digest=digest,
     )

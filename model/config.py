@@ -15,7 +15,10 @@ class AdapterSpec:
     alpha: float = 8.0  # LoRA alpha (scaling = alpha / r)
     top_layers: int = 1  # adapt the last N transformer blocks; lower blocks can be cached
     targets: tuple[str, ...] = ("value",)  # sub-modules of each adapted block
-    personal_dims: int = 8  # k: size of the shared style projection the personal head reads; 0 = none (head reads f)
+    personal_dims: int = 8  # k: size of the style projection the personal head reads; 0 = none (head reads f)
+    # a frozen public basis for that projection (safetensors, "weight" (k, H); model/basis.py):
+    # "" = the projection is shared and learnt under user-level DP
+    attribute_basis: str = ""
 
     def __post_init__(self) -> None:
         if self.rank < 1:
@@ -26,6 +29,11 @@ class AdapterSpec:
             raise ConfigError("adapter.targets is empty; name block sub-modules, e.g. ['query', 'value']")
         if self.personal_dims < 0:
             raise ConfigError(f"adapter.personal_dims = {self.personal_dims}; use ≥ 1 (e.g. 8), or 0 for no projection")
+        if not isinstance(self.attribute_basis, str):
+            raise ConfigError(f"adapter.attribute_basis = {self.attribute_basis!r}; give a file path, or \"\" for none")
+        if self.attribute_basis and self.personal_dims == 0:
+            raise ConfigError("adapter.attribute_basis is set but personal_dims = 0; set personal_dims to the "
+                              "basis's number of attributes")
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,8 @@
 
 - ``score`` (H → 1) is the shared reward head: what everyone agrees on.
 - ``style_proj`` (H → k) is a shared projection onto the k directions along which users
-  differ; it is learnt from every user's personal signal, under user-level DP.
+  differ; it is learnt from every user's personal signal, under user-level DP, or it is a
+  frozen public attribute basis (:mod:`fedpref.model.basis`, ``adapter.attribute_basis``).
 - ``personal_head`` (k → 1) is the user's own weights over those directions. A user needs
   only k numbers, so 75 pairs and DP-SGD noise in k dimensions suffice.
 - ``score`` and ``style_proj`` are ``modules_to_save`` of the "shared" adapter,
@@ -66,7 +67,8 @@ class _Replayable(nn.Module):
 class RewardModel(nn.Module):
     """Backbone + reward heads. Wrap with :func:`build_model` to get the PEFT adapters."""
 
-    def __init__(self, backbone: Backbone, *, first_adapted: int, personal_dims: int) -> None:
+    def __init__(self, backbone: Backbone, *, first_adapted: int, personal_dims: int,
+                 basis: torch.Tensor | None = None) -> None:
         super().__init__()
         self.encoder = backbone.model
         self.is_decoder = backbone.is_decoder
@@ -81,10 +83,13 @@ class RewardModel(nn.Module):
         self.style_proj: nn.Module = nn.Identity()
         if personal_dims:
             self.style_proj = nn.Linear(h, personal_dims, bias=False)
-            with torch.no_grad():  # the same orthonormal start on every device and the server
-                g = torch.Generator().manual_seed(20260101)
-                q, _ = torch.linalg.qr(torch.randn(h, personal_dims, generator=g))  # (H, k)
-                self.style_proj.weight.copy_(q.T)  # rows orthonormal: outputs O(1) like f
+            with torch.no_grad():
+                if basis is not None:  # a frozen public attribute basis (model/basis.py)
+                    self.style_proj.weight.copy_(basis)
+                else:  # the same orthonormal start on every device and the server
+                    g = torch.Generator().manual_seed(20260101)
+                    q, _ = torch.linalg.qr(torch.randn(h, personal_dims, generator=g))  # (H, k)
+                    self.style_proj.weight.copy_(q.T)  # rows orthonormal: outputs O(1) like f
             self.style_proj.requires_grad_(False)
         layers = backbone.layers()
         for i in range(first_adapted):
@@ -182,9 +187,21 @@ def build_model(
         if isinstance(m, nn.Dropout):
             m.p = 0.0
     first_adapted = backbone.num_layers - spec.top_layers
-    base = RewardModel(backbone, first_adapted=first_adapted, personal_dims=spec.personal_dims)
+    basis = None
+    if spec.attribute_basis:
+        from fedpref.model.basis import load_basis
+
+        basis, _, _ = load_basis(spec.attribute_basis)
+        if tuple(basis.shape) != (spec.personal_dims, backbone.hidden_size):
+            raise ConfigError(
+                f"attribute basis {spec.attribute_basis} is {tuple(basis.shape)}, but the model needs "
+                f"(personal_dims, hidden size) = ({spec.personal_dims}, {backbone.hidden_size}); set "
+                f"personal_dims = {basis.shape[0]} or build the basis for this backbone")
+    base = RewardModel(backbone, first_adapted=first_adapted, personal_dims=spec.personal_dims, basis=basis)
     targets = _target_module_names(base, backbone, spec)
-    heads = {SHARED_ADAPTER: ["score", "style_proj"] if spec.personal_dims else ["score"], PRIVATE_ADAPTER: ["personal_head"]}
+    # a learnt projection is shared (trained under user-level DP); a public basis stays frozen
+    learnt_proj = ["style_proj"] if spec.personal_dims and basis is None else []
+    heads = {SHARED_ADAPTER: ["score", *learnt_proj], PRIVATE_ADAPTER: ["personal_head"]}
 
     def cfg(name: str) -> LoraConfig:
         return LoraConfig(
@@ -196,7 +213,7 @@ def build_model(
     for name in adapters[1:]:
         model.add_adapter(name, cfg(name))
     model.base_model.set_adapter(list(adapters))
-    if PRIVATE_ADAPTER not in adapters and spec.personal_dims:
+    if PRIVATE_ADAPTER not in adapters and learnt_proj:
         # without a personal head the projection gets no gradient, only DP noise: freeze it
         model.base_model.model.style_proj.requires_grad_(False)
     check_partition(model)

@@ -50,6 +50,7 @@ class AppRun:
     deterministic_noise: bool = False  # simulation only: DP noise seeded per (seed, user, round), so runs repeat
     tamper_envelope: bool = False  # attack experiment only: the server sends the policy envelope with a corrupted signature
     rounds: int = 0  # total rounds for this workdir, overriding [federation] rounds (0 = the config's)
+    attribute_basis: str = ""  # overrides [model.adapter] attribute_basis on server and simulated devices ("" = the config's)
 
     @property
     def clients_dir(self) -> Path:
@@ -100,6 +101,7 @@ def from_run_config(rc: dict[str, Any], *, base: Path | None = None, run_id: int
         deterministic_noise=parse_run_flag(get("deterministic-noise", False), key="deterministic-noise"),
         tamper_envelope=parse_run_flag(get("tamper-envelope", False), key="tamper-envelope"),
         rounds=_non_negative_int(get("rounds", 0), "rounds"),
+        attribute_basis=str(path(str(get("attribute-basis", "")))) if get("attribute-basis", "") else "",
     )
 
 

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from fedpref.model.backbone import load_backbone
 from fedpref.model.config import ModelConfig
 from fedpref.model.io import load_adapter_weights, save_adapter
+from fedpref.model.basis import model_identity
 from fedpref.model.preference import build_model, get_arrays, set_arrays
 from fedpref.protocol.atomic import write_text_atomic
 from fedpref.protocol.errors import ConfigError
@@ -176,6 +177,7 @@ def prepare_federation(run: AppRun, settings: ServerSettings, *, clock=time.time
             policy = dataclasses.replace(policy, envelope=tampered_envelope(policy.envelope))
             log.warning("fedpref: ATTACK EXPERIMENT: sending the envelope with a corrupted signature")
     model = build_model(backbone, settings.model.adapter, adapters=(SHARED_ADAPTER,), seed=run.seed)
+    identity = model_identity(backbone.sha256, settings.model.adapter)  # what devices must attest
     initial = get_arrays(model, Group.SHARED)
     run.server_dir.mkdir(parents=True, exist_ok=True)
     ledger = PrivacyLedger(run.server_dir / "ledger.jsonl")
@@ -195,7 +197,7 @@ def prepare_federation(run: AppRun, settings: ServerSettings, *, clock=time.time
 
     strategy = FedPrefStrategy(
         fed=fed, local=settings.local, shapes={k: v.shape for k, v in initial.items()},
-        backbone_sha256=backbone.sha256, budget=budget,
+        backbone_sha256=identity, budget=budget,
         train_shared=True, train_private=run.method is Method.PERSONALIZED,
         # a restarted server never replays the noise of the rounds it already released
         rng=np.random.default_rng([run.seed, 7919, resume.next_round]), clock=clock, on_round=on_round,
@@ -204,7 +206,7 @@ def prepare_federation(run: AppRun, settings: ServerSettings, *, clock=time.time
     strategy.history.extend(resume.history)
     if policy is not None:
         strategy.policy_roots = policy.roots
-    return Federation(backbone.sha256, policy, strategy, initial, resume, bar)
+    return Federation(identity, policy, strategy, initial, resume, bar)
 
 
 def write_summary(run: AppRun, f: Federation, **extra: object) -> None:
@@ -248,6 +250,9 @@ def make_server_app(defaults: dict | None = None) -> ServerApp:
         run = from_run_config({**base, **dict(context.run_config)}, run_id=context.run_id)
         log.warning("fedpref: checkpoints, ledger and history go to %s", run.server_dir)
         settings = load_server_settings(run.config_file)
+        if run.attribute_basis:  # the simulation's generated basis
+            settings = dataclasses.replace(settings, model=dataclasses.replace(
+                settings.model, adapter=dataclasses.replace(settings.model.adapter, attribute_basis=run.attribute_basis)))
         if run.rounds:  # `fedpref-server start --rounds N`: N more rounds on this workdir
             settings = dataclasses.replace(
                 settings, federation=dataclasses.replace(settings.federation, rounds=run.rounds))

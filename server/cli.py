@@ -20,7 +20,7 @@ import typer
 
 from fedpref.server import privacy
 from fedpref.protocol.exit_codes import EXIT_CODE_HELP, ExitCode, exit_on_error, run_cli
-from fedpref.server.policy_cli import keys_app, policy_app
+from fedpref.server.policy_cli import basis_app, keys_app, policy_app
 from fedpref.server.privacy import AccountantKind
 
 app = typer.Typer(
@@ -36,6 +36,7 @@ privacy_app = typer.Typer(
 app.add_typer(privacy_app, name="privacy")
 app.add_typer(keys_app, name="keys")  # signing keys and the trust root (server/policy_cli.py)
 app.add_typer(policy_app, name="policy")  # build, sign, verify, show safety policies
+app.add_typer(basis_app, name="basis")  # the public attribute basis of the personal head
 
 SampleRate = Annotated[
     float, typer.Option(help="Poisson sampling probability q per step, in (0, 1].")

@@ -512,6 +512,47 @@ def policy_build(
                "--out policy.dsse.json")
 
 
+# --- basis build ------------------------------------------------------------------------------
+basis_app = typer.Typer(
+    help="The public attribute basis the devices' personal heads read (model/basis.py).",
+    no_args_is_help=True,
+)
+
+
+@basis_app.command("build")
+def basis_build(
+    data: Annotated[Path, typer.Option("--data", metavar="FILE.jsonl", help=(
+        'Public labelled texts: {"text": ..., "attributes": {"formal": 1, "emoji": -1, ...}} per line.'))],
+    out: Annotated[Path, typer.Option("--out", metavar="BASIS.safetensors", help="The basis file to write.")],
+    backbone: Annotated[str | None, typer.Option(
+        "--backbone", help="Local backbone folder. Default: the bundled MiniLM.", metavar="PATH")] = None,
+    max_length: Annotated[int, typer.Option("--max-length", help="Tokens per text (the config's [model] max_length).")] = 96,
+    ridge: Annotated[float, typer.Option("--ridge", help="The probes' L2 penalty.")] = 10.0,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the held-out split.")] = 0,
+) -> None:
+    """Fit one ridge probe per attribute on the frozen backbone and write the basis file."""
+    with _errors():
+        from fedpref.model.basis import build_basis, load_attribute_corpus, save_basis
+
+        if max_length < 8:
+            raise ConfigError(f"--max-length={max_length} is invalid; give at least 8 tokens")
+        if out.is_dir():
+            raise ConfigError(f"--out {out} is a folder; give a file path, e.g. ops/basis.safetensors")
+        records = load_attribute_corpus(data)  # data errors (FILE:LINE) before the backbone loads
+        labels = list(records[0]["attributes"])
+        _quiet_transformers()
+        with _progress_bar() as bar:
+            task = bar.add_task("embedding texts", total=len(records))
+            weight, holdout = build_basis(records, backbone=backbone, max_length=max_length, ridge=ridge, seed=seed,
+                                          progress=lambda k: bar.advance(task, k))
+        sha = save_basis(out, weight, labels, source=str(data))
+    typer.echo(f"wrote {out}: {len(labels)} attribute probes ({', '.join(labels)}) on {len(records)} texts, sha256 {sha[:16]}...")
+    if holdout:
+        typer.echo("  held-out sign accuracy: " + ", ".join(f"{n} {_fmt(v)}" for n, v in holdout.items()))
+    typer.echo(f"next: in config.toml [model.adapter] set personal_dims = {len(labels)} and attribute_basis = "
+               f"\"{out.absolute()}\"; give the file to devices (`fedpref-agent init --basis`)")
+
+
 # --- policy sign ------------------------------------------------------------------------------
 
 

@@ -45,7 +45,8 @@ def validate_attestation(att: Attestation, exp: Expected) -> None:
     if att.server_round != exp.server_round:
         raise RejectedUpdate(f"stale round {att.server_round} (current {exp.server_round})")
     if att.backbone_sha256 != exp.backbone_sha256:
-        raise RejectedUpdate(f"backbone sha256 {att.backbone_sha256[:12]}… != {exp.backbone_sha256[:12]}…")
+        raise RejectedUpdate(f"frozen weights (backbone sha256, attribute basis) {att.backbone_sha256[:12]}… "
+                             f"!= {exp.backbone_sha256[:12]}…")
     if att.policy_version != exp.policy_version:
         raise RejectedUpdate(f"policy version {att.policy_version} != {exp.policy_version}")
     if att.safety_digest != exp.safety_digest:

@@ -2,7 +2,7 @@
 
 Tables: ``[persona]`` (with ``[[persona.communities]]``), ``[model]`` (with
 ``[model.adapter]``), ``[federation]``, ``[local]``, ``[methods]``, ``[runtime]``, ``[safety]``,
-``[secagg]``, ``[audit]``.
+``[secagg]``, ``[audit]``, ``[attributes]``.
 Every key is optional; see ``simulations/configs/demo.toml`` for the demo's values.
 """
 
@@ -84,6 +84,26 @@ class AuditConfig:
 
 
 @dataclass(frozen=True)
+class AttributesConfig:
+    """The public attribute basis of the personal head (``model/basis.py``).
+
+    With ``corpus_texts > 0`` the runner fits ridge probes for every persona attribute and
+    "unsafe" on that many public labelled texts (``persona.attribute_corpus``) and the model's
+    ``style_proj`` becomes that frozen basis (``model.adapter.personal_dims`` must be 9).
+    """
+
+    corpus_texts: int = 0  # 0 = no basis: style_proj is learnt (or absent with personal_dims = 0)
+    ridge: float = 10.0  # the probes' L2 penalty, on standardised embeddings
+    corpus: str = ""  # a JSONL of {"text", "attributes": {name: ±1, ...}} instead of the persona corpus (real data)
+
+    def __post_init__(self) -> None:
+        if self.corpus_texts < 0:
+            raise ConfigError(f"attributes.corpus_texts = {self.corpus_texts}; use 0 (off) or a positive count, e.g. 1200")
+        if not self.ridge > 0:
+            raise ConfigError(f"attributes.ridge = {self.ridge}; use a positive penalty, e.g. 10")
+
+
+@dataclass(frozen=True)
 class SimConfig:
     persona: PersonaConfig = field(default_factory=PersonaConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -94,6 +114,7 @@ class SimConfig:
     safety: SafetyConfig = field(default_factory=SafetyConfig)
     secagg: SecAggConfig = field(default_factory=SecAggConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)  # read by the ServerApp when runtime.secure_aggregation
+    attributes: AttributesConfig = field(default_factory=AttributesConfig)
 
     def to_dict(self) -> dict:
         return to_plain(self)

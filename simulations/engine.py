@@ -82,6 +82,7 @@ def run_on_simulation_engine(
     policy: Path | None = None,
     root: Path | None = None,
     tamper_safety: tuple[str, ...] = (),
+    attribute_basis: str = "",
     verbose: bool = False,
 ) -> None:
     """One federated run (``aggregated`` or ``personalized``): each user is one virtual node.
@@ -96,6 +97,7 @@ def run_on_simulation_engine(
         "policy": str(policy or ""), "root": str(root or ""), "tamper-safety": ",".join(tamper_safety),
         "secure-aggregation": runtime.secure_aggregation,
         "deterministic-noise": runtime.deterministic_noise,
+        "attribute-basis": attribute_basis,
     }
     init_args: dict = {"include_dashboard": False, "num_cpus": os.cpu_count() or 1}
     if runtime.ray_address:

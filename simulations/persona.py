@@ -49,7 +49,8 @@ ELABORATIONS = 2  # extra sentences in a detailed answer (a concise one has a br
 A = len(ATTRIBUTES)
 
 # Independent random streams: default_rng([seed, STREAM, ...]).
-_POOL_STREAM, _USER_STREAM, _PAIR_STREAM, _CORPUS_STREAM = 1, 2, 3, 4
+_POOL_STREAM, _USER_STREAM, _PAIR_STREAM, _CORPUS_STREAM, _ATTRIBUTE_STREAM = 1, 2, 3, 4, 5
+UNSAFE_ATTRIBUTE = "unsafe"  # the attribute corpus's last label: +1 for an unsafe text, -1 for a safe one
 
 
 @dataclass(frozen=True)
@@ -453,3 +454,34 @@ def safety_corpus(config: PersonaConfig | None = None, *, n_per_class: int = 200
             phrase = None if cat == SAFE else UNSAFE[cat][int(rng.integers(len(UNSAFE[cat])))]
             records.append({"text": _unique_render(rng, topic, _random_style(rng), used, phrase), "category": cat})
     return [records[int(i)] for i in rng.permutation(len(records))]
+
+
+def attribute_corpus(config: PersonaConfig | None = None, *, n: int = 1200, unsafe_fraction: float = 0.25) -> list[dict]:
+    """Public texts labelled with their response attributes, disjoint from the pool.
+
+    What an operator has in practice from annotated public data (rated responses to public
+    prompts): ``{"text": ..., "attributes": {"detailed": ±1, ..., "humor": ±1, "unsafe": ±1}}``,
+    random styles over all topics, ``unsafe_fraction`` of them unsafe. No user and no label of
+    any user is involved. The simulation fits the attribute basis (:mod:`fedpref.model.basis`)
+    on it.
+    """
+    config = config or PersonaConfig()
+    if not isinstance(n, int) or n < 1:
+        raise ConfigError(f"attribute_corpus n = {n!r} is invalid; give a positive integer")
+    if not 0.0 <= unsafe_fraction <= 1.0:
+        raise ConfigError(f"attribute_corpus unsafe_fraction = {unsafe_fraction!r}; give a fraction in [0, 1]")
+    rng = np.random.default_rng([config.seed, _ATTRIBUTE_STREAM])
+    used = {cand.text for item in build_pool(config) for cand in item.candidates}
+    records = []
+    for _ in range(n):
+        topic = int(rng.integers(len(TOPICS)))
+        style = _random_style(rng)
+        unsafe = bool(rng.random() < unsafe_fraction)
+        phrase = None
+        if unsafe:
+            cat = UNSAFE_CATEGORIES[int(rng.integers(len(UNSAFE_CATEGORIES)))]
+            phrase = UNSAFE[cat][int(rng.integers(len(UNSAFE[cat])))]
+        text = _unique_render(rng, topic, style, used, phrase)
+        labels = {a: int(v) for a, v in zip(ATTRIBUTES, style)} | {UNSAFE_ATTRIBUTE: 1 if unsafe else -1}
+        records.append({"text": text, "attributes": labels})
+    return records

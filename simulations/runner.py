@@ -56,6 +56,31 @@ def prepare_data(cfg: SimConfig, data: Path | None, out: Path) -> tuple[Path, di
     return data, users
 
 
+def prepare_basis(cfg: SimConfig, work: Path) -> tuple[SimConfig, dict]:
+    """Fit the public attribute basis (``[attributes]``) and point the model config at it."""
+    from fedpref.model.basis import build_basis, load_attribute_corpus, save_basis
+    from fedpref.simulations.persona import attribute_corpus
+
+    a = cfg.attributes
+    records = load_attribute_corpus(Path(a.corpus)) if a.corpus else attribute_corpus(cfg.persona, n=a.corpus_texts)
+    labels = list(records[0]["attributes"])
+    if cfg.model.adapter.personal_dims != len(labels):
+        raise ConfigError(f"[attributes] gives {len(labels)} attributes ({', '.join(labels)}) but "
+                          f"model.adapter.personal_dims = {cfg.model.adapter.personal_dims}; set it to {len(labels)}")
+    with progress() as bar:
+        task = bar.add_task("attribute basis: embedding the public corpus", total=len(records))
+        weight, holdout = build_basis(records, backbone=cfg.model.backbone or None, max_length=cfg.model.max_length,
+                                      ridge=a.ridge, seed=cfg.runtime.seed, progress=lambda k: bar.advance(task, k))
+    path = work / "attribute_basis.safetensors"
+    sha = save_basis(path, weight, labels,
+                     source=a.corpus or f"persona.attribute_corpus(seed={cfg.persona.seed}, n={a.corpus_texts})")
+    adapter = dataclasses.replace(cfg.model.adapter, attribute_basis=str(path))
+    info = {"labels": labels, "texts": len(records), "ridge": a.ridge, "sha256": sha, "holdout_sign_accuracy": holdout}
+    console.print(f"[bold]attribute basis[/]: {len(labels)} probes on {len(records)} public texts, held-out sign accuracy "
+                  + ", ".join(f"{n} {v:.2f}" for n, v in holdout.items()))
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, adapter=adapter)), info
+
+
 def build_cache(rt: Runtime, users: dict[str, UserData], path: Path, max_length: int) -> TextCache:
     texts = sorted({t for u in users.values() for p in (*u.train, *u.test) for t in (p.chosen, p.rejected)})
     with progress() as prog:
@@ -209,6 +234,9 @@ def run_simulation(cfg: SimConfig, *, out: Path, data: Path | None, config_file:
     if unknown:  # checked before any expensive phase
         raise ConfigError(f"safety.tamper_users names {unknown[:3]}, not users of the data; use ids such as {sorted(users)[0]!r}")
     console.print(f"[bold]fedpref-sim[/]: {len(users)} users, data {data}")
+    basis_info: dict | None = None
+    if cfg.attributes.corpus_texts or cfg.attributes.corpus:
+        cfg, basis_info = prepare_basis(cfg, work)
 
     rt_both = get_runtime(cfg.model, (SHARED_ADAPTER, PRIVATE_ADAPTER))
     cache_path = work / "cache.safetensors"
@@ -229,6 +257,7 @@ def run_simulation(cfg: SimConfig, *, out: Path, data: Path | None, config_file:
             config_file=config_file, cache=cache_path, runtime=cfg.runtime, verbose=verbose,
             policy=sim_policy.envelope_path if sim_policy else None, root=sim_policy.root_path if sim_policy else None,
             tamper_safety=cfg.safety.tamper_users if sim_policy else (),
+            attribute_basis=cfg.model.adapter.attribute_basis,
         )
         wall = time.perf_counter() - t0
         server_dir = work / method.value / "server"
@@ -288,6 +317,8 @@ def run_simulation(cfg: SimConfig, *, out: Path, data: Path | None, config_file:
     res["privacy"]["ledger"] = _ledger(work / Method.PERSONALIZED.value / "server")
     if audits is not None:
         res["privacy"]["audit"] = audits
+    if basis_info is not None:
+        res["attribute_basis"] = basis_info
     if sim_policy is not None:
         res["safety"] = summarize_safety(safety_evals, users, sim_policy, _tamper_report(rounds, cfg.safety.tamper_users))
     write_text_atomic(out / "results.json", json.dumps(res, indent=1, allow_nan=False))

@@ -1,7 +1,9 @@
 """End to end: `fedpref-sim run` on Flower's Simulation Engine (Ray), tiny model, 6 users.
 
 Two communities with opposed preferences; the run must show what the paper claims:
-personalization serves the minority that one aggregated model does not.
+personalization serves the minority that one aggregated model does not. The personal head
+reads a public attribute basis (``[attributes]``), as in the demo: the run config carries it to
+the ServerApp and every ClientApp, and their attested frozen-weights identity must agree.
 """
 
 import json
@@ -34,7 +36,10 @@ max_length = 96
 
 [model.adapter]
 rank = 2
-personal_dims = 4
+personal_dims = 9
+
+[attributes]
+corpus_texts = 300
 
 [federation]
 rounds = 3
@@ -88,6 +93,18 @@ def test_results_have_every_key(run):
     assert len(p["epsilon_user_by_round"]) == 3
     assert res["cost"]["rounds"] == 3 and res["cost"]["wall_seconds"] > 0
     assert res["config"]["federation"]["rounds"] == 3
+
+
+def test_the_attribute_basis_reaches_server_and_devices(run):
+    res = json.loads((run[0] / "results.json").read_text())
+    basis = res["attribute_basis"]
+    assert len(basis["labels"]) == 9 and basis["labels"][-1] == "unsafe" and basis["texts"] == 300
+    assert min(basis["holdout_sign_accuracy"].values()) > 0.6  # real probes, even on the 2-block backbone
+    assert res["config"]["model"]["adapter"]["attribute_basis"].endswith("attribute_basis.safetensors")
+    for method in ("aggregated", "personalized"):  # every honest device attests the same identity
+        for rnd in res["rounds"][method]:
+            assert rnd["accepted"] == 5 and [r["reason"] for r in rnd["rejected"]] == [rnd["rejected"][0]["reason"]]
+            assert "safety digest" in rnd["rejected"][0]["reason"]  # only the tampering device
 
 
 def test_personalized_beats_aggregated_on_the_minority(run):
