@@ -216,6 +216,20 @@ FIGURES = {
 }
 
 
+def basis_section(res: dict) -> str:
+    """What the personal head reads: the public attribute basis, when the run had one."""
+    b = res.get("attribute_basis")
+    if not b:
+        return ""
+    acc = "".join(f"<tr><td>{html.escape(n)}</td><td>{v:.3f}</td></tr>" for n, v in b["holdout_sign_accuracy"].items())
+    return f"""<h2>The personal head's attribute basis</h2>
+<p>Each device's private head reads {len(b['labels'])} frozen probes, one per response attribute, fitted by ridge
+regression (penalty {b['ridge']:g}) on {b['texts']:,} public labelled texts that no user labelled, and scaled to the
+features' norm; so a user's preferences are {len(b['labels']) + 1} private numbers. Sign accuracy of each probe on
+the 20 % of those texts held out of its fit (basis sha256 {html.escape(b['sha256'][:16])}…):</p>
+<table><tr><th>attribute</th><th>held-out sign accuracy</th></tr>{acc}</table>"""
+
+
 def summary_rows(res: dict) -> list[tuple[str, float, float, str, float]]:
     """(method, mean, p10, worst community, its accuracy) per method."""
     rows = []
@@ -260,6 +274,7 @@ td:first-child{{text-align:left}}img{{max-width:100%}}</style></head><body>
 <p>{reading}</p>
 <h2>Summary</h2>
 <table><tr><th>method</th><th>mean accuracy</th><th>p10 accuracy</th><th>worst community</th></tr>{rows}</table>
+{basis_section(res)}
 <h2>Per-user accuracy</h2><img src="accuracy_distribution.png" alt="per-user accuracy distribution">
 <h2>Per community</h2><img src="accuracy_per_community.png" alt="accuracy per community">
 <h2>Rounds</h2><img src="accuracy_vs_rounds.png" alt="accuracy against rounds">

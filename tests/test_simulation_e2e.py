@@ -128,6 +128,7 @@ def test_report_and_figures_are_written(run):
         assert (out / fig).stat().st_size > 1000
         assert fig in html
     assert "RDP" in html and "δ" in html
+    assert "attribute basis" in html and "held-out sign accuracy" in html
 
 
 def test_summary_table_is_printed(run):
