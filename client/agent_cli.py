@@ -9,7 +9,6 @@ stderr with a documented exit code (``fedpref-server exit-codes``), never a trac
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -116,8 +115,7 @@ def init(
             from fedpref.model.basis import load_basis
 
             weight, _, _ = load_basis(basis)  # a bad file fails here, before anything is written
-            model = dataclasses.replace(model, adapter=dataclasses.replace(
-                model.adapter, personal_dims=int(weight.shape[0]), attribute_basis=str(home / BASIS_FILE)))
+            model = model.with_attribute_basis(str(home / BASIS_FILE), personal_dims=int(weight.shape[0]))
         secret = os.environ.get(PASSPHRASE_ENV) if passphrase else None
         if passphrase and not secret:
             raise ConfigError(f"--passphrase needs the passphrase in {PASSPHRASE_ENV}")

@@ -54,15 +54,13 @@ def _users(data: Path) -> dict[str, UserData]:  # simulation only
 
 @functools.lru_cache(maxsize=2)
 def _model_config(config_file: str, attribute_basis: str = "") -> ModelConfig:
-    import dataclasses
-
     from fedpref.model.config import ModelConfig
     from fedpref.protocol.tomlconfig import build, read_toml
 
     data = read_toml(config_file) if config_file else {}
     cfg = build(ModelConfig, data.get("model"), where=f"{config_file or '<defaults>'} [model]")
     if attribute_basis:  # run config `attribute-basis` (the simulation's generated basis)
-        cfg = dataclasses.replace(cfg, adapter=dataclasses.replace(cfg.adapter, attribute_basis=attribute_basis))
+        cfg = cfg.with_attribute_basis(attribute_basis)
     return cfg
 
 

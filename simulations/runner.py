@@ -74,11 +74,10 @@ def prepare_basis(cfg: SimConfig, work: Path) -> tuple[SimConfig, dict]:
     path = work / "attribute_basis.safetensors"
     sha = save_basis(path, weight, labels,
                      source=a.corpus or f"persona.attribute_corpus(seed={cfg.persona.seed}, n={a.corpus_texts})")
-    adapter = dataclasses.replace(cfg.model.adapter, attribute_basis=str(path))
     info = {"labels": labels, "texts": len(records), "ridge": a.ridge, "sha256": sha, "holdout_sign_accuracy": holdout}
     console.print(f"[bold]attribute basis[/]: {len(labels)} probes on {len(records)} public texts, held-out sign accuracy "
                   + ", ".join(f"{n} {v:.2f}" for n, v in holdout.items()))
-    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, adapter=adapter)), info
+    return dataclasses.replace(cfg, model=cfg.model.with_attribute_basis(str(path))), info
 
 
 def build_cache(rt: Runtime, users: dict[str, UserData], path: Path, max_length: int) -> TextCache:
