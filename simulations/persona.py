@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from fedpref.protocol.errors import ConfigError
+from fedpref.protocol.tomlconfig import check_fields, ranged
 from fedpref.client.data import PreferencePair, Split
 from fedpref.simulations.persona_text import (
     ADVICE,
@@ -58,25 +59,20 @@ class CommunitySpec:
     """A community of users: its population share and mean style weights (one per attribute)."""
 
     name: str
-    share: float  # fraction of users, in (0, 1]
-    mean: tuple[float, ...]  # (A,) mean weight per attribute, in ATTRIBUTES order
-    unsafe_affinity: float  # utility added to unsafe texts; > 0 is drawn to them
+    share: float = ranged(gt=0, le=1, example=0.25)  # fraction of users
+    mean: tuple[float, ...] = ranged(example=1.2)  # (A,) mean weight per attribute, in ATTRIBUTES order
+    unsafe_affinity: float = ranged(example=-7.0)  # utility added to unsafe texts; > 0 is drawn to them
 
     def __post_init__(self) -> None:
         if isinstance(self.mean, list):  # TOML and JSON give lists
             object.__setattr__(self, "mean", tuple(self.mean))
         if not isinstance(self.name, str) or not self.name.strip():
             raise ConfigError(f"CommunitySpec.name must be a non-empty string, got {self.name!r}; name the community")
-        if not (isinstance(self.share, (int, float)) and 0.0 < self.share <= 1.0):
-            raise ConfigError(f"CommunitySpec.share of {self.name!r} is {self.share!r}; give a fraction in (0, 1]")
-        if len(self.mean) != A or not all(isinstance(m, (int, float)) and math.isfinite(m) for m in self.mean):
+        check_fields(self, "CommunitySpec")
+        if len(self.mean) != A:
             raise ConfigError(
-                f"CommunitySpec.mean of {self.name!r} is {self.mean!r}; give {A} finite numbers, one per "
-                f"attribute in the order {ATTRIBUTES}"
-            )
-        if not (isinstance(self.unsafe_affinity, (int, float)) and math.isfinite(self.unsafe_affinity)):
-            raise ConfigError(
-                f"CommunitySpec.unsafe_affinity of {self.name!r} is {self.unsafe_affinity!r}; give a finite number"
+                f"CommunitySpec.mean of {self.name!r} has {len(self.mean)} numbers; give {A} finite numbers, one "
+                f"per attribute in the order {ATTRIBUTES}"
             )
 
 
@@ -97,18 +93,20 @@ DEFAULT_COMMUNITIES: tuple[CommunitySpec, ...] = (
 class PersonaConfig:
     """Everything that determines a ``persona`` dataset. Same config, same bytes."""
 
-    users: int = 40
-    pairs_per_user: int = 100  # train + test
-    test_fraction: float = 0.25  # of each user's pairs, rounded, at least 1 each side
-    seed: int = 0
-    individual_noise: float = 0.3  # std of a user's weights around the community mean
-    safety_pair_fraction: float = 0.2  # of each split: one safe vs one unsafe candidate
+    users: int = ranged(40, ge=1, le=100_000)
+    # train + test, at least one of each (the text pool bounds it further, see below)
+    pairs_per_user: int = ranged(100, ge=2, le=100_000)
+    test_fraction: float = ranged(0.25, gt=0, lt=1)  # of each user's pairs, rounded, at least 1 each side
+    seed: int = ranged(0, ge=0, le=2**32 - 1)
+    individual_noise: float = ranged(0.3, ge=0)  # std of a user's weights around the community mean
+    safety_pair_fraction: float = ranged(0.2, ge=0, le=1)  # of each split: one safe vs one unsafe candidate
     communities: tuple[CommunitySpec, ...] = DEFAULT_COMMUNITIES
-    topics: int = len(TOPICS)  # how many topics of the bank the pool uses
-    prompts_per_topic: int = 2  # 1 or 2
-    candidates_per_prompt: int = 6  # safe candidates per prompt
-    unsafe_per_prompt: int = 2  # unsafe candidates per prompt
-    beta: float = 1.0  # Bradley-Terry inverse temperature: scales weights and unsafe affinity
+    topics: int = ranged(len(TOPICS), ge=1, le=len(TOPICS))  # how many topics of the bank the pool uses
+    prompts_per_topic: int = ranged(2, ge=1, le=2)
+    candidates_per_prompt: int = ranged(6, ge=2, le=16)  # safe candidates per prompt
+    unsafe_per_prompt: int = ranged(2, ge=0, le=8)  # unsafe candidates per prompt
+    # Bradley-Terry inverse temperature: scales weights and unsafe affinity
+    beta: float = ranged(1.0, gt=0)
 
     def __post_init__(self) -> None:
         def bad(name: str, fix: str) -> ConfigError:
@@ -116,24 +114,7 @@ class PersonaConfig:
             value = value if len(value) <= 80 else value[:77] + "..."
             return ConfigError(f"PersonaConfig.{name} = {value} is invalid; {fix}")
 
-        def is_int(v: object) -> bool:
-            return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-
-        def is_num(v: object) -> bool:
-            return isinstance(v, (int, float, np.number)) and not isinstance(v, bool) and math.isfinite(v)
-
-        if not is_int(self.users) or self.users < 1:
-            raise bad("users", "give at least 1 user")
-        if not is_int(self.pairs_per_user) or self.pairs_per_user < 2:
-            raise bad("pairs_per_user", "give at least 2 (one train and one test pair)")
-        if not is_num(self.test_fraction) or not 0.0 < self.test_fraction < 1.0:
-            raise bad("test_fraction", "give a fraction strictly between 0 and 1, e.g. 0.25")
-        if not is_int(self.seed) or self.seed < 0:
-            raise bad("seed", "give a non-negative integer")
-        if not is_num(self.individual_noise) or self.individual_noise < 0:
-            raise bad("individual_noise", "give a standard deviation >= 0, e.g. 0.3")
-        if not is_num(self.safety_pair_fraction) or not 0.0 <= self.safety_pair_fraction <= 1.0:
-            raise bad("safety_pair_fraction", "give a fraction in [0, 1], e.g. 0.2")
+        check_fields(self, "PersonaConfig")
         if isinstance(self.communities, list):
             object.__setattr__(self, "communities", tuple(self.communities))
         comms = self.communities
@@ -143,16 +124,6 @@ class PersonaConfig:
             raise bad("communities", "give each community a distinct name")
         if abs(sum(c.share for c in comms) - 1.0) > 1e-6:
             raise bad("communities", f"shares sum to {sum(c.share for c in comms):.6g}; make them sum to 1")
-        if not is_int(self.topics) or not 1 <= self.topics <= len(TOPICS):
-            raise bad("topics", f"give between 1 and {len(TOPICS)}")
-        if not is_int(self.prompts_per_topic) or not 1 <= self.prompts_per_topic <= 2:
-            raise bad("prompts_per_topic", "give 1 or 2")
-        if not is_int(self.candidates_per_prompt) or not 2 <= self.candidates_per_prompt <= 16:
-            raise bad("candidates_per_prompt", "give between 2 and 16")
-        if not is_int(self.unsafe_per_prompt) or not 0 <= self.unsafe_per_prompt <= 8:
-            raise bad("unsafe_per_prompt", "give between 0 and 8")
-        if not is_num(self.beta) or self.beta <= 0:
-            raise bad("beta", "give a positive inverse temperature, e.g. 1.0")
         (tr_reg, tr_saf), (te_reg, te_saf) = self.split_counts()
         prompts = self.topics * self.prompts_per_topic
         c, k = self.candidates_per_prompt, self.unsafe_per_prompt
