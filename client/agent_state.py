@@ -1,20 +1,21 @@
 """The sealed device state of an agent home: the private adapter (PEFT format, as a tar) and
 the DP accountant live AES-GCM encrypted in the home's :class:`DeviceStore`; the hidden-state
-cache of the user's texts is never written. Kept apart from :mod:`fedpref.client.agent_home`
-because it needs torch, which the agent's light commands (init, feedback, status) do not."""
+cache of the user's texts is never written. The adapter's PEFT files and their tar are built
+and read in memory, so the private adapter is never on disk unsealed, not even in a temporary
+folder. Kept apart from :mod:`fedpref.client.agent_home` because it needs torch, which the
+agent's light commands (init, feedback, status) do not."""
 
 from __future__ import annotations
 
 import json
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from fedpref.client.agent_home import ACCOUNTANT_BLOB, PRIVATE_BLOB, AgentHome, now_utc, tar, untar
+from fedpref.client.agent_home import ACCOUNTANT_BLOB, PRIVATE_BLOB, AgentHome, now_utc, tar_files, untar_files
 from fedpref.client.device import DeviceState, Runtime
 from fedpref.client.store import DeviceStore
-from fedpref.model.io import load_adapter_weights, save_adapter
+from fedpref.model.io import adapter_files, load_adapter_files, save_adapter
 from fedpref.model.preference import set_arrays
 from fedpref.protocol.accounting import SampleLevelAccountant
 from fedpref.protocol.atomic import write_text_atomic
@@ -38,16 +39,12 @@ class EncryptedDeviceState(DeviceState):
         if blob is None:
             set_arrays(rt.model, Group.PRIVATE, rt.initial_private)
             return
-        with tempfile.TemporaryDirectory(prefix="fedpref-adapter-") as tmp:
-            folder = Path(tmp) / PRIVATE_ADAPTER
-            untar(blob, folder, where=self.store.root / "vault" / f"{PRIVATE_BLOB}.enc")
-            load_adapter_weights(rt.model, PRIVATE_ADAPTER, folder)
+        where = self.store.root / "vault" / f"{PRIVATE_BLOB}.enc"
+        load_adapter_files(rt.model, PRIVATE_ADAPTER, untar_files(blob, where=where), where=where,
+                           fix="run `fedpref-agent forget` to start the adapter afresh")
 
     def save_private(self, rt: Runtime, *, metadata: dict[str, str] | None = None) -> None:
-        with tempfile.TemporaryDirectory(prefix="fedpref-adapter-") as tmp:
-            folder = Path(tmp) / PRIVATE_ADAPTER
-            save_adapter(rt.model, PRIVATE_ADAPTER, folder, metadata=metadata)
-            self.store.seal(PRIVATE_BLOB, tar(folder))
+        self.store.seal(PRIVATE_BLOB, tar_files(adapter_files(rt.model, PRIVATE_ADAPTER, metadata=metadata)))
         meta = {"round": int((metadata or {}).get("round", 0)), "updated_at": now_utc()}
         write_text_atomic(self.home.adapter_meta, json.dumps(self.home.adapter_version() | meta), mode=0o600)
 

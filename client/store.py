@@ -19,6 +19,17 @@ file and the fix; nothing is ever deleted or overwritten automatically. ``seal``
 replace an existing blob that does not decrypt; remove it explicitly with ``delete`` first.
 ``store.json`` is written last by ``create``, so an interrupted init leaves files that
 ``create`` refuses to reuse (the message says to move them aside).
+
+Deletion is physical as far as SQLite and the file system let a program make it: every
+connection runs with ``PRAGMA secure_delete=ON`` (freed pages are zeroed, whatever the
+build's default) and ``temp_store=MEMORY``; :meth:`DeviceStore.clear_pairs` then runs
+``VACUUM`` and, in WAL mode, ``wal_checkpoint(TRUNCATE)``, so no deleted ciphertext stays in
+the database, its WAL or its journal. :meth:`DeviceStore.delete` overwrites a sealed blob
+with zeros before unlinking it, and :meth:`DeviceStore.destroy` overwrites and removes the
+key file and removes ``store.json`` (salt and key check), after which nothing left on disk
+decrypts. Copies the file system keeps on its own (blocks of unlinked files such as a
+committed rollback journal, copy-on-write file systems, SSD wear levelling, snapshots,
+backups) are out of a program's reach; destroying the key covers them.
 """
 
 from __future__ import annotations
@@ -30,6 +41,7 @@ import os
 import re
 import secrets
 import sqlite3
+import stat
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -42,7 +54,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
-from fedpref.protocol.atomic import _fsync_dir, write_bytes_atomic
+from fedpref.protocol.atomic import fsync_dir, write_bytes_atomic
 from fedpref.protocol.errors import ConfigError, DataError
 
 FORMAT = "fedpref-device-store"
@@ -288,8 +300,13 @@ class DeviceStore:
         return self._conn.execute("SELECT COUNT(*) FROM pairs").fetchone()[0]
 
     def clear_pairs(self) -> int:
-        with _tx(self._conn):
-            return self._conn.execute("DELETE FROM pairs").rowcount
+        """Delete every pair, physically: the rows' pages are zeroed (secure_delete), the file
+        rebuilt (VACUUM) and, in WAL mode, the WAL copied back and truncated to zero bytes."""
+        db = self._conn
+        with _tx(db):
+            n = db.execute("DELETE FROM pairs").rowcount
+        _purge(db, self.root / "feedback.sqlite3")
+        return n
 
     def _insert(self, prompt: str, chosen: str, rejected: str, source: str) -> int:
         now = datetime.now(UTC).isoformat(timespec="seconds")
@@ -346,14 +363,20 @@ class DeviceStore:
                              "restore it from a backup or remove it with delete") from None
 
     def delete(self, name: str) -> bool:
+        """Overwrite ``vault/<name>.enc`` with zeros, then remove it; False if there was none."""
         path = self._blob_path(name)
         _ = self._conn
-        try:
-            path.unlink()
-        except FileNotFoundError:
-            return False
-        _fsync_dir(path.parent)
-        return True
+        return shred(path)
+
+    def destroy(self) -> None:
+        """Crypto-shred the store and close it: overwrite and remove ``store.key`` and remove
+        ``store.json`` (the passphrase's salt and the key check), so that nothing left in
+        ``root`` (nor a copy of the data made earlier) decrypts. The store cannot be opened again."""
+        _ = self._conn
+        self.close()
+        self._aead = None  # type: ignore[assignment]  # drop our reference to the key
+        shred(self.root / "store.key")
+        shred(self.root / "store.json")
 
 
 def _validate_pair(prompt: object, chosen: object, rejected: object, source: object, *, where: str) -> None:
@@ -368,14 +391,59 @@ def _validate_pair(prompt: object, chosen: object, rejected: object, source: obj
         raise DataError(f"{where}: 'chosen' and 'rejected' are identical; a pair needs two different answers")
 
 
+def shred(path: Path) -> bool:
+    """Overwrite the file ``path`` with zeros (fsynced), then unlink it and fsync its folder;
+    False if there was none. On copy-on-write file systems and SSDs the old blocks may survive
+    the overwrite; the unlink is what is certain."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    if not stat.S_ISREG(st.st_mode):
+        raise ConfigError(f"{path} is not a regular file (a link?); remove it by hand")
+    if not st.st_mode & stat.S_IWUSR:
+        os.chmod(path, 0o600)  # a key made read-only is still overwritten
+    fd = os.open(path, os.O_WRONLY | getattr(os, "O_NOFOLLOW", 0))
+    try:
+        size = os.fstat(fd).st_size
+        chunk = bytes(min(size, 1 << 20))
+        written = 0
+        while written < size:
+            written += os.write(fd, chunk[: size - written])
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.unlink(path)
+    fsync_dir(path.parent)
+    return True
+
+
 def _connect(path: Path) -> sqlite3.Connection:
     db = sqlite3.connect(path.resolve().as_uri() + "?mode=rw", uri=True, isolation_level=None)
     try:
         db.execute("PRAGMA synchronous=FULL")  # every COMMIT is fsynced
+        db.execute("PRAGMA temp_store=MEMORY")  # VACUUM's copy of the data stays out of the temp folder
+        if db.execute("PRAGMA secure_delete=ON").fetchone() != (1,):  # deleted rows' pages are zeroed
+            raise ConfigError(f"{path}: this SQLite build ignores PRAGMA secure_delete, so deleted pairs "
+                              "would stay readable in the file; use a Python whose sqlite3 supports it")
     except BaseException:
         db.close()
         raise
     return db
+
+
+def _purge(db: sqlite3.Connection, path: Path) -> None:
+    """Leave no freed page in the database file or its WAL: VACUUM, then (WAL mode) checkpoint
+    the WAL into the file and truncate it. Raises if another connection keeps the WAL alive."""
+    busy = f"{path}: another process holds the database open, so the deleted pairs could not be purged from the file"
+    fix = "; stop it (fedpref-agent start, serve) and run forget again"
+    try:
+        db.execute("VACUUM")
+        if str(db.execute("PRAGMA journal_mode").fetchone()[0]).lower() == "wal":
+            if db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]:
+                raise ConfigError(busy + " (its WAL is in use)" + fix)
+    except sqlite3.OperationalError as e:
+        raise ConfigError(f"{busy} ({e}){fix}") from None
 
 
 @contextmanager

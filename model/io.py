@@ -1,35 +1,74 @@
-"""Save and load adapters in standard PEFT format, atomically.
+"""Save and load adapters in standard PEFT format, atomically, as a folder or in memory.
 
 A saved adapter is a folder with ``adapter_config.json`` and ``adapter_model.safetensors``,
 exactly what ``PeftModel.save_pretrained`` writes, so ``PeftModel.from_pretrained`` and
-``load_adapter`` read it too.
+``load_adapter`` read it too. :func:`adapter_files` and :func:`load_adapter_files` are the one
+implementation of that format, on bytes (the device agent seals them without ever writing
+the private adapter to disk in clear); :func:`save_adapter` and :func:`load_adapter_weights`
+are the same on a folder.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
 
 from fedpref.protocol.atomic import recover_dir, replace_dir_atomic
 from fedpref.protocol.errors import DataError
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME)
+_FOLDER_FIX = "delete the folder to start the adapter afresh"
+
+
+def adapter_files(model: torch.nn.Module, adapter: str, *, metadata: dict[str, str] | None = None) -> dict[str, bytes]:
+    """``adapter`` of a PEFT model as the files of its PEFT folder: {file name: content}.
+
+    The config is what ``PeftConfig.save_pretrained`` writes (with sets as sorted lists)."""
+    weights = get_peft_model_state_dict(model, adapter_name=adapter)
+    state = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
+    config = model.peft_config[adapter].to_dict()
+    config = {k: sorted(v, key=str) if isinstance(v, (set, frozenset)) else v for k, v in config.items()}
+    return {
+        CONFIG_NAME: json.dumps(config, indent=2, sort_keys=True).encode("utf-8"),
+        WEIGHTS_NAME: save_safetensors(state, metadata={"format": "pt", **(metadata or {})}),
+    }
+
+
+def load_adapter_files(model: torch.nn.Module, adapter: str, files: Mapping[str, bytes], *,
+                       where: str | os.PathLike[str], fix: str = _FOLDER_FIX) -> None:
+    """Load the files of a PEFT adapter folder (:func:`adapter_files`) into ``adapter``;
+    ``where`` names their origin and ``fix`` the remedy in errors."""
+    missing = [name for name in ADAPTER_FILES if name not in files]
+    if missing:
+        raise DataError(f"{Path(where) / missing[0]}: adapter file missing; the adapter is incomplete; {fix}")
+    try:
+        state = load_safetensors(bytes(files[WEIGHTS_NAME]))
+        json.loads(files[CONFIG_NAME])
+    except Exception as e:  # safetensors raises its own error types for corrupt files
+        raise DataError(f"{Path(where) / WEIGHTS_NAME}: cannot read the adapter ({e}); {fix}") from None
+    result = set_peft_model_state_dict(model, state, adapter_name=adapter)
+    unexpected = [k for k in result.unexpected_keys if f".{adapter}." in k or "lora" in k]
+    if unexpected:
+        raise DataError(f"{Path(where) / WEIGHTS_NAME}: unexpected tensors {unexpected[:3]}; "
+                        "the adapter was saved for another model")
 
 
 def save_adapter(model: torch.nn.Module, adapter: str, path: str | os.PathLike[str], *, metadata: dict[str, str] | None = None) -> None:
-    """Write ``adapter`` of a PEFT model to ``path`` (replaced atomically)."""
-    state = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model, adapter_name=adapter).items()}
-    config = model.peft_config[adapter]
+    """Write ``adapter`` of a PEFT model to the folder ``path`` (replaced atomically)."""
+    files = adapter_files(model, adapter, metadata=metadata)
 
     def fill(tmp: Path) -> None:
-        config.save_pretrained(str(tmp))
-        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", **(metadata or {})})
+        for name, data in files.items():
+            (tmp / name).write_bytes(data)
 
     replace_dir_atomic(path, fill)
 
@@ -43,15 +82,10 @@ def load_adapter_weights(model: torch.nn.Module, adapter: str, path: str | os.Pa
     """Load weights saved by :func:`save_adapter` (or PEFT itself) into ``adapter``."""
     path = Path(path)
     recover_dir(path)
-    weights = path / WEIGHTS_NAME
-    try:
-        state = load_file(str(weights))
-        json.loads((path / CONFIG_NAME).read_text())
-    except FileNotFoundError as e:
-        raise DataError(f"{e.filename}: adapter file missing; the adapter folder is incomplete") from None
-    except Exception as e:  # safetensors raises its own error types for corrupt files
-        raise DataError(f"{weights}: cannot read the adapter ({e}); delete the folder to start the adapter afresh") from None
-    result = set_peft_model_state_dict(model, state, adapter_name=adapter)
-    unexpected = [k for k in result.unexpected_keys if f".{adapter}." in k or "lora" in k]
-    if unexpected:
-        raise DataError(f"{weights}: unexpected tensors {unexpected[:3]}; the adapter was saved for another model")
+    files = {}
+    for name in ADAPTER_FILES:
+        try:
+            files[name] = (path / name).read_bytes()
+        except FileNotFoundError as e:
+            raise DataError(f"{e.filename}: adapter file missing; the adapter folder is incomplete") from None
+    load_adapter_files(model, adapter, files, where=path)

@@ -14,10 +14,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path, *, strict: bool = False) -> None:
+    """fsync a folder, so a rename or unlink in it is durable. ``strict``: a folder that cannot
+    be opened is an error (the privacy ledger), not a no-op."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
+        if strict:
+            raise
         return
     try:
         os.fsync(fd)
@@ -36,7 +40,7 @@ def write_bytes_atomic(path: str | os.PathLike[str], data: bytes, *, mode: int =
             os.fsync(fh.fileno())
         os.chmod(tmp, mode)
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -73,7 +77,7 @@ def replace_dir_atomic(path: str | os.PathLike[str], fill: Callable[[Path], None
         if path.exists():
             os.replace(path, old)
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
         if old.exists():
             shutil.rmtree(old)
     except BaseException:

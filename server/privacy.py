@@ -32,6 +32,7 @@ from fedpref.protocol.accounting import (  # noqa: F401  (re-exported)
     epsilon_of_history,
     noise_multiplier,
 )
+from fedpref.protocol.atomic import fsync_dir
 from fedpref.protocol.errors import BudgetExceededError, ConfigError, DataError
 
 @dataclass(frozen=True)
@@ -64,14 +65,6 @@ def _entry_from_json(obj: object, where: str) -> LedgerEntry:
     if obj["accountant"] not in {k.value for k in AccountantKind}:
         raise DataError(f"{where}: accountant={obj['accountant']!r} is not rdp or prv")
     return LedgerEntry(**{k: float(v) if _FIELDS[k] == "float" else v for k, v in obj.items()})
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class PrivacyLedger:
@@ -128,7 +121,7 @@ class PrivacyLedger:
         finally:
             os.close(fd)
         if created:
-            _fsync_dir(self.path.parent)
+            fsync_dir(self.path.parent, strict=True)
 
     def history(self) -> History:
         """The ledger as an Opacus history: one step per round, equal rounds merged."""

@@ -421,6 +421,25 @@ def test_durability_pragmas(store):
     assert store._conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
 
 
+def test_secure_delete_is_on_whatever_the_sqlite_builds_default(root, monkeypatch):
+    """Every connection the store opens zeroes freed pages, even where SQLite's default is off
+    (simulated: every new connection starts with secure_delete OFF)."""
+    real = sqlite3.connect
+
+    def off_by_default(*args, **kwargs):
+        db = real(*args, **kwargs)
+        db.execute("PRAGMA secure_delete=OFF")
+        return db
+
+    monkeypatch.setattr(sqlite3, "connect", off_by_default)
+    assert off_by_default(":memory:").execute("PRAGMA secure_delete").fetchone() == (0,)  # control
+    with DeviceStore.create(root) as s:
+        assert s._conn.execute("PRAGMA secure_delete").fetchone() == (1,)
+        assert s._conn.execute("PRAGMA temp_store").fetchone() == (2,)  # MEMORY: VACUUM's copy stays in RAM
+    with DeviceStore.open(root) as s:
+        assert s._conn.execute("PRAGMA secure_delete").fetchone() == (1,)
+
+
 def test_import_jsonl_crlf_and_bom(store, tmp_path):
     f = tmp_path / "win.jsonl"
     line = json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"})

@@ -1,0 +1,173 @@
+"""Addresses, and the environment of every Flower process both CLIs start: nothing phones home
+and no per-device identifier is written. Includes a real ``flower-supernode``."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from fedpref.protocol.errors import ConfigError
+from fedpref.protocol.netaddr import (
+    FLOWER_QUIET,
+    TELEMETRY_SOURCE,
+    TELEMETRY_SOURCE_PIN,
+    flower_env,
+    parse_address,
+    pin_telemetry_source,
+)
+
+QUIET = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_TELEMETRY_LOGGING": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
+
+
+def test_parse_address():
+    assert parse_address("fl.example.org:9092") == ("fl.example.org", 9092)
+    assert parse_address("[::1]:9092") == ("::1", 9092)
+    with pytest.raises(ConfigError, match="not HOST:PORT"):
+        parse_address("fl.example.org")
+
+
+def test_flower_env_turns_telemetry_and_the_update_check_off(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLWR_TELEMETRY_ENABLED", "1")  # whatever the caller's environment says
+    monkeypatch.setenv("FLWR_DISABLE_UPDATE_CHECK", "0")
+    monkeypatch.setenv("FLWR_TELEMETRY_PARTNER_ID", str(uuid.uuid4()))
+    env = flower_env(tmp_path / "flwr")
+    assert FLOWER_QUIET == QUIET and QUIET.items() <= env.items()
+    assert "FLWR_TELEMETRY_PARTNER_ID" not in env
+    assert env["FLWR_HOME"] == str(tmp_path / "flwr")
+    assert env["PATH"].split(os.pathsep)[0] == os.path.dirname(sys.executable)
+    assert (tmp_path / "flwr" / TELEMETRY_SOURCE).read_text() == TELEMETRY_SOURCE_PIN
+
+
+def test_flower_reads_the_pinned_source_as_no_identifier(tmp_path, monkeypatch):
+    """Flower computes a source id for every event, sent or not; pinned, it is "invalid"."""
+    from flwr.supercore import telemetry
+
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "bare"))
+    created = telemetry._get_source_id()  # control: an unpinned home gets a fresh UUID, persisted
+    assert str(uuid.UUID(created)) == (tmp_path / "bare" / TELEMETRY_SOURCE).read_text()
+    flower_env(tmp_path / "bare")  # replaces the UUID an earlier run wrote
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "bare"))
+    assert telemetry._get_source_id() == "invalid"
+    assert (tmp_path / "bare" / TELEMETRY_SOURCE).read_text() == TELEMETRY_SOURCE_PIN
+
+
+def test_pin_is_idempotent(tmp_path):
+    pin_telemetry_source(tmp_path)
+    before = (tmp_path / TELEMETRY_SOURCE).stat()
+    pin_telemetry_source(tmp_path)
+    assert (tmp_path / TELEMETRY_SOURCE).stat().st_ino == before.st_ino  # not rewritten
+
+
+def test_the_server_cli_runs_flwr_with_flower_env(tmp_path, monkeypatch):
+    from fedpref.server import deploy
+
+    home = deploy.ServerHome(root=tmp_path, address="127.0.0.1:9092", superlink="127.0.0.1:9093",
+                             ca=tmp_path / "ca.pem", certificate=tmp_path / "s.pem", private_key=tmp_path / "s.key",
+                             trust_root=tmp_path / "root.json")
+    assert QUIET.items() <= home.env().items()
+    seen = {}
+
+    def fake_run(cmd, **kwargs):
+        seen.update(kwargs["env"])
+        return subprocess.CompletedProcess(cmd, 0, stdout='{"success": true}', stderr="")
+
+    monkeypatch.setattr(deploy.subprocess, "run", fake_run)
+    deploy.flwr(home, "ls", "fedpref")
+    assert QUIET.items() <= seen.items() and seen["FLWR_HOME"] == str(home.flwr_home)
+    assert (home.flwr_home / TELEMETRY_SOURCE).read_text() == TELEMETRY_SOURCE_PIN
+
+
+def test_the_agent_starts_its_supernode_with_flower_env(tmp_path, monkeypatch):
+    from fedpref.client import agent_cli
+
+    home = tmp_path / "agent"
+    home.mkdir()
+    (home / "agent.toml").write_text('[agent]\nserver = "127.0.0.1:9092"\nca = "ca.pem"\n')
+    monkeypatch.setattr(agent_cli, "preflight", lambda *a, **k: None)
+    seen = {}
+
+    def fake_popen(cmd, **kwargs):
+        seen.update(kwargs["env"])
+        raise ConfigError("stop before starting anything")
+
+    monkeypatch.setattr(agent_cli.subprocess, "Popen", fake_popen)
+    with pytest.raises(SystemExit):
+        agent_cli.main(["start", "--home", str(home)])
+    assert QUIET.items() <= seen.items() and seen["FLWR_HOME"] == str(home / "flwr")
+    assert (home / "flwr" / TELEMETRY_SOURCE).read_text() == TELEMETRY_SOURCE_PIN
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _group(pgid: int) -> list[int]:
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                stat = (d / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[2]) == pgid:
+                pids.append(int(d.name))
+    return pids
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs Linux /proc")
+@pytest.mark.parametrize("pinned", [True, False], ids=["flower_env", "control-unpinned"])
+def test_a_real_supernode_runs_quiet_and_writes_no_device_id(tmp_path, pinned):
+    """A real flower-supernode started as the agent starts it: every process of its group has
+    telemetry and the update check off, and FLWR_HOME ends up with no UUID. The control (the pin
+    removed after flower_env) shows Flower writes one even with telemetry off."""
+    flwr_home = tmp_path / "flwr"
+    env = flower_env(flwr_home)
+    if not pinned:
+        (flwr_home / TELEMETRY_SOURCE).unlink()
+    exe = os.path.join(os.path.dirname(sys.executable), "flower-supernode")
+    port = _free_port()
+    proc = subprocess.Popen([exe, "--insecure", "--superlink", f"127.0.0.1:{_free_port()}", "--port", str(port)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 25
+        while time.monotonic() < deadline and proc.poll() is None:  # its Runtime API listens after the event
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        assert proc.poll() is None, "flower-supernode exited at start-up"
+        checked = []
+        for pid in _group(proc.pid):
+            try:
+                raw = Path(f"/proc/{pid}/environ").read_text()
+            except OSError:
+                continue  # exited meanwhile
+            environ = dict(kv.split("=", 1) for kv in raw.split("\0") if "=" in kv)
+            assert QUIET.items() <= environ.items(), f"pid {pid} runs without telemetry off"
+            assert environ["FLWR_HOME"] == str(flwr_home)
+            checked.append(pid)
+        assert proc.pid in checked
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # its SuperExec child is in the same group
+        try:
+            proc.wait(timeout=20)  # exiting sends (here: builds) the leave event, so the source id is read
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    source = (flwr_home / TELEMETRY_SOURCE).read_text()
+    if pinned:
+        assert source == TELEMETRY_SOURCE_PIN
+    else:
+        uuid.UUID(source)  # control: the per-device id Flower writes when the pin is missing
+    assert not (flwr_home / ".cache").exists()  # no update-check state either
