@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fedpref.client.app import SimulatedDevices
 from fedpref.client.data import UserData, group_by_user, load_jsonl, write_jsonl
 from fedpref.client.device import DeviceState, Runtime, get_runtime, stable_seed, train_private_locally
 from fedpref.client.trainer import LocalTrainConfig, pair_accuracy
@@ -33,7 +34,7 @@ from fedpref.protocol.partition import PRIVATE_ADAPTER, SHARED_ADAPTER, Group
 from fedpref.protocol.runconfig import Method
 from fedpref.protocol.tomlconfig import to_plain
 from fedpref.simulations.config import SimConfig
-from fedpref.simulations.engine import run_on_simulation_engine
+from fedpref.simulations.engine import device_terms, run_on_simulation_engine
 from fedpref.simulations.persona import generate
 from fedpref.simulations.progress import console, progress
 from fedpref.simulations.safety import evaluate_safety, prepare_policy, summarize_safety
@@ -114,12 +115,13 @@ def evaluate(rt: Runtime, users: dict[str, UserData], cache: TextCache, *, priva
 
 
 def _local_cfg(cfg: SimConfig, epochs: int, seed: int) -> LocalTrainConfig:
+    seeded = cfg.runtime.deterministic_noise  # otherwise every draw comes from the OS CSPRNG
     return LocalTrainConfig(
         epochs=epochs, batch_size=cfg.local.batch_size, learning_rate=cfg.local.learning_rate,
         head_learning_rate=cfg.local.head_learning_rate, projection_learning_rate=cfg.local.projection_learning_rate,
         noise_multiplier=cfg.local.dp_noise_multiplier,
-        max_grad_norm=cfg.local.dp_max_grad_norm, seed=seed,
-        noise_seed=stable_seed(seed, "noise") if cfg.runtime.deterministic_noise else None,
+        max_grad_norm=cfg.local.dp_max_grad_norm, seed=seed if seeded else None,
+        noise_seed=stable_seed(seed, "noise") if seeded else None,
     )
 
 
@@ -164,38 +166,91 @@ def _subset(users: dict[str, UserData], n: int) -> dict[str, UserData]:
 
 
 def run_audits(cfg: SimConfig, users: dict[str, UserData], cache: TextCache, work: Path, *,
-               shared: dict[str, np.ndarray], sim_policy) -> dict:  # noqa: ANN001
-    """The two empirical privacy audits (:mod:`fedpref.simulations.audit`), on the run's users.
+               shared: dict[str, np.ndarray], sim_policy, terms: DeviceTerms, rounds: int) -> dict:  # noqa: ANN001
+    """The empirical privacy audits (:mod:`fedpref.simulations.audit`), on the run's users.
 
-    Community inference replays one more round of the personalized federation from its final
-    shared weights (what the server would observe next); ``individual_updates`` is the best
-    of the whole-delta attacker and the per-tensor attackers (an auditor reports the
-    strongest attack it tried). Membership inference attacks each device's private model
-    trained as in the ``local`` method, with DP-SGD on and off at the same number of steps.
+    1. Community inference: one more round of the personalized federation, from its final
+       shared weights, replayed twice by ``audit.community_users`` users (what the server would
+       observe next); individual updates and dropout differencing.
+    2. User-level canaries against the server's release over the ``rounds`` rounds the run
+       released, mixed with the first replay's real clipped deltas (reused cyclically over the
+       run's population).
+    3. Sample-level canaries on ``audit.canary_devices`` devices trained as in a personalized
+       round from the same global weights, for ``audit.canary_epochs`` epochs at
+       ``audit.canary_lr_scale`` × the [local] learning rates, DP-SGD on ([local] σ and clip)
+       and off.
+
+    Every ε lower bound holds at ``audit.confidence``; ``seconds`` times each audit. Torch runs
+    with ``runtime.torch_threads`` threads meanwhile, as a simulated device does.
     """
-    from fedpref.server.strategy import make_round_config
-    from fedpref.simulations.audit import community_inference_audit, membership_audit
+    import torch
 
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.runtime.torch_threads)  # the audits play devices: the devices' thread count
+    try:
+        return _audits(cfg, users, cache, work, shared=shared, sim_policy=sim_policy, terms=terms, rounds=rounds)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _audits(cfg: SimConfig, users: dict[str, UserData], cache: TextCache, work: Path, *,
+            shared: dict[str, np.ndarray], sim_policy, terms: DeviceTerms, rounds: int) -> dict:  # noqa: ANN001
+    from fedpref.server.strategy import make_round_config
+    from fedpref.simulations.audit import (
+        canary_membership_audit,
+        community_inference_audit,
+        community_labels,
+        replay_round,
+        user_level_canary_audit,
+    )
+
+    a, fed, seed = cfg.audit, cfg.federation, cfg.runtime.seed
+    beta = 1.0 - a.confidence
     rt = get_runtime(cfg.model, (SHARED_ADAPTER, PRIVATE_ADAPTER))
+    seconds: dict[str, float] = {}
+
+    t0 = time.perf_counter()
+    cohort = _subset(users, a.community_users)
+    community_labels(cohort)  # checked before anything trains
     round_cfg = make_round_config(
-        cfg.federation, cfg.local, server_round=cfg.federation.rounds + 1, train_shared=True, train_private=True,
+        fed, cfg.local, server_round=rounds + 1, train_shared=True, train_private=True,
         policy_version=sim_policy.policy.version if sim_policy else 0,
     )
-    ci = community_inference_audit(
-        rt, _subset(users, cfg.audit.community_users), cache, shared=shared, round_cfg=round_cfg,
-        seed=cfg.runtime.seed, workdir=work / "audit" / "community",
-        envelope=sim_policy.envelope_path.read_bytes() if sim_policy else None,
-        trust_root=sim_policy.root_path.read_bytes() if sim_policy else None,
+    replays = [
+        replay_round(rt, cohort, cache, shared=shared, round_cfg=round_cfg, terms=terms, seed=stable_seed(seed, run),
+                     workdir=work / "audit" / "community" / run,
+                     envelope=sim_policy.envelope_path.read_bytes() if sim_policy else None,
+                     trust_root=sim_policy.root_path.read_bytes() if sim_policy else None)
+        for run in ("first", "second")
+    ]
+    ci = community_inference_audit(cohort, *replays, clip_norm=fed.clip_norm,
+                                   server_noise_multiplier=fed.server_noise_multiplier,
+                                   expected_cohort=fed.client_sample_rate * len(users), seed=seed)
+    seconds["community_inference"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    ul = user_level_canary_audit(
+        replays[0].deltas, population=len(users), sample_rate=fed.client_sample_rate, clip_norm=fed.clip_norm,
+        noise_multiplier=fed.server_noise_multiplier, rounds=rounds, canaries=a.user_canaries, delta=fed.delta,
+        seed=seed, beta=beta,
     )
-    ci["individual_updates_whole_delta"] = ci["individual_updates"]
-    ci["individual_updates"] = max([ci["individual_updates"], *ci["by_tensor"].values()])
-    mi = membership_audit(
-        get_runtime(cfg.model, (PRIVATE_ADAPTER,)), _subset(users, cfg.audit.membership_users), cache,
-        local_cfg=_local_cfg(cfg, cfg.methods.local_epochs, cfg.runtime.seed), delta=cfg.federation.delta,
-        seed=cfg.runtime.seed, workdir=work / "audit" / "membership",
+    ul["real_deltas_source"] = f"the first community replay's {len(replays[0].deltas)} clipped deltas, reused cyclically"
+    seconds["user_level"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    scale = a.canary_lr_scale
+    local = dataclasses.replace(
+        _local_cfg(cfg, a.canary_epochs, seed), learning_rate=cfg.local.learning_rate * scale,
+        head_learning_rate=cfg.local.head_learning_rate * scale,
+        projection_learning_rate=cfg.local.projection_learning_rate * scale,
     )
-    mi["users"] = min(cfg.audit.membership_users, len(users))
-    return {"community_inference": ci, "membership_auc": mi}
+    mi = canary_membership_audit(
+        rt, _subset(users, a.canary_devices), cache, shared=shared, local_cfg=local, clip_norm=fed.clip_norm,
+        canaries_per_device=a.canaries_per_device, delta=fed.delta, seed=seed, beta=beta,
+    )
+    mi["learning_rate_scale"] = scale
+    seconds["membership"] = time.perf_counter() - t0
+    return {"community_inference": ci, "membership": mi, "user_level": ul, "seconds": seconds}
 
 
 def _ledger(server_dir: Path) -> list[dict]:
@@ -233,6 +288,7 @@ def run_simulation(cfg: SimConfig, *, out: Path, data: Path | None, config_file:
     unknown = sorted(set(cfg.safety.tamper_users) - set(users))
     if unknown:  # checked before any expensive phase
         raise ConfigError(f"safety.tamper_users names {unknown[:3]}, not users of the data; use ids such as {sorted(users)[0]!r}")
+    terms = device_terms(cfg)  # checked before any expensive phase too
     console.print(f"[bold]fedpref-sim[/]: {len(users)} users, data {data}")
     basis_info: dict | None = None
     if cfg.attributes.corpus_texts or cfg.attributes.corpus:
@@ -260,7 +316,8 @@ def run_simulation(cfg: SimConfig, *, out: Path, data: Path | None, config_file:
             method=method, num_users=len(users), data=data, workdir=work / method.value,
             config_file=config_file, cache=cache_path, runtime=cfg.runtime, verbose=verbose,
             policy=sim_policy.envelope_path if sim_policy else None, root=sim_policy.root_path if sim_policy else None,
-            tamper_safety=cfg.safety.tamper_users if sim_policy else (),
+            devices=SimulatedDevices(terms=terms,
+                                     tamper_safety=frozenset(cfg.safety.tamper_users if sim_policy else ())),
             attribute_basis=cfg.model.adapter.attribute_basis,
         )
         wall = time.perf_counter() - t0
@@ -305,7 +362,9 @@ def run_simulation(cfg: SimConfig, *, out: Path, data: Path | None, config_file:
     audits = None
     if cfg.audit.enabled:
         shared_pers = _shared_from_checkpoint(rt_both, work / Method.PERSONALIZED.value / "server")
-        audits = run_audits(cfg, users, cache, work, shared=shared_pers, sim_policy=sim_policy)
+        released = len(_ledger(work / Method.PERSONALIZED.value / "server")) or cfg.federation.rounds
+        audits = run_audits(cfg, users, cache, work, shared=shared_pers, sim_policy=sim_policy, terms=terms,
+                            rounds=released)
 
     oracle = {
         uid: float(np.mean([p.oracle_margin > 0 for p in u.test])) for uid, u in users.items()

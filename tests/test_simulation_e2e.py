@@ -169,19 +169,24 @@ def test_the_tampered_client_is_rejected_and_the_runs_complete(run):
         for r in hist:
             assert r["accepted"] == 5 and r["policy_version"] == 1
             assert any("safety digest" in x["reason"] and "does not match policy v1" in x["reason"] for x in r["rejected"])
-        # the envelope goes to every node once; afterwards they attest v1 and get none
-        assert [r["policy_sent"] for r in hist] == [6, 0, 0]
+        # the envelope goes to every node once; afterwards the accepted ones attest v1 and get none;
+        # the tampered node's replies are rejected, so its claim to hold v1 is never recorded
+        assert [r["policy_sent"] for r in hist] == [6, 1, 1]
     assert "safety digest" in run[1].stderr  # the reason is in the server log
 
 
 def test_privacy_audits_and_ledger_are_reported(run):
     res = json.loads((run[0] / "results.json").read_text())
     au = res["privacy"]["audit"]
-    ci, mi = au["community_inference"], au["membership_auc"]
+    ci, mi, ul = au["community_inference"], au["membership"], au["user_level"]
     assert ci["chance"] == 4 / 6 and ci["users"] == 6
-    assert ci["secure_aggregate"] == ci["chance"]  # one sum for everyone: the majority guess
+    # a SecAgg server that differences two sums, one with a device dropped, sees that device's delta
+    assert ci["differencing"]["secagg_server"] == ci["individual_updates"]
     assert 0.0 <= ci["individual_updates"] <= 1.0 and ci["individual_updates"] >= ci["individual_updates_whole_delta"]
-    assert 0.0 <= mi["dp"] <= 1.0 and 0.0 <= mi["no_dp"] <= 1.0 and mi["epsilon_sample"] > 0
+    for r in (mi, ul):
+        assert 0.0 <= r["dp"]["auc"] <= 1.0 and 0.0 <= r["no_dp"]["auc"] <= 1.0
+        assert 0.0 <= r["dp"]["epsilon_lower"] <= r["dp"]["epsilon_formal"]  # above the formal ε would be a bug
+    assert ul["dp"]["epsilon_formal"] == pytest.approx(res["privacy"]["epsilon_user"])
     ledger = res["privacy"]["ledger"]
     assert [e["round"] for e in ledger] == [1, 2, 3]
     assert ledger[-1]["epsilon"] == res["privacy"]["epsilon_user"]
