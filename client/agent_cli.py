@@ -27,6 +27,7 @@ import typer
 
 from fedpref.client.agent_home import AGENT_FILE, BASIS_FILE, AgentHome, forget
 from fedpref.client.app import NODE_CONFIG_KEY
+from fedpref.client.terms import DeviceTerms
 from fedpref.protocol.errors import (
     AlreadyRunningError,
     ConfigError,
@@ -92,8 +93,24 @@ def init(
     basis: Annotated[Path | None, typer.Option("--basis", metavar="BASIS.safetensors", help=(
         "The operator's attribute basis (`fedpref-server basis build`), when the server's "
         "[model.adapter] names one; copied into DIR.")) ] = None,
+    min_noise_multiplier: Annotated[float, typer.Option(
+        "--min-noise-multiplier", metavar="SIGMA", help="This device's floor: the least DP-SGD noise multiplier it "
+        "trains with, whatever the server asks (> 0).")] = DeviceTerms.min_noise_multiplier,
+    max_grad_norm: Annotated[float, typer.Option(
+        "--max-grad-norm", metavar="CLIP", help="This device's ceiling on the DP-SGD per-sample clip.")] = DeviceTerms.max_grad_norm,
+    max_epsilon_sample: Annotated[float, typer.Option(
+        "--max-epsilon-sample", metavar="EPS", help="This device's own ε_sample budget over all rounds, at --delta.")
+    ] = DeviceTerms.max_epsilon_sample,
+    delta: Annotated[float, typer.Option("--delta", metavar="DELTA", help="The δ of this device's ε_sample.")] = DeviceTerms.delta,
+    share_metrics: Annotated[bool, typer.Option(
+        "--share-metrics", help="Report training metrics (loss, accuracy, ε_sample, time) to the server in clear "
+        "when it asks; off by default.")] = False,
 ) -> None:
-    """Create the device identity, the encrypted store and the pinned trust root in DIR."""
+    """Create the device identity, the encrypted store and the pinned trust root in DIR.
+
+    The device's own terms (--min-noise-multiplier, --max-grad-norm, --max-epsilon-sample,
+    --delta, --share-metrics) go to agent.toml [terms]: a round asking for less privacy is declined.
+    """
     from fedpref.client.store import PASSPHRASE_ENV, DeviceStore
     from fedpref.model.config import ModelConfig
     from fedpref.protocol.atomic import write_bytes_atomic, write_text_atomic
@@ -111,6 +128,8 @@ def init(
         except OSError as e:
             raise ConfigError(f"--root {root}: {e.strerror}; give the operator's keys/root.json") from None
         model = ModelConfig(backbone=backbone)
+        terms = DeviceTerms(min_noise_multiplier=min_noise_multiplier, max_grad_norm=max_grad_norm,
+                            max_epsilon_sample=max_epsilon_sample, delta=delta, share_metrics=share_metrics)
         if basis is not None:
             from fedpref.model.basis import load_basis
 
@@ -134,6 +153,7 @@ def init(
                               "# [model] must match the server's [model].\n\n" + dump_tables({
                                   "agent": {"server": f"{host}:{port}", "ca": "ca.pem"},
                                   "model": to_plain(model),
+                                  "terms": to_plain(terms),
                               }))
             os.chmod(tmp, 0o700)
             if home.exists():
@@ -239,23 +259,25 @@ class Agent:
                 for r in ranked], policy.version
 
     def status(self) -> dict:
+        from fedpref.protocol.tomlconfig import to_plain
+
         h = self.home
         with h.open_store() as store:
             pairs = store.count()
             acct = h.state(store).accountant()
         meta = h.adapter_version()
-        delta = float(meta.get("delta", 1e-5))
+        delta = h.terms.delta  # the device accounts at its own δ
         eps = acct.epsilon(delta) if acct.history else 0.0
         version = f"round {meta['round']} ({meta.get('updated_at', '?')})" if "round" in meta else ""
         return {"home": str(h.root), "pairs": pairs, "adapter_version": version,
                 "policy_version": h.policy_store().version,
-                "epsilon_sample": eps, "delta": delta, "server": h.server,
+                "epsilon_sample": eps, "delta": delta, "server": h.server, "terms": to_plain(h.terms),
                 "node_public_key": h.public_key_file.read_text().strip() if h.public_key_file.exists() else "",
                 "running": _running_pid(h) is not None}
 
-    def forget(self) -> dict:
+    def forget(self, *, destroy_key: bool = False) -> dict:
         with self.home.open_store() as store:
-            return forget(self.home, store)
+            return forget(self.home, store, destroy_key=destroy_key)
 
 
 @app.command("rank")
@@ -286,27 +308,46 @@ def status(home: Home, as_json: AsJson = False) -> None:
         f"home            {st['home']}", f"server          {st['server']}",
         f"running         {'yes' if st['running'] else 'no'}", f"pairs           {st['pairs']}",
         f"adapter         {st['adapter_version'] or 'none yet'}", f"safety policy   v{st['policy_version']}",
-        f"epsilon_sample  {st['epsilon_sample']:.4g} (delta {st['delta']:g})",
+        f"epsilon_sample  {st['epsilon_sample']:.4g} (delta {st['delta']:g}; "
+        f"budget {st['terms']['max_epsilon_sample']})",
+        f"terms           σ ≥ {st['terms']['min_noise_multiplier']}, per-sample clip ≤ {st['terms']['max_grad_norm']}, "
+        f"metrics {'shared' if st['terms']['share_metrics'] else 'not shared'}",
     ]))
 
 
-@app.command("forget")
+FORGET_HELP = (
+    "Delete the preference data, the private adapter and the accountant state, physically.\n\n"
+    "The pairs' database pages are zeroed and the database rebuilt (SQLite secure_delete, VACUUM, "
+    "WAL truncated), and the sealed adapter and accountant are overwritten with zeros before they "
+    "are removed. With --all the store key is destroyed too (overwritten, then removed), so that no "
+    "copy of the store, a backup or blocks the file system kept, decrypts any more. Copies an SSD or "
+    "a copy-on-write file system keeps of overwritten blocks are beyond a program's reach; only --all "
+    "(destroying the key) covers them."
+)
+
+
+@app.command("forget", help=FORGET_HELP)
 def forget_cmd(
     home: Home,
-    everything: Annotated[bool, typer.Option("--all", help="Also delete the identity: the whole home.")] = False,
+    everything: Annotated[bool, typer.Option("--all", help=(
+        "Also destroy the store key (overwritten, then removed; for a passphrase store its salt) "
+        "and the device key, then delete the whole home."))] = False,
 ) -> None:
-    """Delete the preference data, the private adapter and the accountant state."""
+    """Delete the preference data, the private adapter and the accountant state (see FORGET_HELP)."""
+    from fedpref.client.store import shred
+
     with exit_on_error():
         h = AgentHome.load(home)
         if _running_pid(h) is not None:
             raise AlreadyRunningError(f"the agent of {h.root} is running; stop it before forgetting")
-        out = Agent(h).forget()
+        out = Agent(h).forget(destroy_key=everything)
         if everything:
+            shred(h.key_file)  # the device's identity: nobody can act as this device again
             shutil.rmtree(h.root)
     typer.echo(f"deleted {out['pairs_deleted']} pairs"
                f"{', the private adapter' if out['adapter_deleted'] else ''}"
                f"{', the accountant state' if out['accountant_deleted'] else ''}"
-               f"{'; and the identity and home ' + str(h.root) if everything else ''}")
+               f"{'; destroyed the store key and the identity, and deleted ' + str(h.root) if everything else ''}")
 
 
 # --- serve: the local gRPC API ---------------------------------------------------------------
@@ -381,7 +422,10 @@ def start(
     max_wait: Annotated[float | None, typer.Option(
         "--max-wait", help="Give up after this many seconds without the server (default: keep trying).")] = None,
 ) -> None:
-    """Run a Flower SuperNode for this device: TLS to the server, authenticated with the device key."""
+    """Run a Flower SuperNode for this device: TLS to the server, authenticated with the device key.
+
+    Flower's telemetry and update check are off: nothing phones home, no device id is written.
+    """
     from fedpref.protocol.atomic import write_text_atomic
 
     with exit_on_error():

@@ -2,7 +2,8 @@
 
 Layout of ``--home DIR`` (written by ``fedpref-agent init``)::
 
-    agent.toml            [agent] server address and CA; [model] (must match the server's)
+    agent.toml            [agent] server address and CA; [model] (must match the server's);
+                          [terms] the device's own privacy floor (client/terms.py)
     ca.pem                the operator's CA, pinned at init
     attribute_basis.safetensors  the operator's attribute basis (`init --basis`; optional)
     identity/node.key     ECDSA P-256 key for Flower SuperNode authentication (OpenSSH, 0600)
@@ -30,6 +31,7 @@ import json
 import shutil
 import tarfile
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from datetime import datetime, timezone
@@ -37,8 +39,9 @@ from pathlib import Path
 
 from fedpref.client.data import PreferencePair, Split, UserData
 from fedpref.client.store import DeviceStore, passphrase_from_env
+from fedpref.client.terms import DeviceTerms
 from fedpref.model.config import ModelConfig
-from fedpref.protocol.errors import DataError, HomeError
+from fedpref.protocol.errors import ConfigError, DataError, HomeError
 from fedpref.protocol.tomlconfig import build
 from fedpref.safety_policy.store import PolicyStore
 
@@ -46,6 +49,7 @@ if TYPE_CHECKING:
     from fedpref.client.agent_state import EncryptedDeviceState
 
 AGENT_FILE = "agent.toml"
+AGENT_TABLES = {"agent", "model", "terms"}
 BASIS_FILE = "attribute_basis.safetensors"
 PRIVATE_BLOB = "private_adapter"
 ACCOUNTANT_BLOB = "accountant"
@@ -57,6 +61,7 @@ class AgentHome:
     server: str
     ca: Path
     model: ModelConfig
+    terms: DeviceTerms = DeviceTerms()  # the least privacy this device accepts, whatever a round asks
 
     # -- layout -------------------------------------------------------------------------
     @property
@@ -111,8 +116,13 @@ class AgentHome:
             server, ca = str(agent["server"]), root / str(agent["ca"])
         except (tomllib.TOMLDecodeError, KeyError, TypeError) as e:
             raise DataError(f"{path}: not a valid agent config ({e}); re-create the home with `fedpref-agent init`") from None
+        extra = sorted({f"[{t}]" for t in set(data) - AGENT_TABLES} | {f"[agent] {k}" for k in set(agent) - {"server", "ca"}})
+        if extra:  # e.g. a seed or a deterministic-noise switch: a device never seeds its DP draws
+            raise ConfigError(f"{path}: unknown setting {extra[0]}; a device's config holds only [agent] server and "
+                              "ca, [model] and [terms] (its DP noise always comes from the OS CSPRNG); remove it")
         model = build(ModelConfig, data.get("model"), where=f"{path} [model]")
-        return cls(root=root, server=server, ca=ca, model=model)
+        terms = build(DeviceTerms, data.get("terms"), where=f"{path} [terms]")
+        return cls(root=root, server=server, ca=ca, model=model, terms=terms)
 
     def open_store(self) -> DeviceStore:
         """The store; a passphrase-protected one takes its passphrase from the environment."""
@@ -144,33 +154,56 @@ class AgentHome:
             raise DataError(f"{self.adapter_meta}: not valid JSON ({e}); delete it, the next round rewrites it") from None
 
 
-def tar(folder: Path) -> bytes:
+def tar_files(files: Mapping[str, bytes]) -> bytes:
+    """``{name: content}`` as an uncompressed tar, built in memory; the same files always give
+    the same bytes (no times, owners or modes of this machine)."""
     buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as archive:
-        for f in sorted(folder.iterdir()):
-            archive.add(f, arcname=f.name, recursive=False)
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as archive:
+        for name in sorted(files):
+            info = tarfile.TarInfo(name)
+            info.size, info.mode, info.mtime = len(files[name]), 0o600, 0
+            archive.addfile(info, io.BytesIO(files[name]))
     return buf.getvalue()
 
 
-def untar(blob: bytes, folder: Path, *, where: Path) -> None:
-    folder.mkdir(mode=0o700)
+def untar_files(blob: bytes, *, where: Path) -> dict[str, bytes]:
+    """The files of a tar made by :func:`tar_files` (or by ``tarfile.add`` of a flat folder, as
+    earlier versions sealed the adapter), read in memory: nothing is extracted to disk."""
+    def bad(reason: str) -> DataError:
+        return DataError(f"{where}: the sealed adapter is not a valid adapter archive ({reason}); "
+                         "run `fedpref-agent forget` to start the adapter afresh")
+
+    files: dict[str, bytes] = {}
     try:
-        with tarfile.open(fileobj=io.BytesIO(blob), mode="r") as archive:
-            archive.extractall(folder, filter="data")
-    except (tarfile.TarError, OSError) as e:
-        raise DataError(f"{where}: the sealed adapter is not a valid adapter archive ({e}); "
-                        "run `fedpref-agent forget` to start the adapter afresh") from None
+        with tarfile.open(fileobj=io.BytesIO(blob), mode="r:") as archive:
+            for member in archive:
+                if not member.isreg() or "/" in member.name or member.name in ("", ".", ".."):
+                    raise bad(f"member {member.name!r} is not a plain file")
+                if member.name in files:
+                    raise bad(f"member {member.name!r} appears twice")
+                data = archive.extractfile(member)
+                files[member.name] = data.read() if data is not None else b""
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise bad(str(e)) from None
+    return files
 
 
 def now_utc() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def forget(home: AgentHome, store: DeviceStore) -> dict:
-    """Delete the preference pairs, the sealed adapter and accountant, and derived state."""
+def forget(home: AgentHome, store: DeviceStore, *, destroy_key: bool = False) -> dict:
+    """Delete the preference pairs, the sealed adapter and accountant, and derived state.
+
+    Deletion is physical (see :mod:`fedpref.client.store`): the pairs' pages are zeroed and the
+    database rebuilt, the sealed blobs overwritten before they are unlinked. With
+    ``destroy_key`` the store's key file is overwritten and removed and ``store.json`` (salt,
+    key check) removed too, so nothing left on disk decrypts; the store is closed for good."""
     pairs = store.clear_pairs()
     adapter = store.delete(PRIVATE_BLOB)
     accountant = store.delete(ACCOUNTANT_BLOB)
     home.adapter_meta.unlink(missing_ok=True)
     shutil.rmtree(home.shared_dir, ignore_errors=True)
+    if destroy_key:
+        store.destroy()
     return {"pairs_deleted": pairs, "adapter_deleted": adapter, "accountant_deleted": accountant}

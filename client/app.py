@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -18,7 +19,8 @@ from flwr.clientapp import ClientApp
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS as SECAGG_CONFIGS
 
 from fedpref.client.data import UserData, group_by_user, load_jsonl
-from fedpref.protocol.errors import DeclinedRound, FedPrefError, PolicyRefused
+from fedpref.client.terms import DeviceTerms
+from fedpref.protocol.errors import DataError, DeclinedRound, FedPrefError, PolicyRefused
 from fedpref.protocol.messages import TrainRequest
 from fedpref.protocol.runconfig import AppRun, from_run_config
 
@@ -79,11 +81,22 @@ def _user_for(context: Context, users: dict[str, UserData]) -> UserData:
     return users[ids[pid]]
 
 
-def make_client_app(defaults: dict | None = None) -> ClientApp:
+@dataclass(frozen=True)
+class SimulatedDevices:
+    """How simulated devices behave: set in Python by the simulation (never by a run config,
+    which a deployed server controls). Deployed devices ignore it: an agent home's own terms
+    and the OS CSPRNG apply there."""
+
+    terms: DeviceTerms = DeviceTerms()  # every simulated device's terms
+    tamper_safety: frozenset[str] = frozenset()  # attack experiment: these users' devices perturb their safety weights
+
+
+def make_client_app(defaults: dict | None = None, *, devices: SimulatedDevices = SimulatedDevices()) -> ClientApp:
     """A ClientApp whose run config is ``defaults`` overridden by Flower's run config.
 
     ``flwr run .`` passes everything through the run config (pyproject's
-    ``[tool.flwr.app.config]``); ``fedpref-sim`` bakes its settings into ``defaults``.
+    ``[tool.flwr.app.config]``); ``fedpref-sim`` bakes its settings into ``defaults`` and
+    its devices' terms (and attack experiments) into ``devices``.
     """
     base = dict(defaults or {})
     app = ClientApp()
@@ -95,22 +108,26 @@ def make_client_app(defaults: dict | None = None) -> ClientApp:
             if not secure:
                 from fedpref.client.secagg import make_secagg_client_app  # it builds on this module
 
-                secure.append(make_secagg_client_app(base))
+                secure.append(make_secagg_client_app(base, devices=devices))
             return secure[0](msg, context)
-        return handle_train(msg, context, {**base, **dict(context.run_config)})
+        return handle_train(msg, context, {**base, **dict(context.run_config)}, devices)
 
     return app
 
 
-def train_for_node(run: AppRun, context: Context, req: TrainRequest):  # -> RecordDict
+def train_for_node(run: AppRun, context: Context, req: TrainRequest,
+                   devices: SimulatedDevices = SimulatedDevices()):  # -> RecordDict
     """One round on this node's user (plain and SecAgg+ apps alike). Raises DeclinedRound.
 
     A SuperNode started by ``fedpref-agent start`` names its agent home in the node config
-    (``fedpref-home``): the user is the device's own store. Otherwise (simulation) the node
-    is the ``partition-id``-th user of the run's JSONL.
+    (``fedpref-home``): the user is the device's own store, under the device's own terms.
+    Otherwise (simulation) the node is the ``partition-id``-th user of the run's JSONL.
     """
     if NODE_CONFIG_KEY in context.node_config:
-        return train_on_device(Path(str(context.node_config[NODE_CONFIG_KEY])), req, node_id=context.node_id)
+        if run.deterministic_noise:
+            raise DeclinedRound("the run asks for seeded DP noise (deterministic-noise); a device only ever draws "
+                                "its noise from the OS CSPRNG")
+        return train_on_device(Path(str(context.node_config[NODE_CONFIG_KEY])), req)
     if run.data is None:
         raise FedPrefError("run config data is empty and this node has no fedpref-home; give the preference "
                            "JSONL (simulation) or start the node with `fedpref-agent start` (deployment)")
@@ -122,18 +139,21 @@ def train_for_node(run: AppRun, context: Context, req: TrainRequest):  # -> Reco
     state = DeviceState(run.clients_dir / user.user_id)
     cache = user_cache(rt, user, state, _shared_cache(run.cache))
     rnd = req.config.server_round
+    seeded = run.deterministic_noise  # simulation only: the same config gives the same numbers
     return train_round(
-        rt, user, state, req, cache=cache, seed=stable_seed(run.seed, user.user_id, rnd, "batches"),
+        rt, user, state, req, cache=cache, terms=devices.terms,
         trust_root=_trust_root(str(run.root) if run.root else ""),
-        tamper_safety=user.user_id in run.tamper_safety,
-        noise_seed=stable_seed(run.seed, user.user_id, rnd, "noise") if run.deterministic_noise else None,
+        tamper_safety=user.user_id in devices.tamper_safety,
+        batch_seed=stable_seed(run.seed, user.user_id, rnd, "batches") if seeded else None,
+        noise_seed=stable_seed(run.seed, user.user_id, rnd, "noise") if seeded else None,
     )
 
 
-def train_on_device(home_dir: Path, req: TrainRequest, *, node_id: int):  # -> RecordDict
-    """One round on a real device: its pairs, its sealed adapter and accountant, its pinned root."""
+def train_on_device(home_dir: Path, req: TrainRequest):  # -> RecordDict
+    """One round on a real device: its pairs, its sealed adapter and accountant, its pinned
+    root, its own terms; every random draw from the OS CSPRNG."""
     from fedpref.client.agent_home import AgentHome
-    from fedpref.client.device import adapters_for, get_runtime, stable_seed, train_round, user_cache
+    from fedpref.client.device import adapters_for, get_runtime, train_round, user_cache
     from fedpref.protocol.atomic import write_text_atomic
 
     home = AgentHome.load(home_dir)
@@ -145,17 +165,26 @@ def train_on_device(home_dir: Path, req: TrainRequest, *, node_id: int):  # -> R
             train_shared=req.config.train_shared, train_private=req.config.train_private))
         state = home.state(store)
         cache = user_cache(rt, user, state, None)
-        rnd = req.config.server_round
-        content = train_round(rt, user, state, req, cache=cache, seed=stable_seed(node_id, rnd, "batches"),
-                              trust_root=None, report_eval=False)  # the root was pinned by `fedpref-agent init`
-        write_text_atomic(home.adapter_meta, json.dumps(home.adapter_version() | {"delta": req.config.delta}), mode=0o600)
+        content = train_round(rt, user, state, req, cache=cache, terms=home.terms,
+                              trust_root=None)  # the root was pinned by `fedpref-agent init`
+        write_text_atomic(home.adapter_meta, json.dumps(home.adapter_version() | {"delta": home.terms.delta}), mode=0o600)
     return content
 
 
-def handle_train(msg: Message, context: Context, run_config: dict) -> Message:
-    run = from_run_config(run_config, run_id=context.run_id)
+def parse_request(content) -> TrainRequest:  # noqa: ANN001
+    """The round request, or a declined round when the server sent something malformed or out
+    of range (a NaN σ, an infinite clip, ...): the device never trains on it."""
     try:
-        content = train_for_node(run, context, TrainRequest.from_content(msg.content))
+        return TrainRequest.from_content(content)
+    except DataError as e:
+        raise DeclinedRound(f"malformed round request: {e}") from None
+
+
+def handle_train(msg: Message, context: Context, run_config: dict,
+                 devices: SimulatedDevices = SimulatedDevices()) -> Message:
+    try:
+        run = from_run_config(run_config, run_id=context.run_id)
+        content = train_for_node(run, context, parse_request(msg.content), devices)
     except DeclinedRound as e:
         return declined_reply(msg, e)
     return Message(content=content, reply_to=msg)

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from fedpref.client.data import UserData
+from fedpref.client.terms import DeviceTerms
 from fedpref.client.trainer import LocalTrainConfig, _frozen_snapshot, pair_accuracy, train_pairs
 from fedpref.model.backbone import Backbone, load_backbone
 from fedpref.model.cache import TextCache
@@ -29,7 +30,7 @@ from fedpref.model.io import adapter_exists, load_adapter_weights, save_adapter
 from fedpref.model.basis import model_identity
 from fedpref.model.preference import build_model, get_arrays, set_arrays
 from fedpref.protocol.accounting import SampleLevelAccountant
-from fedpref.protocol.errors import DeclinedRound, FedPrefError, PolicyRefused
+from fedpref.protocol.errors import DeclinedRound, FedPrefError, IntegrityError, PolicyRefused
 from fedpref.protocol.messages import (
     PROTOCOL_VERSION,
     Attestation,
@@ -241,85 +242,91 @@ def train_round(
     req: TrainRequest,
     *,
     cache: TextCache,
+    terms: DeviceTerms,
     trust_root: bytes | None = None,
-    report_eval: bool | None = None,
-    seed: int = 0,
+    batch_seed: int | None = None,
+    noise_seed: int | None = None,
     now: datetime | None = None,
     tamper_safety: bool = False,
-    noise_seed: int | None = None,
 ):
     """Run one round for one user; returns the reply RecordDict. Raises DeclinedRound.
 
-    Before anything else the device checks the safety policy (:func:`enforce_policy`): it
-    installs a sent envelope after verifying it against its pinned ``trust_root`` and
-    refuses to train on any failure. After training it digests the attached safety module
-    again and attests that digest with the policy version.
+    In order: the protocol version; the safety policy (:func:`enforce_policy`: a sent
+    envelope is installed only after verifying against the pinned ``trust_root``, and any
+    failure refuses the round); the device's own ``terms`` (its floor on σ, its ceiling on
+    the clip, its ε_sample budget at its own δ); then the privacy spend is **charged and
+    fsynced before** training, so a crash at any later step over-counts, never under-counts;
+    then DP-SGD, the clipped delta, the private adapter (saved), and the reply, whose
+    attestation digests the attached safety module again after training.
+
+    ``batch_seed`` / ``noise_seed`` seed the batch sampling and the DP noise: simulations
+    that ask for reproducible runs only; ``None`` (a deployed device) draws them from the OS CSPRNG.
     """
     cfg = req.config
     if cfg.protocol_version != PROTOCOL_VERSION:
         raise DeclinedRound(f"protocol version {cfg.protocol_version} unsupported (device speaks {PROTOCOL_VERSION})")
     policy = enforce_policy(rt, state, required_version=cfg.policy_version, envelope=req.envelope,
                             trust_root=trust_root, now=now, tamper=tamper_safety, roots=req.roots)
-    if report_eval is None:
-        report_eval = cfg.report_eval  # the server decides (federation.report_eval_metrics)
+    terms.check(cfg)
     local = LocalTrainConfig(
         epochs=cfg.local_epochs, batch_size=cfg.batch_size, learning_rate=cfg.learning_rate,
         head_learning_rate=cfg.head_learning_rate, projection_learning_rate=cfg.projection_learning_rate,
-        noise_multiplier=cfg.dp_noise_multiplier,
-        max_grad_norm=cfg.dp_max_grad_norm, seed=seed, noise_seed=noise_seed,
+        noise_multiplier=cfg.dp_noise_multiplier, max_grad_norm=cfg.dp_max_grad_norm,
+        seed=batch_seed, noise_seed=noise_seed,
     )
     n = len(user.train)
     acct = state.accountant()
-    if local.dp and math.isfinite(cfg.max_epsilon_sample):
-        exceeds, eps_after = acct.would_exceed(
-            max_epsilon=cfg.max_epsilon_sample, delta=cfg.delta, noise_multiplier=local.noise_multiplier,
-            sample_rate=local.sample_rate(n), steps=local.steps(n),
-        )
-        if exceeds:
-            raise DeclinedRound(
-                f"device budget: this round would bring ε_sample to {eps_after:.3f} > "
-                f"max_epsilon_sample {cfg.max_epsilon_sample} (δ={cfg.delta}); declining"
-            )
     if SHARED_ADAPTER in rt.adapters:
         set_arrays(rt.model, Group.SHARED, req.shared)
     if PRIVATE_ADAPTER in rt.adapters:
         state.load_private(rt)
-    chosen = [p.chosen for p in user.train]
-    rejected = [p.rejected for p in user.train]
+    share = terms.shares_metrics(cfg)
     eval_acc = (
         pair_accuracy(rt.model, cache, [p.chosen for p in user.test], [p.rejected for p in user.test])
-        if report_eval else float("nan")
+        if share and user.test else None
     )
-    result = train_pairs(
-        rt.model, cache, chosen, rejected, local,
-        accountant_history=acct.history if local.dp else None, frozen_snapshot=rt.snapshot,
-    )
-    if local.dp:
-        acct.extend_to(result.accountant_history)
+    charged = charge_before_training(state, acct, local, n, max_epsilon=terms.budget(cfg), delta=terms.delta)
+    result = train_pairs(rt.model, cache, [p.chosen for p in user.train], [p.rejected for p in user.train], local,
+                         frozen_snapshot=rt.snapshot)
+    if result.steps > charged:
+        raise IntegrityError(f"DP-SGD took {result.steps} steps but {charged} were charged; not replying")
     new_shared = get_arrays(rt.model, Group.SHARED)
     delta, raw_norm = clip({k: new_shared[k] - req.shared[k] for k in req.shared}, cfg.clip_norm)
     if PRIVATE_ADAPTER in rt.adapters:
         state.save_private(rt, metadata={"round": str(cfg.server_round)})
-    if local.dp:
-        state.save_accountant(acct)
     module = attached(rt.model)
     digest = module.digest() if module is not None else ""  # recomputed after training
     if SHARED_ADAPTER in rt.adapters:
         state.received_global(rt, cfg.server_round, req.shared)
-    eps = acct.epsilon(cfg.delta) if acct.history else 0.0
     metrics = TrainMetrics(
-        num_examples=n, train_loss=result.loss, train_accuracy=result.accuracy, epsilon_sample=eps,
-        delta_norm=raw_norm, steps=result.steps, seconds=result.seconds,
-    )
+        train_loss=result.loss, train_accuracy=result.accuracy, epsilon_sample=acct.epsilon(terms.delta),
+        delta_norm=raw_norm, steps=result.steps, seconds=result.seconds, eval_accuracy=eval_acc,
+    ) if share else None
     att = Attestation(
         protocol_version=PROTOCOL_VERSION, server_round=cfg.server_round, backbone_sha256=rt.identity,
         policy_version=policy.version if policy is not None else 0,
         safety_digest=digest,
     )
-    content = train_reply(delta, metrics, att)
-    if report_eval:
-        content.metric_records["metrics"]["eval_accuracy"] = eval_acc
-    return content
+    return train_reply(delta, metrics, att)
+
+
+def charge_before_training(state: DeviceState, acct: SampleLevelAccountant, local: LocalTrainConfig, n: int, *,
+                           max_epsilon: float, delta: float) -> int:
+    """Decline if ``local`` on ``n`` pairs would exceed ``max_epsilon`` at ``delta``; else record
+    its steps in ``acct`` and save it (atomically, fsynced) *before* any training. Returns the
+    steps charged. A non-DP ``local`` (σ = 0: audits and baselines) charges nothing."""
+    if not local.dp:
+        return local.steps(n)
+    steps, q = local.steps(n), local.sample_rate(n)
+    if math.isfinite(max_epsilon):
+        exceeds, eps_after = acct.would_exceed(max_epsilon=max_epsilon, delta=delta,
+                                               noise_multiplier=local.noise_multiplier, sample_rate=q, steps=steps)
+        if exceeds:
+            raise DeclinedRound(f"device budget: this round would bring ε_sample to {eps_after:.3f} > "
+                                f"max_epsilon_sample {max_epsilon:g} (δ={delta:g}); declining")
+    acct.record(noise_multiplier=local.noise_multiplier, sample_rate=q, steps=steps)
+    state.save_accountant(acct)
+    return steps
 
 
 def train_private_locally(
@@ -347,18 +354,14 @@ def train_private_locally(
         shared_params = [p for n, p in rt.model.named_parameters() if p.requires_grad and f".{SHARED_ADAPTER}." in n]
     state.load_private(rt)
     acct = state.accountant()
+    charge_before_training(state, acct, cfg, len(user.train), max_epsilon=math.inf, delta=delta)
     for p in shared_params:
         p.requires_grad_(False)
     try:
-        result = train_pairs(
-            rt.model, cache, [p.chosen for p in user.train], [p.rejected for p in user.train], cfg,
-            accountant_history=acct.history if cfg.dp else None, frozen_snapshot=rt.snapshot,
-        )
+        train_pairs(rt.model, cache, [p.chosen for p in user.train], [p.rejected for p in user.train], cfg,
+                    frozen_snapshot=rt.snapshot)
     finally:
         for p in shared_params:
             p.requires_grad_(True)
     state.save_private(rt)
-    if cfg.dp:
-        acct.extend_to(result.accountant_history)
-        state.save_accountant(acct)
     return acct.epsilon(delta) if acct.history else 0.0

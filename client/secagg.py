@@ -29,15 +29,14 @@ from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable, Mod
 
-from fedpref.client.app import declined_reply, train_for_node
-from fedpref.protocol.errors import DeclinedRound, FedPrefError
-from fedpref.protocol.messages import K_METRICS, TrainReply, TrainRequest, l2_norm, record_to_arrays
+from fedpref.client.app import SimulatedDevices, declined_reply, train_for_node
+from fedpref.protocol.errors import DataError, DeclinedRound, FedPrefError
+from fedpref.protocol.messages import NORM_TOLERANCE, TrainReply, TrainRequest, l2_norm, record_to_arrays
 from fedpref.protocol.runconfig import from_run_config
 from fedpref.protocol.secagg import fit_reply, parse_fit
 
 log = logging.getLogger("fedpref.client")
 
-NORM_TOLERANCE = 1e-6  # relative slack on ‖delta‖ ≤ C, the server's (server/validation.py)
 
 
 def check_own_delta(delta: dict[str, np.ndarray], req: TrainRequest) -> None:
@@ -55,23 +54,22 @@ def check_own_delta(delta: dict[str, np.ndarray], req: TrainRequest) -> None:
 class SecAggDevice(NumPyClient):
     """One user's device in a SecAgg+ round. Holds nothing between rounds."""
 
-    def __init__(self, context: Context, run_config: dict) -> None:
+    def __init__(self, context: Context, run_config: dict, devices: SimulatedDevices) -> None:
         self._ctx = context
         self._run_config = run_config
+        self._devices = devices
 
     def fit(self, parameters: list[np.ndarray], config: dict) -> tuple[list[np.ndarray], int, dict]:
         run = from_run_config(self._run_config, run_id=self._ctx.run_id)
-        req, keys = parse_fit(parameters, config)
-        content = train_for_node(run, self._ctx, req)
+        try:
+            req, keys = parse_fit(parameters, config)
+        except DataError as e:
+            raise DeclinedRound(f"malformed round request: {e}") from None
+        content = train_for_node(run, self._ctx, req, self._devices)
         reply = TrainReply.from_content(content)
         delta = record_to_arrays(reply.delta)
         check_own_delta(delta, req)
-        eval_acc = content.metric_records[K_METRICS].get("eval_accuracy")
-        arrays, weight, metrics = fit_reply(
-            delta, keys, reply.metrics, reply.attestation, clip_norm=req.config.clip_norm,
-            eval_accuracy=float(eval_acc) if eval_acc is not None else None,
-        )
-        return arrays, weight, metrics
+        return fit_reply(delta, keys, reply.metrics, reply.attestation, clip_norm=req.config.clip_norm)
 
 
 def declines_as_errors(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
@@ -87,7 +85,8 @@ def declines_as_errors(msg: Message, context: Context, call_next: ClientAppCalla
 
 
 def make_secagg_client_app(
-    defaults: dict | None = None, *, outer_mods: Sequence[Mod] = (), inner_mods: Sequence[Mod] = (),
+    defaults: dict | None = None, *, devices: SimulatedDevices = SimulatedDevices(),
+    outer_mods: Sequence[Mod] = (), inner_mods: Sequence[Mod] = (),
 ) -> ClientApp:
     """A legacy ClientApp with ``secaggplus_mod``; run config = ``defaults`` + Flower's.
 
@@ -98,7 +97,7 @@ def make_secagg_client_app(
     base = dict(defaults or {})
 
     def client_fn(context: Context):
-        return SecAggDevice(context, {**base, **dict(context.run_config)}).to_client()
+        return SecAggDevice(context, {**base, **dict(context.run_config)}, devices).to_client()
 
     return ClientApp(client_fn=client_fn, mods=[*outer_mods, declines_as_errors, secaggplus_mod, *inner_mods])
 

@@ -8,6 +8,7 @@ the loop, and checks around it the invariants that Opacus + PEFT can silently br
 from __future__ import annotations
 
 import math
+import secrets
 import time
 import warnings
 from collections.abc import Sequence
@@ -22,10 +23,16 @@ from fedpref.model.preference import bradley_terry_loss, check_partition
 from fedpref.protocol.errors import ConfigError, IntegrityError
 from fedpref.protocol.partition import Group, group_of
 
-# Opacus' secure_mode needs torchcsprng, which has no wheel for this torch; the noise comes
-# from torch's default generator, or, in simulations that ask for reproducible runs, from a
-# generator seeded per (run, user, round) (`noise_seed`; a device must never do that). PEFT's frozen inputs make full backward hooks warn on every
-# step although per-sample gradients are exact (checked in tests/test_trainer.py).
+# Randomness. Opacus' secure_mode needs torchcsprng, which has no wheel for this torch. So every
+# call gets its own torch generators (Mersenne Twister) for the DP noise and for the Poisson
+# batch sampling, each seeded with 64 fresh bits from the OS CSPRNG (`secrets`), never from
+# torch's global generator, a run id, a node id or a round. Only a simulation that asks for
+# reproducible runs passes explicit seeds (`seed`, `noise_seed`; a deployed device never does).
+# The limit: MT19937 is not a cryptographic generator; an attacker who could observe its raw
+# outputs could predict the rest of that call's stream, but the outputs are only ever seen
+# summed into clipped gradients, and the seed is new for every round.
+# PEFT's frozen inputs make full backward hooks warn on every step although per-sample
+# gradients are exact (checked in tests/test_trainer.py).
 warnings.filterwarnings("ignore", message="Secure RNG turned off")
 warnings.filterwarnings("ignore", message="Full backward hook is firing")
 
@@ -37,20 +44,20 @@ class LocalTrainConfig:
     learning_rate: float  # LoRA matrices
     head_learning_rate: float  # reward heads
     projection_learning_rate: float  # shared style projection
-    noise_multiplier: float  # DP-SGD σ; 0 turns DP off (plain SGD, no accountant)
+    noise_multiplier: float  # DP-SGD σ; 0 turns DP off (plain SGD, no accountant: audits and baselines only)
     max_grad_norm: float  # DP-SGD per-sample clip
-    seed: int = 0  # batch sampling
-    noise_seed: int | None = None  # DP noise from a seeded generator: simulations only (None = torch's default one)
+    seed: int | None = None  # batch sampling: None = fresh from the OS CSPRNG; an int only in simulations
+    noise_seed: int | None = None  # DP noise: None = fresh from the OS CSPRNG; an int only in simulations
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
             raise ConfigError(f"local epochs = {self.epochs}; use ≥ 1")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size = {self.batch_size}; use ≥ 1")
-        if self.noise_multiplier < 0:
-            raise ConfigError(f"noise_multiplier = {self.noise_multiplier}; use ≥ 0 (0 = DP off)")
-        if self.noise_multiplier > 0 and self.max_grad_norm <= 0:
-            raise ConfigError(f"max_grad_norm = {self.max_grad_norm}; DP-SGD needs a positive clip")
+        if not (math.isfinite(self.noise_multiplier) and self.noise_multiplier >= 0):
+            raise ConfigError(f"noise_multiplier = {self.noise_multiplier}; use a finite number ≥ 0 (0 = DP off)")
+        if self.noise_multiplier > 0 and not (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0):
+            raise ConfigError(f"max_grad_norm = {self.max_grad_norm}; DP-SGD needs a finite positive clip")
 
     @property
     def dp(self) -> bool:
@@ -76,6 +83,11 @@ class TrainResult:
     sample_rate: float
     seconds: float
     accountant_history: list[tuple[float, float, int]]  # Opacus RDP history after training
+
+
+def generator(seed: int | None) -> torch.Generator:
+    """A private torch generator: seeded with ``seed`` (simulations), else from the OS CSPRNG."""
+    return torch.Generator().manual_seed(secrets.randbits(64) if seed is None else seed)
 
 
 def _frozen_snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -134,8 +146,8 @@ def train_pairs(
     groups = [{"params": ps, "lr": lrs[r]} for r, ps in roles.items() if ps]
     optimizer = torch.optim.SGD(groups, lr=cfg.learning_rate)
     n = len(chosen)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    loader = DataLoader(TensorDataset(torch.arange(n)), batch_size=cfg.batch_size, shuffle=True, generator=gen)
+    # Opacus' Poisson sampler draws from this loader's generator
+    loader = DataLoader(TensorDataset(torch.arange(n)), batch_size=cfg.batch_size, shuffle=True, generator=generator(cfg.seed))
     model.train()
     engine = None
     net: nn.Module = model
@@ -149,7 +161,7 @@ def train_pairs(
             module=model, optimizer=optimizer, data_loader=loader,
             noise_multiplier=cfg.noise_multiplier, max_grad_norm=cfg.max_grad_norm,
             poisson_sampling=True, grad_sample_mode="hooks",
-            noise_generator=torch.Generator().manual_seed(cfg.noise_seed) if cfg.noise_seed is not None else None,
+            noise_generator=generator(cfg.noise_seed),
         )
     t0 = time.perf_counter()
     steps, loss_sum, correct, seen = 0, 0.0, 0, 0

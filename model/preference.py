@@ -178,11 +178,8 @@ def build_model(
     ``get_peft_model`` runs after the model is on its device (CPU here), as the Opacus +
     PEFT issue #820 requires.
     """
-    from peft import LoraConfig, get_peft_model
-
     if not adapters:
         raise ConfigError("build_model needs at least one adapter")
-    torch.manual_seed(seed)
     for m in backbone.model.modules():  # deterministic forward: no dropout in a frozen backbone
         if isinstance(m, nn.Dropout):
             m.p = 0.0
@@ -197,11 +194,24 @@ def build_model(
                 f"attribute basis {spec.attribute_basis} is {tuple(basis.shape)}, but the model needs "
                 f"(personal_dims, hidden size) = ({spec.personal_dims}, {backbone.hidden_size}); set "
                 f"personal_dims = {basis.shape[0]} or build the basis for this backbone")
-    base = RewardModel(backbone, first_adapted=first_adapted, personal_dims=spec.personal_dims, basis=basis)
+    # the initial weights (heads, adapters) are public and the same for a seed on every device and
+    # the server; drawn inside fork_rng, so torch's global generator is left exactly as it was
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        base = RewardModel(backbone, first_adapted=first_adapted, personal_dims=spec.personal_dims, basis=basis)
+        model = _with_adapters(base, backbone, spec, adapters, learnt_proj=bool(spec.personal_dims and basis is None))
+    check_partition(model)
+    return model
+
+
+def _with_adapters(base: nn.Module, backbone: Backbone, spec: AdapterSpec, adapters: Sequence[str], *,
+                   learnt_proj: bool) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
     targets = _target_module_names(base, backbone, spec)
     # a learnt projection is shared (trained under user-level DP); a public basis stays frozen
-    learnt_proj = ["style_proj"] if spec.personal_dims and basis is None else []
-    heads = {SHARED_ADAPTER: ["score", *learnt_proj], PRIVATE_ADAPTER: ["personal_head"]}
+    proj = ["style_proj"] if learnt_proj else []
+    heads = {SHARED_ADAPTER: ["score", *proj], PRIVATE_ADAPTER: ["personal_head"]}
 
     def cfg(name: str) -> LoraConfig:
         return LoraConfig(
@@ -216,7 +226,6 @@ def build_model(
     if PRIVATE_ADAPTER not in adapters and learnt_proj:
         # without a personal head the projection gets no gradient, only DP noise: freeze it
         model.base_model.model.style_proj.requires_grad_(False)
-    check_partition(model)
     return model
 
 

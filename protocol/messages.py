@@ -6,12 +6,18 @@ this module and nothing else of each other.
 Server → client (train): ``RecordDict{"shared": ArrayRecord, "config": ConfigRecord}`` and,
 when the client's policy is older, ``"policy": ConfigRecord{"envelope": bytes, "roots":
 list[bytes]}`` (``roots``: the operator's trust-root chain, so devices can follow a key rotation).
-Client → server: ``RecordDict{"delta": ArrayRecord, "metrics": MetricRecord,
-"attestation": ConfigRecord}``.
+Client → server: ``RecordDict{"delta": ArrayRecord, "attestation": ConfigRecord}`` and,
+only when the round asks for them *and* the device's own terms allow it (simulations, for
+their plots), ``"metrics": MetricRecord`` (:class:`TrainMetrics`: bounded, validated on
+receipt, never used to weight anything).
+
+Every number a peer sends is checked on receipt: finite and within the range its field
+declares (:data:`ROUND_RANGES`, :data:`METRIC_RANGES`); anything else is a :class:`DataError`.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
@@ -20,6 +26,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from fedpref.protocol.errors import DataError
 
 PROTOCOL_VERSION = 1
+NORM_TOLERANCE = 1e-6  # relative slack on ‖delta‖₂ ≤ C (float32 rounding): the server's check and the device's own
 
 # RecordDict keys
 K_SHARED = "shared"
@@ -43,14 +50,17 @@ class RoundConfig:
     head_learning_rate: float  # SGD step size for the reward heads
     projection_learning_rate: float  # SGD step size for the shared style projection
     clip_norm: float  # C: L2 bound of the shared delta sent back
-    dp_noise_multiplier: float  # DP-SGD noise on the device (0 = DP off)
-    dp_max_grad_norm: float  # DP-SGD per-sample clip
-    delta: float  # δ for reporting ε_sample
-    max_epsilon_sample: float  # device-level budget (inf = none)
+    dp_noise_multiplier: float  # DP-SGD σ the server asks for (a device declines one below its own floor)
+    dp_max_grad_norm: float  # DP-SGD per-sample clip (a device declines one above its own ceiling)
+    delta: float  # δ the server reports ε at
+    max_epsilon_sample: float  # the server's cap on a device's ε_sample (inf = none; the device's own is tighter)
     train_shared: bool
     train_private: bool
     policy_version: int  # version in force on the server (0 = none)
-    report_eval: bool = True  # the device also reports its held-out accuracy (not covered by DP)
+    report_metrics: bool = False  # ask devices for training/eval metrics in clear (not covered by DP; simulations)
+
+    def __post_init__(self) -> None:
+        check_ranges(self, ROUND_RANGES)
 
     def to_record(self) -> ConfigRecord:
         return ConfigRecord(asdict(self))
@@ -58,6 +68,49 @@ class RoundConfig:
     @classmethod
     def from_record(cls, record: ConfigRecord) -> RoundConfig:
         return cls(**_typed_fields(cls, record))
+
+
+# (lowest, highest, lowest inclusive?) of every number in a round config; inf only where listed
+ROUND_RANGES: dict[str, tuple[float, float, bool]] = {
+    "server_round": (0, 10**9, True),
+    "protocol_version": (0, 10**6, True),
+    "local_epochs": (1, 10**4, True),
+    "batch_size": (1, 10**7, True),
+    "learning_rate": (0.0, 1e4, False),
+    "head_learning_rate": (0.0, 1e4, False),
+    "projection_learning_rate": (0.0, 1e4, False),
+    "clip_norm": (0.0, 1e9, False),
+    "dp_noise_multiplier": (0.0, 1e9, True),
+    "dp_max_grad_norm": (0.0, 1e9, False),
+    "delta": (0.0, 1.0, False),
+    "max_epsilon_sample": (0.0, math.inf, False),
+    "policy_version": (0, 2**53, True),
+}
+
+# what a device may report, and the range each value must lie in
+METRIC_RANGES: dict[str, tuple[float, float, bool]] = {
+    "train_loss": (0.0, 1e4, True),  # Bradley–Terry loss, nats
+    "train_accuracy": (0.0, 1.0, True),
+    "epsilon_sample": (0.0, 1e9, True),  # the device's running ε_sample at its own δ
+    "delta_norm": (0.0, 1e12, True),  # ‖shared delta‖ before clipping
+    "steps": (0, 10**9, True),  # DP-SGD steps this round
+    "seconds": (0.0, 1e7, True),  # wall time of local training
+    "eval_accuracy": (0.0, 1.0, True),  # held-out accuracy (simulation users only)
+}
+
+
+def check_ranges(obj: object, ranges: dict[str, tuple[float, float, bool]]) -> None:
+    """Every listed field of ``obj`` is a finite number in its range (``inf`` only where the
+    range's top is ``inf``); a :class:`DataError` naming the field, the value and the range."""
+    for name, (lo, hi, lo_incl) in ranges.items():
+        v = getattr(obj, name)
+        if v is None:
+            continue
+        ok = (isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v)
+              and (math.isfinite(v) or v == hi == math.inf) and (v >= lo if lo_incl else v > lo) and v <= hi)
+        if not ok:
+            span = f"{'[' if lo_incl else '('}{lo:g}, {hi:g}]"
+            raise DataError(f"{type(obj).__name__}.{name} = {v!r}: outside {span}")
 
 
 @dataclass(frozen=True)
@@ -80,31 +133,47 @@ class Attestation:
 
 @dataclass(frozen=True)
 class TrainMetrics:
-    num_examples: int  # pairs trained on (the FedAvg weight key is "num-examples")
+    """What a device reports about its round when asked and allowed (not covered by DP).
+
+    No data size: nothing the server computes is weighted by a device's claim about itself.
+    """
+
     train_loss: float
     train_accuracy: float
-    epsilon_sample: float  # the device's running ε at the round's δ
+    epsilon_sample: float  # the device's running ε at its own δ
     delta_norm: float  # L2 norm of the shared delta before clipping
     steps: int  # DP-SGD steps taken this round
     seconds: float  # wall time of local training
+    eval_accuracy: float | None = None  # held-out accuracy, where the device holds a test split
+
+    def __post_init__(self) -> None:
+        check_ranges(self, METRIC_RANGES)
 
     def to_record(self) -> MetricRecord:
-        d = asdict(self)
-        d["num-examples"] = d.pop("num_examples")
-        return MetricRecord(d)
+        return MetricRecord({k: v for k, v in asdict(self).items() if v is not None})
+
+    def as_dict(self) -> dict[str, float]:
+        return {k: float(v) for k, v in asdict(self).items() if v is not None}
 
     @classmethod
     def from_record(cls, record: MetricRecord) -> TrainMetrics:
-        d = dict(record)
-        d["num_examples"] = d.pop("num-examples", None)
-        return cls(**_typed_fields(cls, d))
+        rec = dict(record)
+        extra = sorted(set(rec) - {f.name for f in fields(cls)})
+        if extra:
+            raise DataError(f"TrainMetrics: unexpected metric {extra[0]!r}")
+        ev = rec.pop("eval_accuracy", None)
+        if ev is not None and (isinstance(ev, bool) or not isinstance(ev, (int, float))):
+            raise DataError(f"TrainMetrics: field 'eval_accuracy' has {type(ev).__name__} {ev!r}, expected float")
+        return cls(**_typed_fields(cls, rec, skip=("eval_accuracy",)), eval_accuracy=None if ev is None else float(ev))
 
 
-def _typed_fields(cls: type, record: object) -> dict:
+def _typed_fields(cls: type, record: object, *, skip: tuple[str, ...] = ()) -> dict:
     """Pick a dataclass's fields out of a record, with clear errors on missing/wrong types."""
     rec = dict(record)  # type: ignore[call-overload]
     out = {}
     for f in fields(cls):
+        if f.name in skip:
+            continue
         if f.name not in rec or rec[f.name] is None:
             raise DataError(f"{cls.__name__}: field {f.name!r} is missing from the message")
         v = rec[f.name]
@@ -171,28 +240,26 @@ class TrainRequest:
         return cls(shared=shared, config=config, envelope=env, roots=roots)
 
 
-def train_reply(delta: dict[str, np.ndarray], metrics: TrainMetrics, attestation: Attestation) -> RecordDict:
-    return RecordDict(
-        {
-            K_DELTA: arrays_to_record(delta),
-            K_METRICS: metrics.to_record(),
-            K_ATTESTATION: attestation.to_record(),
-        }
-    )
+def train_reply(delta: dict[str, np.ndarray], metrics: TrainMetrics | None, attestation: Attestation) -> RecordDict:
+    content = RecordDict({K_DELTA: arrays_to_record(delta), K_ATTESTATION: attestation.to_record()})
+    if metrics is not None:
+        content[K_METRICS] = metrics.to_record()
+    return content
 
 
 @dataclass(frozen=True)
 class TrainReply:
-    delta: ArrayRecord  # left as Arrays: the server validates shapes/dtypes before decoding
-    metrics: TrainMetrics
+    delta: ArrayRecord  # left as Arrays: the server decodes and validates what it will sum
+    metrics: TrainMetrics | None  # only when the round asked and the device agreed
     attestation: Attestation
 
     @classmethod
     def from_content(cls, content: RecordDict) -> TrainReply:
         try:
             delta = content.array_records[K_DELTA]
-            metrics = TrainMetrics.from_record(content.metric_records[K_METRICS])
             att = Attestation.from_record(content.config_records[K_ATTESTATION])
         except KeyError as e:
             raise DataError(f"train reply lacks record {e.args[0]!r}") from None
+        raw = content.metric_records.get(K_METRICS)
+        metrics = TrainMetrics.from_record(raw) if raw is not None else None
         return cls(delta=delta, metrics=metrics, attestation=att)

@@ -42,13 +42,12 @@ class AppRun:
     workdir: Path  # server checkpoints, ledger, per-client state
     method: Method
     cache: str  # hidden-state cache built by the runner; "" = each client builds its own
-    seed: int
+    seed: int  # simulation only: the adapters' initial weights and, with deterministic_noise, every DP draw
     policy: Path | None = None  # signed safety-policy envelope the server distributes (None = none)
     root: Path | None = None  # the trust root (root.json) server and devices verify it with
-    tamper_safety: frozenset[str] = frozenset()  # attack experiment: user ids whose device tampers its safety weights
     secure_aggregation: bool = False  # Flower SecAgg+: the server learns only the sum of the deltas
-    deterministic_noise: bool = False  # simulation only: DP noise seeded per (seed, user, round), so runs repeat
-    tamper_envelope: bool = False  # attack experiment only: the server sends the policy envelope with a corrupted signature
+    deterministic_noise: bool = False  # simulation only: DP draws seeded per (seed, user, round), so runs repeat;
+    # refused by `fedpref-server start`, and a deployed device declines a round that asks for it
     rounds: int = 0  # total rounds for this workdir, overriding [federation] rounds (0 = the config's)
     attribute_basis: str = ""  # overrides [model.adapter] attribute_basis on server and simulated devices ("" = the config's)
 
@@ -96,10 +95,8 @@ def from_run_config(rc: dict[str, Any], *, base: Path | None = None, run_id: int
         seed=int(get("seed", 0)),
         policy=path(str(get("policy", ""))) if get("policy", "") else None,
         root=path(str(get("root", ""))) if get("root", "") else None,
-        tamper_safety=frozenset(u.strip() for u in str(get("tamper-safety", "")).split(",") if u.strip()),
         secure_aggregation=parse_run_flag(get(SECURE_AGGREGATION_KEY, False)),
         deterministic_noise=parse_run_flag(get("deterministic-noise", False), key="deterministic-noise"),
-        tamper_envelope=parse_run_flag(get("tamper-envelope", False), key="tamper-envelope"),
         rounds=_non_negative_int(get("rounds", 0), "rounds"),
         attribute_basis=str(path(str(get("attribute-basis", "")))) if get("attribute-basis", "") else "",
     )

@@ -18,9 +18,10 @@ Client → server, ``FitRes`` (``secaggplus_mod`` masks ``parameters``; the rest
   ``num_examples`` always 1: SecAgg+ computes ``Σ wᵢxᵢ / Σ wᵢ``; with ``wᵢ = 1`` the server
                    recovers the plain sum as ``mean × m`` and learns nothing from the weight;
   ``metrics``      plain: the :class:`Attestation` fields (``attestation.<field>``, the same
-                   public constants for every honest device) and ``epsilon_sample`` (a
-                   function of the device's DP-SGD settings, its data *size* and its number of
-                   rounds, needed for the reported maximum; it reveals nothing about labels).
+                   public constants for every honest device) and, only when the device reports
+                   metrics (simulations), ``epsilon_sample`` (a function of the device's DP-SGD
+                   settings, its data *size* and its number of rounds; no labels). With metrics
+                   off the masked metric vector is all zeros.
 
 Quantization (Flower's, stochastic rounding): each coordinate is clipped to
 ``[-clipping_range, clipping_range]`` and mapped to an integer in ``[0, quantization_range]``.
@@ -39,7 +40,7 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 
 from fedpref.protocol.errors import ConfigError, DataError
-from fedpref.protocol.messages import Attestation, RoundConfig, TrainMetrics, TrainRequest
+from fedpref.protocol.messages import METRIC_RANGES, Attestation, RoundConfig, TrainMetrics, TrainRequest
 
 K_SHARED_KEYS = "fedpref.shared-keys"  # FitIns config: "\n".join(shared parameter names)
 K_ENVELOPE = "fedpref.policy-envelope"  # FitIns config: the signed policy envelope (bytes)
@@ -59,6 +60,7 @@ class MetricBound:
 
 
 # Summed under the mask: the server learns only the cohort mean of each (values saturate).
+# Tighter than the metric's valid range (protocol.messages.METRIC_RANGES) to keep resolution.
 SECURE_METRICS: tuple[MetricBound, ...] = (
     MetricBound("train_loss", 0.0, 20.0),  # Bradley–Terry loss, nats
     MetricBound("train_accuracy", 0.0, 1.0),
@@ -68,6 +70,7 @@ SECURE_METRICS: tuple[MetricBound, ...] = (
     MetricBound("steps", 0.0, 1e4),  # DP-SGD steps this round
     MetricBound("seconds", 0.0, 1e4),  # wall time of local training
 )
+assert all(b.name in METRIC_RANGES for b in SECURE_METRICS if b.name != "clipped")
 
 
 def parse_run_flag(value: object, *, key: str = SECURE_AGGREGATION_KEY) -> bool:
@@ -154,24 +157,39 @@ def decode_metric_sums(total: np.ndarray, cohort: int, clipping_range: float) ->
 
 
 def fit_reply(
-    delta: Mapping[str, np.ndarray], keys: Sequence[str], metrics: TrainMetrics, attestation: Attestation,
-    *, clip_norm: float, eval_accuracy: float | None,
+    delta: Mapping[str, np.ndarray], keys: Sequence[str], metrics: TrainMetrics | None, attestation: Attestation,
+    *, clip_norm: float,
 ) -> tuple[list[np.ndarray], int, dict[str, bool | bytes | float | int | str]]:
     """What ``NumPyClient.fit`` returns: (masked payload, weight 1, plain metrics)."""
     if set(delta) != set(keys):
         raise DataError("the delta's keys differ from the request's shared keys")
-    secure = {
-        "train_loss": metrics.train_loss, "train_accuracy": metrics.train_accuracy,
-        "eval_accuracy": eval_accuracy if eval_accuracy is not None else 0.0,
-        "delta_norm": metrics.delta_norm, "clipped": float(metrics.delta_norm > clip_norm),
-        "steps": float(metrics.steps), "seconds": metrics.seconds,
-    }
-    payload = [np.asarray(delta[k], dtype=np.float32) for k in keys] + [encode_metrics(secure, clip_norm)]
     plain: dict[str, bool | bytes | float | int | str] = {
         ATTESTATION_PREFIX + k: v for k, v in asdict(attestation).items()
     }
-    plain[K_EPSILON_SAMPLE] = float(metrics.epsilon_sample)
+    vector = np.zeros(len(SECURE_METRICS), dtype=np.float64)  # metrics off: nothing but zeros under the mask
+    if metrics is not None:
+        secure = {
+            "train_loss": metrics.train_loss, "train_accuracy": metrics.train_accuracy,
+            "eval_accuracy": metrics.eval_accuracy if metrics.eval_accuracy is not None else 0.0,
+            "delta_norm": metrics.delta_norm, "clipped": float(metrics.delta_norm > clip_norm),
+            "steps": float(metrics.steps), "seconds": metrics.seconds,
+        }
+        vector = encode_metrics(secure, clip_norm)
+        plain[K_EPSILON_SAMPLE] = float(metrics.epsilon_sample)
+    payload = [np.asarray(delta[k], dtype=np.float32) for k in keys] + [vector]
     return payload, 1, plain
+
+
+def plain_epsilon_sample(metrics: Mapping[str, object]) -> float | None:
+    """The ε_sample a device put in its plain metrics (None when it reports none); a value
+    that is not a finite number in range is a :class:`DataError`."""
+    if K_EPSILON_SAMPLE not in metrics:
+        return None
+    v = metrics[K_EPSILON_SAMPLE]
+    lo, hi, _ = METRIC_RANGES["epsilon_sample"]
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v <= hi:
+        raise DataError(f"{K_EPSILON_SAMPLE} = {v!r}: outside [{lo:g}, {hi:g}]")
+    return float(v)
 
 
 def attestation_of(metrics: Mapping[str, object]) -> Attestation:
@@ -190,5 +208,5 @@ def split_sum(arrays: Sequence[np.ndarray], keys: Sequence[str]) -> tuple[dict[s
 __all__ = [
     "ATTESTATION_PREFIX", "K_ENVELOPE", "K_EPSILON_SAMPLE", "K_SHARED_KEYS", "SECURE_AGGREGATION_KEY",
     "SECURE_METRICS", "MetricBound", "attestation_of", "check_ranges", "decode_metric_sums", "encode_metrics",
-    "fit_config", "fit_reply", "parse_fit", "parse_run_flag", "split_sum", "sum_error_bound",
+    "fit_config", "fit_reply", "parse_fit", "plain_epsilon_sample", "parse_run_flag", "split_sum", "sum_error_bound",
 ]

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import logging
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -33,6 +34,7 @@ from fedpref.protocol.runconfig import AppRun, Method, from_run_config
 from fedpref.protocol.tomlconfig import build, read_toml
 from fedpref.server.config import FederationConfig, LocalConfig
 from fedpref.server.privacy import AccountantKind, PrivacyLedger, UserLevelBudget
+from fedpref.server.release import fresh_generators, seeded_generators
 from fedpref.server.strategy import FedPrefStrategy, RoundRecord
 
 log = logging.getLogger("fedpref.server")
@@ -110,14 +112,6 @@ def load_server_policy(envelope_path: Path, root_path: Path, *, backbone_sha256:
                         roots=tuple(raw for _, raw in chain))
 
 
-def tampered_envelope(envelope: bytes) -> bytes:
-    """The envelope with every signature's first character changed: devices must refuse it."""
-    env = json.loads(envelope)
-    for s in env["signatures"]:
-        s["sig"] = ("B" if s["sig"][0] == "A" else "A") + s["sig"][1:]
-    return json.dumps(env).encode()
-
-
 @dataclasses.dataclass(frozen=True)
 class Resume:
     """Where a restarted server picks up: the next round, the weights, the history so far."""
@@ -163,8 +157,16 @@ class Federation:
     bar: tqdm
 
 
-def prepare_federation(run: AppRun, settings: ServerSettings, *, clock=time.time, label: str = "") -> Federation:  # noqa: ANN001
-    """Backbone, policy (verified), strategy, ledger, checkpoints and resume point of a run."""
+EnvelopeTransform = Callable[[bytes], bytes]  # attack experiments only (simulations/attacks.py)
+
+
+def prepare_federation(run: AppRun, settings: ServerSettings, *, clock=time.time, label: str = "",  # noqa: ANN001
+                       envelope_transform: EnvelopeTransform | None = None) -> Federation:
+    """Backbone, policy (verified), strategy, ledger, checkpoints and resume point of a run.
+
+    Every DP draw of the run comes from a fresh OS-CSPRNG generator per round, unless a
+    simulation asks for ``deterministic_noise`` (:mod:`fedpref.server.release`).
+    """
     fed = settings.federation
     backbone = load_backbone(settings.model.backbone or None)
     policy = (
@@ -173,9 +175,9 @@ def prepare_federation(run: AppRun, settings: ServerSettings, *, clock=time.time
     )
     if policy is not None:
         log.warning("fedpref: safety policy v%d in force (digest %s…)", policy.version, policy.digest[:12])
-        if run.tamper_envelope:  # attack experiment: what a man in the middle would deliver
-            policy = dataclasses.replace(policy, envelope=tampered_envelope(policy.envelope))
-            log.warning("fedpref: ATTACK EXPERIMENT: sending the envelope with a corrupted signature")
+        if envelope_transform is not None:  # attack experiment: what a man in the middle would deliver
+            policy = dataclasses.replace(policy, envelope=envelope_transform(policy.envelope))
+            log.warning("fedpref: ATTACK EXPERIMENT: sending an altered policy envelope")
     model = build_model(backbone, settings.model.adapter, adapters=(SHARED_ADAPTER,), seed=run.seed)
     identity = model_identity(backbone.sha256, settings.model.adapter)  # what devices must attest
     initial = get_arrays(model, Group.SHARED)
@@ -199,8 +201,8 @@ def prepare_federation(run: AppRun, settings: ServerSettings, *, clock=time.time
         fed=fed, local=settings.local, shapes={k: v.shape for k, v in initial.items()},
         backbone_sha256=identity, budget=budget,
         train_shared=True, train_private=run.method is Method.PERSONALIZED,
-        # a restarted server never replays the noise of the rounds it already released
-        rng=np.random.default_rng([run.seed, 7919, resume.next_round]), clock=clock, on_round=on_round,
+        generators=seeded_generators(run.seed) if run.deterministic_noise else fresh_generators(),
+        clock=clock, on_round=on_round,
         policy=policy.as_tuple if policy is not None else None,
     )
     strategy.history.extend(resume.history)
@@ -220,9 +222,10 @@ def write_summary(run: AppRun, f: Federation, **extra: object) -> None:
     )
 
 
-def run_federation(grid: Grid, run: AppRun, settings: ServerSettings, *, clock=time.time) -> FedPrefStrategy:  # noqa: ANN001
+def run_federation(grid: Grid, run: AppRun, settings: ServerSettings, *, clock=time.time,  # noqa: ANN001
+                   envelope_transform: EnvelopeTransform | None = None) -> FedPrefStrategy:
     fed = settings.federation
-    f = prepare_federation(run, settings, clock=clock)
+    f = prepare_federation(run, settings, clock=clock, envelope_transform=envelope_transform)
     strategy = f.strategy
     arrays = arrays_to_record(f.resume.arrays)
     try:
@@ -240,8 +243,12 @@ def run_federation(grid: Grid, run: AppRun, settings: ServerSettings, *, clock=t
     return strategy
 
 
-def make_server_app(defaults: dict | None = None) -> ServerApp:
-    """A ServerApp whose run config is ``defaults`` overridden by Flower's run config."""
+def make_server_app(defaults: dict | None = None, *, envelope_transform: EnvelopeTransform | None = None) -> ServerApp:
+    """A ServerApp whose run config is ``defaults`` overridden by Flower's run config.
+
+    ``envelope_transform`` alters the policy envelope before it is sent: attack experiments
+    only (:mod:`fedpref.simulations.attacks`), never reachable from a run config.
+    """
     base = dict(defaults or {})
     app = ServerApp()
 
@@ -259,9 +266,10 @@ def make_server_app(defaults: dict | None = None) -> ServerApp:
             # imported here: server.secagg builds on this module
             from fedpref.server.secagg import load_secagg_config, run_secure_federation
 
-            run_secure_federation(grid, context, run, settings, load_secagg_config(run.config_file))
+            run_secure_federation(grid, context, run, settings, load_secagg_config(run.config_file),
+                                  envelope_transform=envelope_transform)
         else:
-            run_federation(grid, run, settings)
+            run_federation(grid, run, settings, envelope_transform=envelope_transform)
 
     return app
 

@@ -271,7 +271,11 @@ http {{
 """
 
 
-def app_pyproject() -> str:
+SERVERAPP = "fedpref.server.app:app"
+SEEDED_KEYS = ("seed", "deterministic-noise", "deterministic_noise")  # simulation-only switches
+
+
+def app_pyproject(serverapp: str = SERVERAPP) -> str:
     from importlib.metadata import version
 
     return f"""# The fedpref Flower App as the operator's server submits it (`fedpref-server start`).
@@ -290,7 +294,7 @@ dependencies = []  # devices and server run fedpref from their own environment
 publisher = "fedpref"
 
 [tool.flwr.app.components]
-serverapp = "fedpref.server.app:app"
+serverapp = "{serverapp}"
 clientapp = "fedpref.client.app:app"
 
 [tool.flwr.app.config]
@@ -299,13 +303,11 @@ data = ""
 workdir = ""
 method = "personalized"
 cache = ""
-seed = 0
+seed = 0                     # not used in deployment: every DP draw comes from the OS CSPRNG
 secure-aggregation = true
 policy = ""
 root = ""
-tamper-safety = ""
-deterministic-noise = false
-tamper-envelope = false   # attack experiment only (tests): the policy envelope is sent corrupted
+deterministic-noise = false  # a simulation switch; `fedpref-server start` refuses it, devices decline it
 rounds = 0
 """
 
@@ -404,10 +406,29 @@ def _policy_in_force(home: ServerHome) -> dict | None:
         raise DataError(f"{home.policy_file}: not valid JSON ({e}); start again with --policy ENVELOPE") from None
 
 
-def start(home: ServerHome, *, rounds: int | None, policy: Path | None, extra_run_config: dict | None = None) -> Started:
-    """Start SuperLink and nginx, submit the run; returns at once (the processes keep running)."""
+def refuse_seeded(config: dict, *, where: str) -> None:
+    """A deployment never seeds its DP draws: refuse any setting that would (one line)."""
+    runtime = config.get("runtime", {})
+    for key in SEEDED_KEYS:
+        for table, value in ((where, config.get(key)), (f"{where} [runtime]", runtime.get(key) if isinstance(runtime, dict) else None)):
+            if value not in (None, False, 0, ""):
+                raise ConfigError(f"{table}: {key} = {value!r}; seeded DP noise is a simulation switch "
+                                  "(fedpref-sim), never deployed: remove it")
+
+
+def start(home: ServerHome, *, rounds: int | None, policy: Path | None, extra_run_config: dict | None = None,
+          serverapp: str = SERVERAPP) -> Started:
+    """Start SuperLink and nginx, submit the run; returns at once (the processes keep running).
+
+    ``serverapp`` is for attack experiments in tests only (e.g.
+    ``fedpref.simulations.attacks:tampering_server_app``); the CLI never sets it.
+    """
     from fedpref.model.backbone import load_backbone
+    from fedpref.protocol.tomlconfig import read_toml
     from fedpref.server.app import load_server_settings
+
+    refuse_seeded(read_toml(home.config), where=str(home.config))
+    refuse_seeded(extra_run_config or {}, where="run config")
 
     if alive := running(home):
         names = ", ".join(f"{p['name']} (pid {p['pid']})" for p in alive)
@@ -435,7 +456,7 @@ def start(home: ServerHome, *, rounds: int | None, policy: Path | None, extra_ru
     for d in (home.run_dir / "nginx", home.logs, home.state, home.flwr_home, home.app_dir):
         d.mkdir(parents=True, exist_ok=True)
     write_text_atomic(home.run_dir / "nginx.conf", nginx_conf(home, home.superlink))
-    write_text_atomic(home.app_dir / "pyproject.toml", app_pyproject())
+    write_text_atomic(home.app_dir / "pyproject.toml", app_pyproject(serverapp))
     link_host, link_port = parse_address(home.superlink)
     exe_dir = os.path.dirname(sys.executable)
     superlink = shutil.which("flower-superlink", path=exe_dir) or "flower-superlink"

@@ -9,12 +9,13 @@ the masking stage, never one device's delta. What changes, and why:
 
 * **Sampling.** SecAgg+ asks the strategy's ``configure_fit`` whom to train; ours Poisson-
   samples every connected node with probability ``q`` (:func:`poisson_sample`), with the
-  :class:`FedPrefStrategy`'s seeded RNG. Flower only shuffles the sampled nodes into its
-  neighbour graph.
+  round's DP generator (:meth:`FedPrefStrategy.round_rng`: the OS CSPRNG in deployment).
+  Flower only shuffles the sampled nodes into its neighbour graph.
 * **Weights.** SecAgg+ computes ``Σ wᵢxᵢ / Σ wᵢ``; every device sends ``w = 1``
   (``max_weight = 1``), so the unmasked result times the number of summed devices ``m`` is
-  the plain sum of the clipped deltas; DP noise is added to that sum exactly as in
-  :meth:`FedPrefStrategy.aggregate_train`, so ``ε_user`` is unchanged.
+  the plain sum of the clipped deltas; it goes through the same release path as the plain
+  server (:func:`fedpref.server.release.release`: noise, ledger, weights), so ``ε_user`` is
+  unchanged.
 * **Quantization.** ``clipping_range = C``: an honestly clipped delta is never altered; the
   sum is exact up to ``m·2C/quantization_range`` per coordinate (stochastic rounding).
 * **Validation.** Per device the server still checks what is plain in the reply: the
@@ -76,18 +77,19 @@ from fedpref.protocol.errors import ConfigError, DataError
 from fedpref.protocol.messages import l2_norm
 from fedpref.protocol.runconfig import AppRun
 from fedpref.protocol.secagg import (
-    K_EPSILON_SAMPLE,
     SECURE_AGGREGATION_KEY,
     attestation_of,
     check_ranges,
     decode_metric_sums,
     fit_config,
+    plain_epsilon_sample,
     split_sum,
     sum_error_bound,
 )
-from fedpref.protocol.tomlconfig import build, read_toml
-from fedpref.server.app import ServerSettings, make_server_app, prepare_federation, write_summary
-from fedpref.server.strategy import FedPrefStrategy, RoundRecord, poisson_sample
+from fedpref.protocol.tomlconfig import build, check_fields, ranged, read_toml
+from fedpref.server.app import EnvelopeTransform, ServerSettings, make_server_app, prepare_federation, write_summary
+from fedpref.server.release import release
+from fedpref.server.strategy import FedPrefStrategy, RoundRecord, _short, poisson_sample
 from fedpref.server.validation import Expected, RejectedUpdate, validate_attestation
 
 log = logging.getLogger("fedpref.server")
@@ -99,27 +101,23 @@ AGGREGATE = "secagg"  # the "node" of a RoundRecord entry about the whole round,
 class SecAggConfig:
     """``[secagg]``: Flower SecAgg+ parameters. Fractions are of the round's sampled nodes."""
 
-    share_fraction: float = 1.0  # each node secret-shares with this fraction of the sampled nodes (1 = all)
-    reconstruction_fraction: float = 0.67  # shares needed to rebuild a key, of those made; keep > 0.5 (a server that
-    # claims a node both dropped and alive must not collect enough shares of both its secrets)
-    quantization_range: int = 1 << 22  # integers per coordinate in [-C, C]; error ≤ m·2C/this
-    modulus_range: int = 1 << 32  # masks are mod this (a power of 2 ≤ 2**32); m·quantization_range must stay below
-    min_cohort: int = 3  # fewer sampled nodes: the round is halted (SecAgg+ needs ≥ 2)
+    # each node secret-shares with this fraction of the sampled nodes (1 = all)
+    share_fraction: float = ranged(1.0, gt=0, le=1)
+    # shares needed to rebuild a key, of those made; keep > 0.5 (a server that claims a node both
+    # dropped and alive must not collect enough shares of both its secrets)
+    reconstruction_fraction: float = ranged(0.67, gt=0, le=1)
+    quantization_range: int = ranged(1 << 22, ge=2, lt=1 << 32)  # integers per coordinate in [-C, C]; error ≤ m·2C/this
+    # masks are mod this (a power of 2 ≤ 2**32); m·quantization_range must stay below
+    modulus_range: int = ranged(1 << 32, ge=4, le=1 << 32)
+    # fewer sampled nodes: the round is halted
+    min_cohort: int = ranged(3, ge=2, le=1_000_000, note="(SecAgg+ needs ≥ 2 nodes)")
 
     def __post_init__(self) -> None:
-        if not 0 < self.share_fraction <= 1:
-            raise ConfigError(f"secagg.share_fraction = {self.share_fraction}; use a fraction in (0, 1], e.g. 1.0")
-        if not 0 < self.reconstruction_fraction <= 1:
-            raise ConfigError(
-                f"secagg.reconstruction_fraction = {self.reconstruction_fraction}; use a fraction in (0, 1], e.g. 0.67")
-        if self.quantization_range < 2:
-            raise ConfigError(f"secagg.quantization_range = {self.quantization_range}; use ≥ 2, e.g. 4194304 (2**22)")
+        check_fields(self, "secagg")
         m = self.modulus_range
         if m & (m - 1) or m > 1 << 32 or m <= self.quantization_range:
             raise ConfigError(
                 f"secagg.modulus_range = {m}; use a power of 2 above quantization_range and ≤ 2**32 (4294967296)")
-        if self.min_cohort < 2:
-            raise ConfigError(f"secagg.min_cohort = {self.min_cohort}; SecAgg+ needs ≥ 2 nodes, use ≥ 3")
 
 
 def load_secagg_config(config_file: str) -> SecAggConfig:
@@ -182,7 +180,7 @@ class SecureFedPrefStrategy(Strategy):
         check_ranges(cohort=population, quantization_range=self.secagg.quantization_range,
                      modulus_range=self.secagg.modulus_range)
         by_id = {p.node_id: p for p in proxies}
-        picked = poisson_sample(sorted(by_id), fed.client_sample_rate, core.rng)
+        picked = poisson_sample(sorted(by_id), fed.client_sample_rate, core.round_rng(server_round))
         version, digest, envelope = core.policy()
         exp = Expected(shapes=core.shapes, dtype="float32", clip_norm=fed.clip_norm, server_round=server_round,
                        backbone_sha256=core.backbone_sha256, policy_version=version, safety_digest=digest)
@@ -241,9 +239,10 @@ class SecureFedPrefStrategy(Strategy):
                 rnd.rec.replied += 1
                 try:
                     self._check_plain(msg, rnd)
-                except (RejectedUpdate, DataError, KeyError, TypeError) as e:
-                    rnd.rec.rejected.append({"node": node, "reason": str(e)})
-                    log.warning("round %d: rejected update from node %s: %s", rnd.rec.server_round, node, e)
+                except Exception as e:  # noqa: BLE001 - whatever one reply does, it is that reply's rejection
+                    reason = str(e) if isinstance(e, (RejectedUpdate, DataError)) else f"malformed reply ({type(e).__name__}: {e})"
+                    rnd.rec.rejected.append({"node": node, "reason": _short(reason)})
+                    log.warning("round %d: rejected update from node %s: %s", rnd.rec.server_round, node, reason)
                     continue
                 masked = msg.content.config_records[RECORD_KEY_CONFIGS][SAKey.MASKED_PARAMETERS]
                 rnd.up_bytes.append(sum(len(b) for b in cast(list[bytes], masked)))
@@ -254,13 +253,14 @@ class SecureFedPrefStrategy(Strategy):
         metrics = dict(msg.content.config_records["fitres.metrics"])
         weight = msg.content.metric_records["fitres.num_examples"]["num_examples"]
         att = attestation_of(metrics)
-        self.core.node_policy[msg.metadata.src_node_id] = att.policy_version
         validate_attestation(att, rnd.expected)
         if weight != 1:
             raise RejectedUpdate(f"SecAgg weight {weight} != 1: the unmasked mean could not be turned into the sum")
-        eps = metrics.get(K_EPSILON_SAMPLE, 0.0)
-        if isinstance(eps, (int, float)) and math.isfinite(eps):
-            rnd.epsilon_sample.append(float(eps))
+        eps = plain_epsilon_sample(metrics)  # only when the device reports metrics; checked in range
+        # only an accepted reply changes server state
+        self.core.node_policy[msg.metadata.src_node_id] = att.policy_version
+        if eps is not None:
+            rnd.epsilon_sample.append(eps)
 
     # -- release --------------------------------------------------------------------------
     def aggregate_fit(
@@ -285,21 +285,16 @@ class SecureFedPrefStrategy(Strategy):
         except (DataError, RejectedUpdate) as e:
             self._halt(f"unmasked sum rejected, round not released: {e}")
             return None, {}
-        denom = max(fed.client_sample_rate * rec.population, 1e-12)  # E[m] = q·N
-        std = fed.server_noise_multiplier * fed.clip_norm / denom
-        noisy = {k: v / denom + core.rng.normal(0.0, std, size=v.shape) for k, v in total.items()}
-        # Charge the ledger BEFORE the new weights exist anywhere outside this function.
-        entry = core.budget.charge(
-            round=server_round, sample_rate=fed.client_sample_rate, noise_multiplier=fed.server_noise_multiplier,
-            clip_norm=fed.clip_norm, participants=m, now=core.clock(),
-        )
-        lr = fed.server_learning_rate
-        new = {k: (rnd.global_arrays[k].astype(np.float64) + lr * noisy[k]).astype(np.float32) for k in self.keys}
-        rec.epsilon_user = entry.epsilon
-        rec.noise_std = std
-        rec.update_norm = l2_norm(noisy)
+        rng = core.rng if core.rng is not None else core.round_rng(server_round)
+        core.rng = None  # a round's generator serves that round only
+        out = release(total, global_arrays=rnd.global_arrays, fed=fed, population=rec.population, participants=m,
+                      server_round=server_round, budget=core.budget, rng=rng, now=core.clock())
+        new = out.arrays
+        rec.epsilon_user = out.epsilon_user
+        rec.noise_std = out.noise_std
+        rec.update_norm = out.update_norm
         rec.bytes_up_per_client = int(np.mean(rnd.up_bytes)) if rnd.up_bytes else 0
-        rec.metrics = decode_metric_sums(metric_sum, m, fed.clip_norm)
+        rec.metrics = decode_metric_sums(metric_sum, m, fed.clip_norm) if fed.report_eval_metrics else {}
         rec.epsilon_sample_max = max(rnd.epsilon_sample, default=0.0)
         self._finish(rnd, new)
         return ndarrays_to_parameters([new[k] for k in self.keys]), {
@@ -356,12 +351,6 @@ class SecureFedPrefStrategy(Strategy):
         return None
 
 
-def _short(reason: str, limit: int = 300) -> str:
-    """An error reason for the round record: a remote traceback keeps only its end."""
-    reason = reason.strip()
-    return reason if len(reason) <= limit else "…" + reason[-limit:]
-
-
 class _StageGrid:
     """The grid, with each stage's replies passed through ``admit`` (everything else as is)."""
 
@@ -406,11 +395,11 @@ def make_workflow(fed_timeout_s: float, clip_norm: float, cfg: SecAggConfig) -> 
 
 def run_secure_federation(
     grid: Grid, context: Context, run: AppRun, settings: ServerSettings, secagg: SecAggConfig, *,
-    clock: Callable[[], float] = time.time,
+    clock: Callable[[], float] = time.time, envelope_transform: EnvelopeTransform | None = None,
 ) -> FedPrefStrategy:
     """:func:`fedpref.server.app.run_federation`, with SecAgg+; returns the same strategy/history."""
     fed = settings.federation
-    f = prepare_federation(run, settings, clock=clock, label=" (secagg)")
+    f = prepare_federation(run, settings, clock=clock, label=" (secagg)", envelope_transform=envelope_transform)
     core, bar = f.strategy, f.bar
     done = f.resume.next_round - 1  # rounds charged by earlier runs on this workdir (a restart, a new policy)
     if done >= fed.rounds:

@@ -5,15 +5,17 @@ Per round, on Flower's Message API:
 1. Poisson-sample each connected node with probability ``q`` (what the accountant assumes).
 2. Send the global *shared* weights and the round config (never anything private).
 3. Validate every reply (:mod:`fedpref.server.validation`); log and drop bad ones.
-4. Sum the accepted clipped deltas and divide by the *expected* cohort ``E[m] = q·N``.
-5. Add Gaussian noise with std ``z·C/E[m]`` to every coordinate.
-6. Charge the privacy ledger, *then* release the new global weights and checkpoint them.
+4. Sum the accepted clipped deltas; :func:`fedpref.server.release.release` divides by the
+   *expected* cohort ``E[m] = q·N``, adds Gaussian noise with std ``z·C/E[m]``, charges the
+   privacy ledger, and only then builds the new global weights, which are checkpointed.
+
+Every DP draw (sampling, noise) comes from the round's generator (``generators(round)``):
+fresh from the OS CSPRNG in deployment, seeded only in a simulation that asks for it.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -30,12 +32,12 @@ from fedpref.protocol.messages import (
     RoundConfig,
     TrainReply,
     arrays_to_record,
-    l2_norm,
     record_to_arrays,
     train_request,
 )
 from fedpref.server.config import FederationConfig, LocalConfig
 from fedpref.server.privacy import UserLevelBudget
+from fedpref.server.release import RoundGenerators, release
 from fedpref.server.validation import Expected, RejectedUpdate, validate_reply
 
 log = logging.getLogger("fedpref.server")
@@ -59,7 +61,7 @@ class RoundRecord:
     bytes_up_per_client: int = 0
     policy_version: int = 0  # the safety policy in force this round (0 = none)
     policy_sent: int = 0  # nodes the envelope was sent to this round
-    metrics: dict[str, float] = field(default_factory=dict)  # weighted means of client metrics
+    metrics: dict[str, float] = field(default_factory=dict)  # unweighted means of the devices' bounded metrics (when sent)
     epsilon_sample_max: float = 0.0
     seconds: float = 0.0
 
@@ -77,7 +79,7 @@ class FedPrefStrategy(FedAvg):
         budget: UserLevelBudget,
         train_shared: bool = True,
         train_private: bool = True,
-        rng: np.random.Generator,
+        generators: RoundGenerators,
         clock: Callable[[], float] = time.time,
         on_round: Callable[[RoundRecord, dict[str, np.ndarray]], None] | None = None,
         policy: Callable[[], tuple[int, str, bytes | None]] | None = None,
@@ -91,7 +93,8 @@ class FedPrefStrategy(FedAvg):
         self.backbone_sha256 = backbone_sha256
         self.budget = budget
         self.train_shared, self.train_private = train_shared, train_private
-        self.rng = rng
+        self.generators = generators
+        self.rng: np.random.Generator | None = None  # the current round's, from generators(round)
         self.clock = clock
         self.on_round = on_round
         self.policy = policy or (lambda: (0, "", None))
@@ -119,10 +122,6 @@ class FedPrefStrategy(FedAvg):
         return make_round_config(self.fed, self.local, server_round=server_round, train_shared=self.train_shared,
                                  train_private=self.train_private, policy_version=version)
 
-    def expected_cohort(self) -> float:
-        """E[m] = q·N, the fixed denominator that bounds one user's influence by C/E[m]."""
-        return max(self.fed.client_sample_rate * self._population, 1e-12)
-
     def budget_allows(self, server_round: int) -> bool:
         """Whether round ``server_round`` fits the ε_user budget; if not, records why it stops.
 
@@ -147,7 +146,7 @@ class FedPrefStrategy(FedAvg):
         self._global = record_to_arrays(arrays)
         node_ids = self._wait_for_nodes(grid)
         self._population = len(node_ids)
-        picked = poisson_sample(node_ids, self.fed.client_sample_rate, self.rng)
+        picked = poisson_sample(node_ids, self.fed.client_sample_rate, self.round_rng(server_round))
         self._sampled = len(picked)
         version, _, envelope = self.policy()
         cfg = self.round_config(server_round)
@@ -165,6 +164,11 @@ class FedPrefStrategy(FedAvg):
         log.info("round %d: sampled %d of %d nodes (Poisson q=%.3f); policy v%d sent to %d",
                  server_round, len(picked), len(node_ids), self.fed.client_sample_rate, version, self._policy_sent)
         return messages
+
+    def round_rng(self, server_round: int) -> np.random.Generator:
+        """A new DP generator for the round (sampling and noise draw from it)."""
+        self.rng = self.generators(server_round)
+        return self.rng
 
     def _wait_for_nodes(self, grid: Grid) -> list[int]:
         deadline = self.clock() + self.fed.round_timeout_s
@@ -187,55 +191,52 @@ class FedPrefStrategy(FedAvg):
         )
         rec = RoundRecord(server_round=server_round, population=self._population, sampled=self._sampled, replied=0, accepted=0)
         total = {k: np.zeros(s, dtype=np.float64) for k, s in self.shapes.items()}
-        metrics: list[tuple[int, dict[str, float]]] = []
+        metrics: list[dict[str, float]] = []
         up_bytes: list[int] = []
         for msg in replies:
             node = str(msg.metadata.src_node_id)
             if msg.has_error():
-                rec.declined.append({"node": node, "reason": msg.error.reason})
+                rec.declined.append({"node": node, "reason": _short(msg.error.reason)})
                 log.warning("round %d: node %s declined: %s", server_round, node, msg.error.reason)
                 continue
             rec.replied += 1
             try:
                 reply = TrainReply.from_content(msg.content)
-                self.node_policy[msg.metadata.src_node_id] = reply.attestation.policy_version
                 delta = validate_reply(reply, exp)
-            except (RejectedUpdate, DataError) as e:
-                rec.rejected.append({"node": node, "reason": str(e)})
-                log.warning("round %d: rejected update from node %s: %s", server_round, node, e)
+                m = reply.metrics.as_dict() if reply.metrics is not None else {}
+            except Exception as e:  # noqa: BLE001 - whatever one reply does, it is that reply's rejection
+                reason = str(e) if isinstance(e, (RejectedUpdate, DataError)) else f"malformed reply ({type(e).__name__}: {e})"
+                rec.rejected.append({"node": node, "reason": _short(reason)})
+                log.warning("round %d: rejected update from node %s: %s", server_round, node, reason)
                 continue
+            # only an accepted reply changes server state
+            self.node_policy[msg.metadata.src_node_id] = reply.attestation.policy_version
             for k, v in delta.items():
                 total[k] += v
             rec.accepted += 1
             up_bytes.append(reply.delta.count_bytes())
-            m = dict(msg.content.metric_records.get("metrics", {}))
-            metrics.append((int(m.get("num-examples", 1)), {k: float(v) for k, v in m.items() if isinstance(v, (int, float))}))
+            if m:
+                metrics.append(m)
 
-        denom = self.expected_cohort()
-        std = self.fed.server_noise_multiplier * self.fed.clip_norm / denom
-        noisy = {k: v / denom + self.rng.normal(0.0, std, size=v.shape) for k, v in total.items()}
-        # Charge the ledger BEFORE the new weights exist anywhere outside this function.
-        entry = self.budget.charge(
-            round=server_round, sample_rate=self.fed.client_sample_rate,
-            noise_multiplier=self.fed.server_noise_multiplier, clip_norm=self.fed.clip_norm,
-            participants=rec.accepted, now=self.clock(),
-        )
-        lr = self.fed.server_learning_rate
-        new = {k: (self._global[k].astype(np.float64) + lr * noisy[k]).astype(np.float32) for k in self.shapes}
-        rec.epsilon_user = entry.epsilon
-        rec.noise_std = std
-        rec.update_norm = l2_norm(noisy)
+        rng = self.rng if self.rng is not None else self.round_rng(server_round)
+        self.rng = None  # a round's generator serves that round only
+        out = release(total, global_arrays=self._global, fed=self.fed, population=self._population,
+                      participants=rec.accepted, server_round=server_round, budget=self.budget,
+                      rng=rng, now=self.clock())
+        rec.epsilon_user = out.epsilon_user
+        rec.noise_std = out.noise_std
+        rec.update_norm = out.update_norm
         rec.bytes_down_per_client = self._bytes_down
         rec.policy_version, rec.policy_sent = version, self._policy_sent
         rec.bytes_up_per_client = int(np.mean(up_bytes)) if up_bytes else 0
-        rec.metrics = _weighted_means(metrics)
-        rec.epsilon_sample_max = max((m.get("epsilon_sample", 0.0) for _, m in metrics), default=0.0)
+        rec.metrics = _means(metrics)
+        rec.epsilon_sample_max = max((m.get("epsilon_sample", 0.0) for m in metrics), default=0.0)
         rec.seconds = self.clock() - self._t0
         self.history.append(rec)
         if self.on_round is not None:
-            self.on_round(rec, new)
-        out = MetricRecord({"epsilon_user": rec.epsilon_user, "accepted": rec.accepted, "rejected": len(rec.rejected)})
-        return arrays_to_record(new), out
+            self.on_round(rec, out.arrays)
+        summary = MetricRecord({"epsilon_user": rec.epsilon_user, "accepted": rec.accepted, "rejected": len(rec.rejected)})
+        return arrays_to_record(out.arrays), summary
 
 
 def make_round_config(
@@ -250,7 +251,7 @@ def make_round_config(
         dp_noise_multiplier=local.dp_noise_multiplier, dp_max_grad_norm=local.dp_max_grad_norm,
         delta=fed.delta, max_epsilon_sample=local.max_epsilon_sample,
         train_shared=train_shared, train_private=train_private, policy_version=policy_version,
-        report_eval=fed.report_eval_metrics,
+        report_metrics=fed.report_eval_metrics,
     )
 
 
@@ -260,17 +261,16 @@ def poisson_sample(node_ids: list[int], q: float, rng: np.random.Generator) -> l
     return [n for n, k in zip(node_ids, keep) if k]
 
 
-def _weighted_means(items: list[tuple[int, dict[str, float]]]) -> dict[str, float]:
-    if not items:
-        return {}
-    keys = set().union(*(m.keys() for _, m in items)) - {"num-examples"}
-    out = {}
-    for k in sorted(keys):
-        pairs = [(w, m[k]) for w, m in items if k in m and math.isfinite(m[k])]
-        tot = sum(w for w, _ in pairs)
-        if tot:
-            out[k] = sum(w * v for w, v in pairs) / tot
-    return out
+def _means(items: list[dict[str, float]]) -> dict[str, float]:
+    """Unweighted means: no device's claim about its own data size weighs on what is reported."""
+    keys = sorted(set().union(*items)) if items else []
+    return {k: float(np.mean([m[k] for m in items if k in m])) for k in keys}
+
+
+def _short(reason: str, limit: int = 300) -> str:
+    """An error reason for the round record: a remote traceback keeps only its end."""
+    reason = reason.strip()
+    return reason if len(reason) <= limit else "…" + reason[-limit:]
 
 
 __all__ = ["FedPrefStrategy", "RoundRecord", "K_SHARED", "make_round_config", "poisson_sample"]

@@ -19,11 +19,13 @@ from pathlib import Path
 from flwr.simulation.run_simulation import _run_simulation
 from flwr.supercore.telemetry import EventType
 
-from fedpref.client.app import make_client_app
-from fedpref.protocol.errors import SimulationRuntimeError
+from fedpref.client.app import SimulatedDevices, make_client_app
+from fedpref.client.terms import DeviceTerms
+from fedpref.protocol.errors import ConfigError, SimulationRuntimeError
+from fedpref.protocol.netaddr import FLOWER_QUIET, TELEMETRY_SOURCE_PIN
 from fedpref.protocol.runconfig import Method
 from fedpref.server.app import make_server_app
-from fedpref.simulations.config import RuntimeConfig
+from fedpref.simulations.config import RuntimeConfig, SimConfig
 
 
 RAY_START_ATTEMPTS = 3
@@ -70,6 +72,30 @@ def start_ray(init_args: dict, *, attempts: int = RAY_START_ATTEMPTS, backoff_s:
     ) from last
 
 
+def device_terms(cfg: SimConfig) -> DeviceTerms:
+    """The simulated devices' own terms: the researcher's [local] settings as each device's floor
+    (so every round at those settings is accepted) and metrics shared for the report's plots."""
+    try:
+        return DeviceTerms(min_noise_multiplier=cfg.local.dp_noise_multiplier, max_grad_norm=cfg.local.dp_max_grad_norm,
+                           max_epsilon_sample=cfg.local.max_epsilon_sample, delta=cfg.federation.delta,
+                           share_metrics=True)
+    except ConfigError as e:
+        raise ConfigError(f"[local] as the simulated devices' terms: {e}; devices never train without DP-SGD "
+                          "noise, so local.dp_noise_multiplier must be > 0") from None
+
+
+def quiet_flower() -> None:
+    """A simulation sends nothing to Flower's telemetry service and writes no per-machine id:
+    the environment (inherited by Ray's workers) turns telemetry and the update check off, and
+    this process's Flower, which read its switch at import, is told the same."""
+    from flwr.supercore import telemetry as flwr_telemetry
+
+    os.environ.update(FLOWER_QUIET)
+    flwr_telemetry.FLWR_TELEMETRY_ENABLED = "0"
+    with flwr_telemetry.state_lock:  # create_event reads (and writes) ~/.flwr/source even when off
+        flwr_telemetry.state["source"] = TELEMETRY_SOURCE_PIN.strip()
+
+
 def run_on_simulation_engine(
     *,
     method: Method,
@@ -81,20 +107,26 @@ def run_on_simulation_engine(
     runtime: RuntimeConfig,
     policy: Path | None = None,
     root: Path | None = None,
-    tamper_safety: tuple[str, ...] = (),
+    devices: SimulatedDevices | None = None,
     attribute_basis: str = "",
     verbose: bool = False,
 ) -> None:
     """One federated run (``aggregated`` or ``personalized``): each user is one virtual node.
 
     With ``policy`` (a signed envelope) and ``root`` the server distributes the policy and
-    every device verifies it against ``root``; ``tamper_safety`` names users whose devices
-    perturb their safety weights (the tampered-client experiment).
+    every device verifies it against ``root``. ``devices`` holds the simulated devices' terms
+    and attack experiments (``tamper_safety``: users whose devices perturb their safety
+    weights), passed in Python, never through the run config; by default, every device's
+    terms are the config file's [local] settings (:func:`device_terms`).
     """
+    if devices is None:
+        from fedpref.simulations.config import load_sim_config
+
+        devices = SimulatedDevices(terms=device_terms(load_sim_config(config_file)))
     settings = {
         "config": str(config_file), "data": str(data), "workdir": str(workdir),
         "method": method.value, "cache": str(cache or ""), "seed": runtime.seed,
-        "policy": str(policy or ""), "root": str(root or ""), "tamper-safety": ",".join(tamper_safety),
+        "policy": str(policy or ""), "root": str(root or ""),
         "secure-aggregation": runtime.secure_aggregation,
         "deterministic-noise": runtime.deterministic_noise,
         "attribute-basis": attribute_basis,
@@ -107,12 +139,13 @@ def run_on_simulation_engine(
         "init_args": init_args,
     }
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    quiet_flower()
     logging.getLogger("flwr").setLevel(logging.INFO if verbose else logging.WARNING)
     start_ray(init_args)
     _run_simulation(
         num_supernodes=num_users,
         exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
-        client_app=make_client_app(settings),
+        client_app=make_client_app(settings, devices=devices),
         server_app=make_server_app(settings),
         backend_name="ray",
         backend_config=backend_config,

@@ -138,7 +138,7 @@ def test_server_rejects_a_device_with_another_basis(with_basis, tmp_path):
     shapes = {"score.modules_to_save.shared.bias": (1,)}
     exp = Expected(shapes=shapes, dtype="float32", clip_norm=1.0, server_round=1, backbone_sha256=server,
                    policy_version=0, safety_digest="")
-    m = TrainMetrics(num_examples=5, train_loss=0.5, train_accuracy=0.5, epsilon_sample=1.0, delta_norm=0.1, steps=1, seconds=0.1)
+    m = TrainMetrics(train_loss=0.5, train_accuracy=0.5, epsilon_sample=1.0, delta_norm=0.1, steps=1, seconds=0.1)
     att = Attestation(protocol_version=PROTOCOL_VERSION, server_round=1, backbone_sha256=backbone.sha256,  # no basis
                       policy_version=0, safety_digest="")
     reply = TrainReply.from_content(train_reply({k: np.zeros(s, np.float32) for k, s in shapes.items()}, m, att))

@@ -282,7 +282,7 @@ def test_deployment_end_to_end(deployment) -> None:  # noqa: ANN001, PLR0915
     # --- a tampered envelope: the devices refuse it and keep v2 -------------------------------------
     cli("fedpref-server", "stop", "--home", srv)
     bad = d.base / "policy-v2-tampered.dsse.json"
-    from fedpref.server.app import tampered_envelope
+    from fedpref.simulations.attacks import tampered_envelope
 
     bad.write_bytes(tampered_envelope((d.base / "policy-v2.dsse.json").read_bytes()))
     refused = cli("fedpref-server", "start", "--home", srv, "--policy", bad, "--detach", check=None)
@@ -290,7 +290,7 @@ def test_deployment_end_to_end(deployment) -> None:  # noqa: ANN001, PLR0915
     assert not server_status(srv)["running"]
     # a compromised distribution path: the server sends a corrupted envelope (attack experiment)
     subprocess.run([sys.executable, "-c", "from fedpref.server import deploy; deploy.start(deploy.ServerHome.load("
-                    f"{str(srv)!r}), rounds=1, policy=None, extra_run_config={{'tamper-envelope': True}})"],
+                    f"{str(srv)!r}), rounds=1, policy=None, serverapp='fedpref.simulations.attacks:tampering_server_app')"],
                    check=True, env=ENV, capture_output=True, timeout=120)
     st = wait_for(lambda: run_finished(srv, 4), "round 4 with a tampered envelope", d.procs)
     last = st["last_round"]

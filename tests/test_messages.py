@@ -44,7 +44,7 @@ def test_train_request_roundtrip_with_and_without_envelope():
 
 def test_train_reply_roundtrip():
     delta = {"x": np.full((3,), 0.25, np.float32)}
-    metrics = TrainMetrics(num_examples=10, train_loss=0.6, train_accuracy=0.7, epsilon_sample=1.5,
+    metrics = TrainMetrics(train_loss=0.6, train_accuracy=0.7, epsilon_sample=1.5,
                            delta_norm=0.4, steps=5, seconds=0.1)
     att = Attestation(protocol_version=1, server_round=3, backbone_sha256="ab" * 32, policy_version=2, safety_digest="cd" * 32)
     reply = TrainReply.from_content(train_reply(delta, metrics, att))

@@ -12,6 +12,7 @@ import torch
 from flwr.app import Message, RecordDict
 
 from fedpref.client.data import PreferencePair, Split, UserData
+from fedpref.client.terms import DeviceTerms
 from fedpref.client.device import DeviceState, PolicyRefused, enforce_policy, get_runtime, train_round
 from fedpref.client.trainer import trainable_groups
 from fedpref.model.backbone import embed_texts, load_backbone
@@ -44,6 +45,7 @@ from fedpref.safety_policy.ranking import BoundedRanker, order_bounded
 from fedpref.server.app import load_server_policy
 from fedpref.server.config import FederationConfig, LocalConfig
 from fedpref.server.privacy import AccountantKind, PrivacyLedger, UserLevelBudget
+from fedpref.server.release import seeded_generators
 from fedpref.server.strategy import FedPrefStrategy
 
 # --- the labelled corpus -----------------------------------------------------------------
@@ -179,6 +181,9 @@ def test_ranker_flags_unsafe_texts_whatever_the_personal_score(kit_model, policy
 # --- the device in a round ---------------------------------------------------------------
 
 
+TERMS = DeviceTerms(min_noise_multiplier=0.8)  # the requests below ask σ = 0.8
+
+
 def _user(policy_kit) -> UserData:
     rows = [json.loads(line) for line in policy_kit.corpus.read_text().splitlines()]
     safe = [r["text"] for r in rows if r["category"] == "safe"]
@@ -210,12 +215,12 @@ def test_device_installs_verifies_trains_and_attests_the_digest(device, policy_k
     expected = load_server_policy(policy_kit.dir / "policy-v1.dsse.json", policy_kit.root_path,
                                   backbone_sha256=rt.backbone.sha256)
     content = train_round(rt, user, state, _request(rt, version=1, envelope=policy_kit.envelopes[1]), cache=cache,
-                          trust_root=policy_kit.root)
+                          trust_root=policy_kit.root, terms=TERMS)
     att = TrainReply.from_content(content).attestation
     assert att.policy_version == 1 and att.safety_digest == expected.digest
     assert state.policy_store().version == 1
     # next round: no envelope (the server knows the device holds v1), same attestation
-    content = train_round(rt, user, state, _request(rt, version=1, envelope=None, rnd=2), cache=cache, trust_root=policy_kit.root)
+    content = train_round(rt, user, state, _request(rt, version=1, envelope=None, rnd=2), cache=cache, trust_root=policy_kit.root, terms=TERMS)
     assert TrainReply.from_content(content).attestation.safety_digest == expected.digest
     assert attached(rt.model).digest() == expected.digest  # unchanged by two rounds of DP-SGD
 
@@ -227,7 +232,7 @@ def test_device_refuses_a_tampered_envelope_and_keeps_the_old_policy(device, pol
     i = bad.index(b'"payload":"') + 40
     bad[i] = ord("A") if bad[i] != ord("A") else ord("B")
     with pytest.raises(PolicyRefused, match="previous policy stays in force"):
-        train_round(rt, user, state, _request(rt, version=2, envelope=bytes(bad)), cache=cache, trust_root=policy_kit.root)
+        train_round(rt, user, state, _request(rt, version=2, envelope=bytes(bad)), cache=cache, trust_root=policy_kit.root, terms=TERMS)
     assert state.policy_store().version == 1
     assert not (state.root / "adapters" / PRIVATE_ADAPTER).exists()  # refused before any training
 
@@ -265,7 +270,7 @@ def test_device_follows_a_key_rotation_sent_with_the_envelope(device, policy_kit
 def test_device_refuses_when_the_required_version_never_arrived(device, policy_kit):
     rt, user, cache, state = device
     with pytest.raises(PolicyRefused, match="enforces policy v1, this device has v0"):
-        train_round(rt, user, state, _request(rt, version=1, envelope=None), cache=cache, trust_root=policy_kit.root)
+        train_round(rt, user, state, _request(rt, version=1, envelope=None), cache=cache, trust_root=policy_kit.root, terms=TERMS)
 
 
 def test_device_refuses_an_expired_policy(device, policy_kit):
@@ -299,7 +304,7 @@ def _strategy(tmp_path, policy, seed=0):
     budget = UserLevelBudget(max_epsilon=float("inf"), delta=1e-5, accountant=AccountantKind.RDP,
                              ledger=PrivacyLedger(tmp_path / f"ledger-{seed}-{id(policy)}.jsonl"))
     s = FedPrefStrategy(fed=fed, local=LocalConfig(), shapes={KEY: (4,)}, backbone_sha256=SHA, budget=budget,
-                        rng=np.random.default_rng(seed), policy=lambda: policy)
+                        generators=seeded_generators(seed), policy=lambda: policy)
     s._global = {KEY: np.zeros(4, np.float32)}
     s._population = 3
     return s
@@ -307,7 +312,7 @@ def _strategy(tmp_path, policy, seed=0):
 
 def _reply(node, delta, *, digest, version=1):
     ins = Message(content=RecordDict(), dst_node_id=node, message_type="train")
-    m = TrainMetrics(num_examples=10, train_loss=0.5, train_accuracy=0.5, epsilon_sample=1.0, delta_norm=0.1, steps=1, seconds=0.1)
+    m = TrainMetrics(train_loss=0.5, train_accuracy=0.5, epsilon_sample=1.0, delta_norm=0.1, steps=1, seconds=0.1)
     att = Attestation(protocol_version=PROTOCOL_VERSION, server_round=1, backbone_sha256=SHA, policy_version=version, safety_digest=digest)
     return Message(content=train_reply({KEY: np.asarray(delta, np.float32)}, m, att), reply_to=ins)
 

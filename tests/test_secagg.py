@@ -102,7 +102,9 @@ def secagg_run(tiny_encoder_dir, tmp_path_factory):
     from fedpref.client.secagg import make_secagg_client_app
     from fedpref.server import secagg as server_secagg
     from fedpref.server.secagg import make_secagg_server_app
-    from fedpref.simulations.engine import start_ray
+    from fedpref.client.app import SimulatedDevices
+    from fedpref.simulations.config import load_sim_config
+    from fedpref.simulations.engine import device_terms, start_ray
     from fedpref.simulations.persona import PersonaConfig, generate
 
     out = tmp_path_factory.mktemp("secagg")
@@ -153,7 +155,8 @@ def secagg_run(tiny_encoder_dir, tmp_path_factory):
         _run_simulation(
             num_supernodes=USERS,
             exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
-            client_app=make_secagg_client_app(settings, outer_mods=[outer], inner_mods=[inner]),
+            client_app=make_secagg_client_app(settings, devices=SimulatedDevices(terms=device_terms(load_sim_config(cfg))),
+                                              outer_mods=[outer], inner_mods=[inner]),
             server_app=make_secagg_server_app(settings),
             backend_name="ray",
             backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
@@ -290,6 +293,7 @@ def _strategy(tmp_path, *, q=1.0, max_epsilon=float("inf")):
     from fedpref.server.config import FederationConfig, LocalConfig
     from fedpref.server.privacy import AccountantKind, PrivacyLedger, UserLevelBudget
     from fedpref.server.secagg import SecAggConfig, SecureFedPrefStrategy
+    from fedpref.server.release import seeded_generators
     from fedpref.server.strategy import FedPrefStrategy
 
     fed = FederationConfig(rounds=3, client_sample_rate=q, min_available_clients=N_NODES, clip_norm=1.0,
@@ -297,7 +301,7 @@ def _strategy(tmp_path, *, q=1.0, max_epsilon=float("inf")):
     budget = UserLevelBudget(max_epsilon=max_epsilon, delta=1e-5, accountant=AccountantKind.RDP,
                              ledger=PrivacyLedger(tmp_path / "ledger.jsonl"))
     core = FedPrefStrategy(fed=fed, local=LocalConfig(), shapes=SHAPES, backbone_sha256="b" * 64, budget=budget,
-                           rng=np.random.default_rng(0), clock=lambda: 0.0)
+                           generators=seeded_generators(0), clock=lambda: 0.0)
     initial = {k: np.zeros(s, np.float32) for k, s in SHAPES.items()}
     strategy = SecureFedPrefStrategy(core, secagg=SecAggConfig(min_cohort=3), initial=initial)
     manager = SimpleClientManager()

@@ -8,6 +8,7 @@ from flwr.app import Error, Message, RecordDict
 from fedpref.protocol.messages import PROTOCOL_VERSION, Attestation, TrainMetrics, train_reply
 from fedpref.server.config import FederationConfig, LocalConfig
 from fedpref.server.privacy import AccountantKind, PrivacyLedger, UserLevelBudget
+from fedpref.server.release import seeded_generators
 from fedpref.server.strategy import FedPrefStrategy, poisson_sample
 
 SHA = "ab" * 32
@@ -18,7 +19,7 @@ def _strategy(tmp_path, *, n_coords=4, z=0.0, q=0.5, population=10, on_round=Non
     budget = UserLevelBudget(max_epsilon=float("inf"), delta=1e-5, accountant=AccountantKind.RDP,
                              ledger=PrivacyLedger(tmp_path / "ledger.jsonl"))
     s = FedPrefStrategy(fed=fed, local=LocalConfig(), shapes={"w.lora_A.shared.weight": (n_coords,)},
-                        backbone_sha256=SHA, budget=budget, rng=np.random.default_rng(0), on_round=on_round)
+                        backbone_sha256=SHA, budget=budget, generators=seeded_generators(0), on_round=on_round)
     s._global = {"w.lora_A.shared.weight": np.zeros(n_coords, np.float32)}
     s._population = population
     return s
@@ -26,7 +27,7 @@ def _strategy(tmp_path, *, n_coords=4, z=0.0, q=0.5, population=10, on_round=Non
 
 def _reply_to(node, delta, *, rnd=1, sha=SHA):
     ins = Message(content=RecordDict(), dst_node_id=node, message_type="train")
-    m = TrainMetrics(num_examples=10, train_loss=0.5, train_accuracy=0.5, epsilon_sample=float(node), delta_norm=0.1, steps=1, seconds=0.1)
+    m = TrainMetrics(train_loss=0.5, train_accuracy=0.5, epsilon_sample=float(node), delta_norm=0.1, steps=1, seconds=0.1)
     att = Attestation(protocol_version=PROTOCOL_VERSION, server_round=rnd, backbone_sha256=sha, policy_version=0, safety_digest="")
     return Message(content=train_reply({"w.lora_A.shared.weight": np.asarray(delta, np.float32)}, m, att), reply_to=ins)
 
@@ -95,7 +96,7 @@ def test_budget_stops_before_the_round_that_would_exceed(tmp_path):
     budget = UserLevelBudget(max_epsilon=cap, delta=1e-5, accountant=AccountantKind.RDP,
                              ledger=PrivacyLedger(tmp_path / "ledger.jsonl"))
     s = FedPrefStrategy(fed=fed, local=LocalConfig(), shapes={"w.lora_A.shared.weight": (2,)}, backbone_sha256=SHA,
-                        budget=budget, rng=np.random.default_rng(0))
+                        budget=budget, generators=seeded_generators(0))
     for rnd in (1, 2):
         assert s.budget_allows(rnd)
         budget.charge(round=rnd, sample_rate=0.5, noise_multiplier=1.0, clip_norm=1.0, participants=1, now=0.0)
