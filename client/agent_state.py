@@ -51,7 +51,10 @@ class EncryptedDeviceState(DeviceState):
     def accountant(self) -> SampleLevelAccountant:
         where = self.store.root / "vault" / f"{ACCOUNTANT_BLOB}.enc"
         blob = self.store.unseal(ACCOUNTANT_BLOB)
-        return SampleLevelAccountant(where) if blob is None else SampleLevelAccountant.from_bytes(blob, where)
+        if blob is None:
+            self.refuse_lost_accountant(has_private=self.store.unseal(PRIVATE_BLOB) is not None, where=where)
+            return SampleLevelAccountant(where)
+        return SampleLevelAccountant.from_bytes(blob, where)
 
     def save_accountant(self, acct: SampleLevelAccountant) -> None:
         self.store.seal(ACCOUNTANT_BLOB, acct.to_bytes())

@@ -36,6 +36,8 @@ log = logging.getLogger("fedpref.client")
 
 DECLINED_CODE = 4100  # Flower error code for a round the device declines on purpose
 POLICY_REFUSED_CODE = 4101  # the safety policy sent (or required) did not verify: no training
+DEVICE_ERROR_CODE = 4102  # anything else went wrong on the device (details only in its own log)
+DEVICE_ERROR_REASON = "device error: the round failed on the device; its own log has the details"
 
 
 @functools.lru_cache(maxsize=4)
@@ -187,7 +189,16 @@ def handle_train(msg: Message, context: Context, run_config: dict,
         content = train_for_node(run, context, parse_request(msg.content), devices)
     except DeclinedRound as e:
         return declined_reply(msg, e)
+    except Exception:  # noqa: BLE001 - its text could carry paths or data: the device's log keeps it
+        return failed_reply(msg)
     return Message(content=content, reply_to=msg)
+
+
+def failed_reply(msg: Message) -> Message:
+    """Any other failure: logged here in full, and a constant reason to the server (Flower would
+    otherwise send the exception's text, which can name local paths or values)."""
+    log.exception("round failed on this device")
+    return Message(Error(code=DEVICE_ERROR_CODE, reason=DEVICE_ERROR_REASON), reply_to=msg)
 
 
 def declined_reply(msg: Message, e: DeclinedRound) -> Message:

@@ -8,10 +8,13 @@ lives on disk in :class:`DeviceState`, keyed by the user or node, never in Flowe
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import hashlib
 import logging
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -122,7 +125,29 @@ class DeviceState:
         return self.root / "policy"
 
     def accountant(self) -> SampleLevelAccountant:
+        if not self.accountant_path.exists():
+            self.refuse_lost_accountant(has_private=adapter_exists(self.private_dir), where=self.accountant_path)
         return SampleLevelAccountant.load(self.accountant_path)
+
+    @staticmethod
+    def refuse_lost_accountant(*, has_private: bool, where: Path) -> None:
+        """A trained private adapter without its accountant means spent privacy would be forgotten:
+        fail closed instead of starting a fresh history."""
+        if has_private:
+            raise IntegrityError(f"{where}: the private adapter exists but its DP accountant does not; restore the "
+                                 "accountant from a backup, or `fedpref-agent forget` to start afresh")
+
+    @contextlib.contextmanager
+    def accountant_lock(self) -> Iterator[None]:
+        """Exclusive across processes (Flower may run two rounds of two runs at once): the
+        accountant's load → budget check → charge → save is one step, so no charge is lost."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / "accountant.lock", "a") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
 
     def policy_store(self) -> PolicyStore:
         return PolicyStore(self.policy_dir)
@@ -268,6 +293,7 @@ def train_round(
     policy = enforce_policy(rt, state, required_version=cfg.policy_version, envelope=req.envelope,
                             trust_root=trust_root, now=now, tamper=tamper_safety, roots=req.roots)
     terms.check(cfg)
+    check_global(rt, req.shared)
     local = LocalTrainConfig(
         epochs=cfg.local_epochs, batch_size=cfg.batch_size, learning_rate=cfg.learning_rate,
         head_learning_rate=cfg.head_learning_rate, projection_learning_rate=cfg.projection_learning_rate,
@@ -275,7 +301,6 @@ def train_round(
         seed=batch_seed, noise_seed=noise_seed,
     )
     n = len(user.train)
-    acct = state.accountant()
     if SHARED_ADAPTER in rt.adapters:
         set_arrays(rt.model, Group.SHARED, req.shared)
     if PRIVATE_ADAPTER in rt.adapters:
@@ -285,13 +310,15 @@ def train_round(
         pair_accuracy(rt.model, cache, [p.chosen for p in user.test], [p.rejected for p in user.test])
         if share and user.test else None
     )
-    charged = charge_before_training(state, acct, local, n, max_epsilon=terms.budget(cfg), delta=terms.delta)
+    acct, charged = charge_before_training(state, local, n, max_epsilon=terms.budget(cfg), delta=terms.delta)
     result = train_pairs(rt.model, cache, [p.chosen for p in user.train], [p.rejected for p in user.train], local,
                          frozen_snapshot=rt.snapshot)
     if result.steps > charged:
         raise IntegrityError(f"DP-SGD took {result.steps} steps but {charged} were charged; not replying")
     new_shared = get_arrays(rt.model, Group.SHARED)
     delta, raw_norm = clip({k: new_shared[k] - req.shared[k] for k in req.shared}, cfg.clip_norm)
+    if not all(np.isfinite(v).all() for v in delta.values()):  # which values, and why, could depend on the data
+        raise DeclinedRound("training produced non-finite values; nothing is sent")
     if PRIVATE_ADAPTER in rt.adapters:
         state.save_private(rt, metadata={"round": str(cfg.server_round)})
     module = attached(rt.model)
@@ -310,23 +337,43 @@ def train_round(
     return train_reply(delta, metrics, att)
 
 
-def charge_before_training(state: DeviceState, acct: SampleLevelAccountant, local: LocalTrainConfig, n: int, *,
-                           max_epsilon: float, delta: float) -> int:
-    """Decline if ``local`` on ``n`` pairs would exceed ``max_epsilon`` at ``delta``; else record
-    its steps in ``acct`` and save it (atomically, fsynced) *before* any training. Returns the
-    steps charged. A non-DP ``local`` (σ = 0: audits and baselines) charges nothing."""
-    if not local.dp:
-        return local.steps(n)
-    steps, q = local.steps(n), local.sample_rate(n)
-    if math.isfinite(max_epsilon):
-        exceeds, eps_after = acct.would_exceed(max_epsilon=max_epsilon, delta=delta,
-                                               noise_multiplier=local.noise_multiplier, sample_rate=q, steps=steps)
-        if exceeds:
-            raise DeclinedRound(f"device budget: this round would bring ε_sample to {eps_after:.3f} > "
-                                f"max_epsilon_sample {max_epsilon:g} (δ={delta:g}); declining")
-    acct.record(noise_multiplier=local.noise_multiplier, sample_rate=q, steps=steps)
-    state.save_accountant(acct)
-    return steps
+MAX_ABS_WEIGHT = 1e4  # a global shared weight beyond this is no model a device trains from
+
+
+def check_global(rt: Runtime, shared: dict[str, np.ndarray]) -> None:
+    """The global shared weights a round brought: exactly the model's shared parameters, float32,
+    finite and bounded (overflowing weights would make the per-sample gradients, and so what
+    the delta reveals, depend on the data outside the DP noise)."""
+    want = {n: tuple(p.shape) for n, p in rt.model.named_parameters() if group_of(n) is Group.SHARED}
+    if set(shared) != set(want):
+        raise DeclinedRound("malformed round request: the global weights are not this model's shared parameters")
+    for k, v in shared.items():
+        if v.dtype != np.float32 or tuple(v.shape) != want[k] or not np.isfinite(v).all() or (
+                v.size and float(np.abs(v).max()) > MAX_ABS_WEIGHT):
+            raise DeclinedRound(f"malformed round request: global weight {k} is not a finite float32 array of "
+                                f"shape {want[k]} within ±{MAX_ABS_WEIGHT:g}")
+
+
+def charge_before_training(state: DeviceState, local: LocalTrainConfig, n: int, *,
+                           max_epsilon: float, delta: float) -> tuple[SampleLevelAccountant, int]:
+    """Under the accountant's lock: decline if ``local`` on ``n`` pairs would exceed
+    ``max_epsilon`` at ``delta``; else record its steps and save the accountant (atomically,
+    fsynced) *before* any training. Returns the accountant and the steps charged. A non-DP
+    ``local`` (σ = 0: audits and baselines) charges nothing."""
+    with state.accountant_lock():
+        acct = state.accountant()
+        if not local.dp:
+            return acct, local.steps(n)
+        steps, q = local.steps(n), local.sample_rate(n)
+        if math.isfinite(max_epsilon):
+            exceeds, eps_after = acct.would_exceed(max_epsilon=max_epsilon, delta=delta,
+                                                   noise_multiplier=local.noise_multiplier, sample_rate=q, steps=steps)
+            if exceeds:  # ε_after depends on the data size: it stays in the device's log
+                log.info("declining: this round would bring ε_sample to %.3f > %g (δ=%g)", eps_after, max_epsilon, delta)
+                raise DeclinedRound("device budget: this round would exceed the device's ε_sample budget")
+        acct.record(noise_multiplier=local.noise_multiplier, sample_rate=q, steps=steps)
+        state.save_accountant(acct)
+    return acct, steps
 
 
 def train_private_locally(
@@ -353,8 +400,7 @@ def train_private_locally(
         set_arrays(rt.model, Group.SHARED, shared)
         shared_params = [p for n, p in rt.model.named_parameters() if p.requires_grad and f".{SHARED_ADAPTER}." in n]
     state.load_private(rt)
-    acct = state.accountant()
-    charge_before_training(state, acct, cfg, len(user.train), max_epsilon=math.inf, delta=delta)
+    acct, _ = charge_before_training(state, cfg, len(user.train), max_epsilon=math.inf, delta=delta)
     for p in shared_params:
         p.requires_grad_(False)
     try:

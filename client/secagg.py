@@ -21,15 +21,19 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import cast
 
 import numpy as np
-from flwr.app import Context, Message
+
+from flwr.app import ConfigRecord, Context, Message, MessageType
 from flwr.client import NumPyClient
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable, Mod
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Stage
+from flwr.common.secure_aggregation.secaggplus_constants import Key as SAKey
 
-from fedpref.client.app import SimulatedDevices, declined_reply, train_for_node
+from fedpref.client.app import SimulatedDevices, declined_reply, failed_reply, train_for_node
 from fedpref.protocol.errors import DataError, DeclinedRound, FedPrefError
 from fedpref.protocol.messages import NORM_TOLERANCE, TrainReply, TrainRequest, l2_norm, record_to_arrays
 from fedpref.protocol.runconfig import from_run_config
@@ -82,6 +86,44 @@ def declines_as_errors(msg: Message, context: Context, call_next: ClientAppCalla
         return call_next(msg, context)
     except DeclinedRound as e:
         return declined_reply(msg, e)
+    except Exception:  # noqa: BLE001 - never the exception's text to the server
+        return failed_reply(msg)
+
+
+GUARD_STATE = "fedpref.secagg-guard"  # Context.state record: the nodes this device revealed shares for
+
+
+def secagg_guard(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Mod (just outside ``secaggplus_mod``): refuse SecAgg+ requests that would let the server
+    unmask one device's delta, which Flower's mod would answer as asked.
+
+    * At setup the reconstruction threshold must be a strict majority of the shares: a server
+      then cannot tell one half of a node's neighbours it dropped and the other half it is
+      alive and collect a threshold of *both* its secrets (its mask seed and its key).
+    * At unmask a node may be named alive (its mask-seed share) or dropped (its key share),
+      never both, across every unmask request of the round.
+    Kept, like ``secaggplus_mod``'s own state, in Flower's per-round ``Context.state``.
+    """
+    configs = msg.content.config_records.get(RECORD_KEY_CONFIGS)
+    if msg.metadata.message_type != MessageType.TRAIN or configs is None:
+        return call_next(msg, context)
+    stage = configs.get(SAKey.STAGE)
+    records = context.state.config_records
+    if stage == Stage.SETUP:
+        shares, threshold = int(configs[SAKey.SHARE_NUMBER]), int(configs[SAKey.THRESHOLD])  # type: ignore[arg-type]
+        if not 2 * threshold > shares:
+            raise DeclinedRound("secure aggregation: the reconstruction threshold is not a majority of the shares; "
+                                "refusing (a server could then rebuild both secrets of one device)")
+        records[GUARD_STATE] = ConfigRecord({"active": [], "dead": []})
+    elif stage == Stage.UNMASK:
+        seen = records.get(GUARD_STATE, ConfigRecord({"active": [], "dead": []}))
+        active = {*cast(list[int], configs[SAKey.ACTIVE_NODE_ID_LIST]), *cast(list[int], seen["active"])}
+        dead = {*cast(list[int], configs[SAKey.DEAD_NODE_ID_LIST]), *cast(list[int], seen["dead"])}
+        if active & dead:
+            raise DeclinedRound("secure aggregation: the server asked for both secrets of the same device; "
+                                "refusing to unmask")
+        records[GUARD_STATE] = ConfigRecord({"active": sorted(active), "dead": sorted(dead)})
+    return call_next(msg, context)
 
 
 def make_secagg_client_app(
@@ -99,9 +141,9 @@ def make_secagg_client_app(
     def client_fn(context: Context):
         return SecAggDevice(context, {**base, **dict(context.run_config)}, devices).to_client()
 
-    return ClientApp(client_fn=client_fn, mods=[*outer_mods, declines_as_errors, secaggplus_mod, *inner_mods])
+    return ClientApp(client_fn=client_fn, mods=[*outer_mods, declines_as_errors, secagg_guard, secaggplus_mod, *inner_mods])
 
 
 app = make_secagg_client_app()
 
-__all__ = ["SecAggDevice", "app", "check_own_delta", "declines_as_errors", "make_secagg_client_app"]
+__all__ = ["SecAggDevice", "app", "check_own_delta", "declines_as_errors", "make_secagg_client_app", "secagg_guard"]

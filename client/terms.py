@@ -10,17 +10,21 @@ its own floor, set on the device (``fedpref-agent init``, the ``[terms]`` table 
 * its own ε_sample budget, at its own δ, over every round it ever trains;
 * whether it reports training metrics in clear at all.
 
-A round that asks for less is declined with the reason, which the operator sees in
-``fedpref-server status``.
+A round that asks for less is declined with the rule it broke (never the device's own numbers:
+a server must not learn a device's data size or floors from the text), which the operator
+sees in ``fedpref-server status``.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
 from fedpref.protocol.errors import ConfigError, DeclinedRound
 from fedpref.protocol.messages import RoundConfig
+
+log = logging.getLogger("fedpref.client")
 
 
 @dataclass(frozen=True)
@@ -46,15 +50,14 @@ class DeviceTerms:
             raise bad("delta", self.delta, "use a probability in (0, 1)", "e.g. 1e-5")
 
     def check(self, cfg: RoundConfig) -> None:
-        """Decline a round that asks for less privacy than these terms allow."""
+        """Decline a round that asks for less privacy than these terms allow. The reason names
+        the rule, never the device's own numbers (the details go to the device's log only)."""
         if cfg.dp_noise_multiplier < self.min_noise_multiplier:
-            raise DeclinedRound(
-                f"device terms: the round asks DP-SGD σ = {cfg.dp_noise_multiplier:g}, below this device's floor "
-                f"σ ≥ {self.min_noise_multiplier:g}; declining")
+            log.info("declining: σ %g < floor %g", cfg.dp_noise_multiplier, self.min_noise_multiplier)
+            raise DeclinedRound("device terms: the round's DP-SGD noise multiplier is below this device's floor")
         if cfg.dp_max_grad_norm > self.max_grad_norm:
-            raise DeclinedRound(
-                f"device terms: the round asks a per-sample clip of {cfg.dp_max_grad_norm:g}, above this device's "
-                f"ceiling {self.max_grad_norm:g}; declining")
+            log.info("declining: clip %g > ceiling %g", cfg.dp_max_grad_norm, self.max_grad_norm)
+            raise DeclinedRound("device terms: the round's per-sample clip is above this device's ceiling")
 
     def budget(self, cfg: RoundConfig) -> float:
         """The tighter of the device's own ε_sample budget and the server's cap."""

@@ -14,6 +14,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -25,12 +26,12 @@ from fedpref.protocol.partition import Group, group_of
 
 # Randomness. Opacus' secure_mode needs torchcsprng, which has no wheel for this torch. So every
 # call gets its own torch generators (Mersenne Twister) for the DP noise and for the Poisson
-# batch sampling, each seeded with 64 fresh bits from the OS CSPRNG (`secrets`), never from
-# torch's global generator, a run id, a node id or a round. Only a simulation that asks for
-# reproducible runs passes explicit seeds (`seed`, `noise_seed`; a deployed device never does).
-# The limit: MT19937 is not a cryptographic generator; an attacker who could observe its raw
-# outputs could predict the rest of that call's stream, but the outputs are only ever seen
-# summed into clipped gradients, and the seed is new for every round.
+# batch sampling, each with its whole 19,968-bit state drawn from the OS CSPRNG (`secrets`;
+# see `generator`), never from torch's global generator, a run id, a node id or a round. Only
+# a simulation that asks for reproducible runs passes explicit seeds (`seed`, `noise_seed`; a
+# deployed device never does). The limit: MT19937 is not a cryptographic generator; its state
+# can be solved from 624 exact raw outputs, but its outputs are only ever seen transformed to
+# Gaussians and summed with clipped gradients, and the state is new for every round.
 # PEFT's frozen inputs make full backward hooks warn on every step although per-sample
 # gradients are exact (checked in tests/test_trainer.py).
 warnings.filterwarnings("ignore", message="Secure RNG turned off")
@@ -85,9 +86,34 @@ class TrainResult:
     accountant_history: list[tuple[float, float, int]]  # Opacus RDP history after training
 
 
+_MT_WORDS = 624  # MT19937's state, 32-bit words
+_MT_OFFSET = 24  # byte offset of the state words in torch's CPU generator state (after seed, left, seeded, next)
+
+
 def generator(seed: int | None) -> torch.Generator:
-    """A private torch generator: seeded with ``seed`` (simulations), else from the OS CSPRNG."""
-    return torch.Generator().manual_seed(secrets.randbits(64) if seed is None else seed)
+    """A private torch generator: seeded with ``seed`` (simulations), else its whole MT19937
+    state (624 words, 19,968 bits) drawn from the OS CSPRNG.
+
+    ``manual_seed`` would not do for a device: torch's CPU generator keeps only the low 32 bits
+    of a seed, so a server could search all 2**32 noise streams of a round and subtract the
+    noise. The state words are written through ``set_state``; the layout is checked first
+    (a torch whose layout differs fails closed).
+    """
+    g = torch.Generator()
+    if seed is not None:
+        return g.manual_seed(seed)
+    g.manual_seed(5489)
+    state = g.get_state().clone()
+    raw = state.numpy()  # (5056,) uint8, shares memory with `state`
+    words = raw[_MT_OFFSET : _MT_OFFSET + 8 * _MT_WORDS].view("<u8")
+    header = raw[:_MT_OFFSET].view("<u8")
+    if int(header[0]) != 5489 or int(words[0]) != 5489 or raw.size < _MT_OFFSET + 8 * _MT_WORDS:
+        raise IntegrityError("torch's CPU generator state has an unexpected layout; refusing to draw DP noise "
+                             "from a 32-bit seed (pin torch==2.13.0)")
+    words[:] = np.frombuffer(secrets.token_bytes(4 * _MT_WORDS), dtype="<u4")
+    header[0] = secrets.randbits(64)  # the reported initial seed: not used to draw
+    g.set_state(state)  # `left` = 1: the first draw twists the whole random state
+    return g
 
 
 def _frozen_snapshot(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -79,9 +79,9 @@ ROUND_RANGES: dict[str, tuple[float, float, bool]] = {
     "learning_rate": (0.0, 1e4, False),
     "head_learning_rate": (0.0, 1e4, False),
     "projection_learning_rate": (0.0, 1e4, False),
-    "clip_norm": (0.0, 1e9, False),
+    "clip_norm": (1e-6, 1e9, True),  # a subnormal clip would round clipped values to a coarse grid
     "dp_noise_multiplier": (0.0, 1e9, True),
-    "dp_max_grad_norm": (0.0, 1e9, False),
+    "dp_max_grad_norm": (1e-6, 1e9, True),  # (a subnormal clip doubles the real sensitivity in float32)
     "delta": (0.0, 1.0, False),
     "max_epsilon_sample": (0.0, math.inf, False),
     "policy_version": (0, 2**53, True),

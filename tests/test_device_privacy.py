@@ -298,3 +298,141 @@ def test_an_agent_home_refuses_seeded_settings_and_loads_its_terms(tmp_path):
     (tmp_path / AGENT_FILE).write_text('[agent]\nserver = "h:1"\nca = "ca.pem"\n[terms]\nmin_noise_multiplier = 0.0\n')
     with pytest.raises(ConfigError, match="min_noise_multiplier"):
         AgentHome.load(tmp_path)
+
+
+def test_device_generators_carry_a_full_random_state_not_a_32_bit_seed():
+    """torch's manual_seed keeps only 32 bits of a seed (a server could search 2**32 noise
+    streams); a device's generator gets its whole MT19937 state from the OS CSPRNG instead.
+    A state from any 32-bit seed satisfies MT's init recurrence word by word; a random one
+    does not (probability 2**-32 per word)."""
+    import torch
+
+    from fedpref.client.trainer import generator
+
+    def words(g):
+        return g.get_state().numpy()[24:24 + 8 * 624].view("<u8").astype(np.uint64)
+
+    def follows_init(w):
+        prev, nxt = int(w[0]), int(w[1])
+        return nxt == (1812433253 * (prev ^ (prev >> 30)) + 1) & 0xFFFFFFFF
+
+    seeded = torch.Generator().manual_seed(2**40 + 5)
+    assert follows_init(words(seeded))  # the control: a manual seed, of whatever width, is 32 bits
+    assert torch.equal(torch.randn(4, generator=seeded), torch.randn(4, generator=torch.Generator().manual_seed(5)))
+    fresh = [generator(None) for _ in range(3)]
+    for g in fresh:
+        w = words(g)
+        assert not follows_init(w) and len(set(w.tolist())) > 600
+    draws = [torch.randn(8, generator=g) for g in fresh]
+    assert not torch.equal(draws[0], draws[1]) and not torch.equal(draws[1], draws[2])
+    assert torch.equal(torch.randn(4, generator=generator(9)), torch.randn(4, generator=generator(9)))  # simulations repeat
+
+
+# --- SecAgg+: a device does not hand one device's secrets to a deviating server ----------------
+
+def _secagg_msg(configs: dict):
+    from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+
+    return Message(content=RecordDict({RECORD_KEY_CONFIGS: ConfigRecord(configs)}), dst_node_id=1,
+                   message_type=MessageType.TRAIN)
+
+
+def test_secagg_guard_refuses_a_minority_threshold_and_both_secrets_of_one_node(flower_task):
+    from flwr.app import Context, RecordDict
+    from flwr.common.secure_aggregation.secaggplus_constants import Key, Stage
+
+    from fedpref.client.secagg import secagg_guard
+
+    ctx = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    passed = []
+
+    def nxt(msg, context):
+        passed.append(msg)
+        return "ok"
+
+    def stage(name, **kw):
+        return _secagg_msg({Key.STAGE: name, **kw})
+
+    with pytest.raises(DeclinedRound, match="not a majority"):
+        secagg_guard(stage(Stage.SETUP, **{Key.SHARE_NUMBER: 4, Key.THRESHOLD: 2}), ctx, nxt)
+    assert secagg_guard(stage(Stage.SETUP, **{Key.SHARE_NUMBER: 4, Key.THRESHOLD: 3}), ctx, nxt) == "ok"
+    with pytest.raises(DeclinedRound, match="both secrets"):  # node 7 alive and dropped in one request
+        secagg_guard(stage(Stage.UNMASK, **{Key.ACTIVE_NODE_ID_LIST: [5, 7], Key.DEAD_NODE_ID_LIST: [7]}), ctx, nxt)
+    assert secagg_guard(stage(Stage.UNMASK, **{Key.ACTIVE_NODE_ID_LIST: [5, 7], Key.DEAD_NODE_ID_LIST: [9]}), ctx, nxt) == "ok"
+    with pytest.raises(DeclinedRound, match="both secrets"):  # ... or across two requests of the round
+        secagg_guard(stage(Stage.UNMASK, **{Key.ACTIVE_NODE_ID_LIST: [5], Key.DEAD_NODE_ID_LIST: [7]}), ctx, nxt)
+    assert len(passed) == 2
+    # a new round (setup) starts afresh
+    assert secagg_guard(stage(Stage.SETUP, **{Key.SHARE_NUMBER: 3, Key.THRESHOLD: 2}), ctx, nxt) == "ok"
+    assert secagg_guard(stage(Stage.UNMASK, **{Key.ACTIVE_NODE_ID_LIST: [5], Key.DEAD_NODE_ID_LIST: [7]}), ctx, nxt) == "ok"
+
+
+def test_global_weights_that_are_not_finite_bounded_float32_are_declined(device, tmp_path):
+    rt, user, cache = device
+    for bad in (np.nan, 1e6):
+        req = _request(rt)
+        k = next(iter(req.shared))
+        req.shared[k] = req.shared[k].copy()
+        req.shared[k].flat[0] = bad
+        with pytest.raises(DeclinedRound, match="malformed round request"):
+            train_round(rt, user, DeviceState(tmp_path / str(bad)), req, cache=cache, terms=DeviceTerms())
+
+
+def test_a_failure_on_the_device_reaches_the_server_as_a_constant_reason(flower_task, tmp_path):
+    from flwr.app import Context, Message, RecordDict
+
+    from fedpref.client.app import DEVICE_ERROR_REASON, NODE_CONFIG_KEY, handle_train
+
+    secret_home = tmp_path / "alice-private-home"
+    content = train_request({"k": np.zeros(2, np.float32)}, _round_config(), None)
+    msg = Message(content=content, dst_node_id=1, message_type="train")
+    ctx = Context(run_id=1, node_id=1, node_config={NODE_CONFIG_KEY: str(secret_home)}, state=RecordDict(), run_config={})
+    reply = handle_train(msg, ctx, {})
+    assert reply.has_error() and reply.error.reason == DEVICE_ERROR_REASON
+    assert "alice" not in reply.error.reason
+
+
+def test_two_rounds_charging_at_once_both_count(tmp_path, monkeypatch):
+    """Flower can run two rounds (two runs) on one device at once: the accountant's load, check
+    and save are one step under a lock, so neither charge is lost (without the lock the slow
+    save below makes the second load miss the first charge)."""
+    import threading
+    import time
+
+    from fedpref.client.device import charge_before_training
+    from fedpref.client.trainer import LocalTrainConfig
+
+    local = LocalTrainConfig(epochs=1, batch_size=4, learning_rate=0.1, head_learning_rate=0.1,
+                             projection_learning_rate=0.1, noise_multiplier=1.0, max_grad_norm=1.0)
+    state = DeviceState(tmp_path / "d")
+    real_save = DeviceState.save_accountant
+    monkeypatch.setattr(DeviceState, "save_accountant", lambda self, acct: (time.sleep(0.3), real_save(self, acct)))
+    start = threading.Barrier(2)
+    errors: list[BaseException] = []
+
+    def charge():
+        start.wait()
+        try:
+            charge_before_training(state, local, 16, max_epsilon=math.inf, delta=1e-5)
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=charge) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert sum(t for _, _, t in state.accountant().history) == 2 * local.steps(16)
+
+
+def test_a_lost_accountant_next_to_a_trained_adapter_fails_closed(device, tmp_path):
+    from fedpref.protocol.errors import IntegrityError
+
+    rt, user, cache = device
+    state = DeviceState(tmp_path / "d")
+    train_round(rt, user, state, _request(rt), cache=cache, terms=DeviceTerms())
+    state.accountant_path.unlink()
+    with pytest.raises(IntegrityError, match="accountant does not"):
+        train_round(rt, user, state, _request(rt, server_round=2), cache=cache, terms=DeviceTerms())
