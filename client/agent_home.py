@@ -30,7 +30,6 @@ import io
 import json
 import shutil
 import tarfile
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -41,8 +40,8 @@ from fedpref.client.data import PreferencePair, Split, UserData
 from fedpref.client.store import DeviceStore, passphrase_from_env
 from fedpref.client.terms import DeviceTerms
 from fedpref.model.config import ModelConfig
-from fedpref.protocol.errors import ConfigError, DataError, HomeError
-from fedpref.protocol.tomlconfig import build
+from fedpref.protocol.errors import ConfigError, DataError, FedPrefError, HomeError
+from fedpref.protocol.tomlconfig import build, read_toml
 from fedpref.safety_policy.store import PolicyStore
 
 if TYPE_CHECKING:
@@ -111,10 +110,12 @@ class AgentHome:
             raise HomeError(f"{root} is not a fedpref agent home (no {AGENT_FILE}); "
                             f"run `fedpref-agent init --home {root} ...` or fix --home")
         try:
-            data = tomllib.loads(path.read_text())
+            data = read_toml(path)
             agent = data["agent"]
             server, ca = str(agent["server"]), root / str(agent["ca"])
-        except (tomllib.TOMLDecodeError, KeyError, TypeError) as e:
+        except ConfigError as e:  # not UTF-8, unreadable, bad TOML: one line naming the file
+            raise DataError(f"{e}; or re-create the home with `fedpref-agent init`") from None
+        except (KeyError, TypeError) as e:
             raise DataError(f"{path}: not a valid agent config ({e}); re-create the home with `fedpref-agent init`") from None
         extra = sorted({f"[{t}]" for t in set(data) - AGENT_TABLES} | {f"[agent] {k}" for k in set(agent) - {"server", "ca"}})
         if extra:  # e.g. a seed or a deterministic-noise switch: a device never seeds its DP draws
@@ -146,12 +147,18 @@ class AgentHome:
         return UserData(user_id="device", community=None, train=pairs, test=())
 
     def adapter_version(self) -> dict:
+        fix = "delete it, the next round rewrites it"
         try:
-            return json.loads(self.adapter_meta.read_text())
+            meta = json.loads(self.adapter_meta.read_bytes())
         except FileNotFoundError:
             return {}
-        except ValueError as e:
-            raise DataError(f"{self.adapter_meta}: not valid JSON ({e}); delete it, the next round rewrites it") from None
+        except OSError as e:
+            raise DataError(f"{self.adapter_meta}: cannot read it ({e.strerror or e}); {fix}") from None
+        except (ValueError, RecursionError) as e:  # not UTF-8 (UnicodeDecodeError is a ValueError), not JSON
+            raise DataError(f"{self.adapter_meta}: not valid JSON ({' '.join(str(e).split())[:80]}); {fix}") from None
+        if not isinstance(meta, dict):
+            raise DataError(f"{self.adapter_meta}: expected a JSON object, got {type(meta).__name__}; {fix}")
+        return meta
 
 
 def tar_files(files: Mapping[str, bytes]) -> bytes:
@@ -200,10 +207,15 @@ def forget(home: AgentHome, store: DeviceStore, *, destroy_key: bool = False) ->
     ``destroy_key`` the store's key file is overwritten and removed and ``store.json`` (salt,
     key check) removed too, so nothing left on disk decrypts; the store is closed for good."""
     pairs = store.clear_pairs()
-    adapter = store.delete(PRIVATE_BLOB)
-    accountant = store.delete(ACCOUNTANT_BLOB)
-    home.adapter_meta.unlink(missing_ok=True)
-    shutil.rmtree(home.shared_dir, ignore_errors=True)
-    if destroy_key:
-        store.destroy()
+    try:
+        adapter = store.delete(PRIVATE_BLOB)
+        accountant = store.delete(ACCOUNTANT_BLOB)
+        home.adapter_meta.unlink(missing_ok=True)
+        shutil.rmtree(home.shared_dir, ignore_errors=True)
+        if destroy_key:
+            store.destroy()
+    except (FedPrefError, OSError) as e:  # the pairs are gone already: say so, and what is left
+        what = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename else str(e)
+        raise DataError(f"forget deleted {pairs} pairs, then stopped: {what}; fix that and run "
+                        "`fedpref-agent forget` again to delete the rest") from None
     return {"pairs_deleted": pairs, "adapter_deleted": adapter, "accountant_deleted": accountant}

@@ -25,6 +25,7 @@ from enum import Enum
 from pathlib import Path
 
 from fedpref.protocol.errors import DataError
+from fedpref.protocol.jsonl import read_jsonl
 
 REQUIRED_FIELDS = ("user_id", "prompt", "chosen", "rejected", "split")
 OPTIONAL_STR_FIELDS = ("community", "chosen_category", "rejected_category")
@@ -139,26 +140,12 @@ def load_jsonl(path: str | os.PathLike[str]) -> list[PreferencePair]:
     at least one train and one test pair, and a user's community must not change.
     """
     name = str(path)
-    try:
-        raw_lines = Path(path).read_bytes().split(b"\n")
-    except OSError as e:
-        raise DataError(f"{name}:0: cannot read the file ({e.strerror}); check the path") from e
     pairs: list[PreferencePair] = []
     first_line: dict[str, int] = {}  # user_id -> line of its first pair
     seen: dict[str, set[Split]] = {}
     community: dict[str, str | None] = {}
-    for lineno, raw in enumerate(raw_lines, start=1):
+    for lineno, obj in read_jsonl(path):
         where = f"{name}:{lineno}"
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise DataError(f"{where}: line is not valid UTF-8 (byte, {e.start + 1}); save the file as UTF-8") from e
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{where}: invalid JSON ({e.msg}, column {e.colno}); write one JSON object per line") from e
         pair = _parse(obj, where)
         uid = pair.user_id
         if uid not in first_line:

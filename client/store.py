@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import json
 import os
 import re
@@ -56,6 +57,7 @@ from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from fedpref.protocol.atomic import fsync_dir, write_bytes_atomic
 from fedpref.protocol.errors import ConfigError, DataError
+from fedpref.protocol.jsonl import read_jsonl
 
 FORMAT = "fedpref-device-store"
 VERSION = 1
@@ -113,8 +115,11 @@ def _read_meta(path: Path) -> dict:
     fix = "restore it from a backup, or move the folder aside and run `fedpref-agent init`"
     try:
         meta = json.loads(path.read_bytes())
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise StoreError(f"{path} is not a fedpref device store (malformed JSON: {exc}); {fix}") from None
+    except IsADirectoryError:
+        raise StoreError(f"{path} is a folder, not the store's store.json; {fix}") from None
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        reason = " ".join(str(exc).split())[:100]
+        raise StoreError(f"{path} is not a fedpref device store (malformed JSON: {reason}); {fix}") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise StoreError(f"{path} is not a fedpref device store (format is not {FORMAT!r}); {fix}")
     version = meta.get("version")
@@ -151,6 +156,18 @@ def _read_keyfile(path: Path) -> bytes:
     if len(key) != 32:
         raise StoreError(f"key file {path} is {len(key)} bytes, not 32; it is damaged, restore it from your backup")
     return key
+
+
+def _db_guard(method):  # noqa: ANN001, ANN202
+    """Turn a SQLite failure (a corrupt page, a dropped column) into a one-line StoreError."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        try:
+            return method(self, *args, **kwargs)
+        except sqlite3.DatabaseError as e:
+            raise StoreError(f"feedback database {self.root / 'feedback.sqlite3'} is damaged ({e}); restore it from "
+                             "a backup, or move the store aside and run `fedpref-agent init` again") from None
+    return wrapper
 
 
 class DeviceStore:
@@ -255,50 +272,43 @@ class DeviceStore:
 
     # -- feedback -------------------------------------------------------------------
 
+    @_db_guard
     def add_pair(self, prompt: str, chosen: str, rejected: str, *, source: str = "cli") -> int:
         _validate_pair(prompt, chosen, rejected, source, where="add_pair")
         with _tx(self._conn):
             return self._insert(prompt, chosen, rejected, source)
 
+    @_db_guard
     def import_jsonl(self, path: Path) -> int:
         """Add every pair in a JSONL file in one transaction: all of them, or none."""
         path = Path(path)
-        try:
-            raw = path.read_bytes()
-        except OSError as exc:
-            raise ConfigError(f"cannot read feedback file {path} ({exc.strerror}); check the path") from None
         rows = []
-        for lineno, line in enumerate(raw.split(b"\n"), start=1):
-            if not line.strip():
-                continue
+        for lineno, obj in read_jsonl(path):
             where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line.decode("utf-8-sig"))
-            except UnicodeDecodeError:
-                raise DataError(f"{where}: not valid UTF-8; re-save the file as UTF-8") from None
-            except ValueError as exc:
-                raise DataError(f"{where}: malformed JSON ({exc}); fix or remove this line") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{where}: expected a JSON object with prompt, chosen, rejected; "
-                                f"got {type(obj).__name__}")
             for field in _FIELDS:
                 if field not in obj:
                     raise DataError(f"{where}: missing field {field!r}; every line needs prompt, chosen, rejected")
             rows.append((obj["prompt"], obj["chosen"], obj["rejected"]))
             _validate_pair(*rows[-1], "jsonl", where=where)
+        if not rows:
+            raise DataError(f"{path}: no preference pairs in the file; write one "
+                            '{"prompt": ..., "chosen": ..., "rejected": ...} object per line')
         with _tx(self._conn):
             for row in rows:
                 self._insert(*row, "jsonl")
         return len(rows)
 
+    @_db_guard
     def pairs(self) -> list[FeedbackPair]:
         cur = self._conn.execute("SELECT id, prompt, chosen, rejected, source, created_at FROM pairs ORDER BY id")
         return [FeedbackPair(r[0], *(self._open_field(r[0], f, v) for f, v in zip(_FIELDS, r[1:4])), r[4], r[5])
                 for r in cur]
 
+    @_db_guard
     def count(self) -> int:
         return self._conn.execute("SELECT COUNT(*) FROM pairs").fetchone()[0]
 
+    @_db_guard
     def clear_pairs(self) -> int:
         """Delete every pair, physically: the rows' pages are zeroed (secure_delete), the file
         rebuilt (VACUUM) and, in WAL mode, the WAL copied back and truncated to zero bytes."""
@@ -353,6 +363,9 @@ class DeviceStore:
             blob = path.read_bytes()
         except FileNotFoundError:
             return None
+        except OSError as e:  # a folder (or anything unreadable) where the sealed file should be
+            raise StoreError(f"{path}: cannot read the sealed file ({e.strerror or e}); move it aside, or run "
+                             "`fedpref-agent forget` to start afresh") from None
         if not blob.startswith(BLOB_MAGIC):
             raise StoreError(f"{path} is not a fedpref vault blob (bad magic); restore it from a backup "
                              "or remove it with delete")
@@ -467,6 +480,10 @@ def _open_db(path: Path, store_id: str) -> sqlite3.Connection:
         raise StoreError(f"feedback database {path} is corrupted ({exc}); restore it from a backup") from None
     try:
         tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        columns = {r[1] for r in db.execute("PRAGMA table_info(pairs)")}
+        if "pairs" in tables and not {"id", *_FIELDS, "source", "created_at"} <= columns:
+            raise StoreError(f"{path}: table pairs lacks columns "
+                             f"{sorted({'id', *_FIELDS, 'source', 'created_at'} - columns)}; restore it from a backup")
         row = db.execute("SELECT value FROM meta WHERE key = 'store_id'").fetchone() if "meta" in tables else None
         if not {"pairs", "meta"} <= tables:
             raise StoreError(f"{path} is not a fedpref feedback database (tables pairs/meta missing); "

@@ -36,6 +36,7 @@ from safetensors.torch import save as st_save
 from fedpref.model.config import AdapterSpec
 from fedpref.protocol.atomic import write_bytes_atomic
 from fedpref.protocol.errors import ConfigError, DataError
+from fedpref.protocol.jsonl import read_jsonl
 
 BASIS_KEY = "weight"
 
@@ -44,17 +45,7 @@ def load_attribute_corpus(path: str | Path) -> list[dict]:
     """``{"text": str, "attributes": {name: number}}`` per line, every line the same names."""
     path = Path(path)
     records, names = [], None
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as e:
-        raise ConfigError(f"attribute corpus {path}: {e.strerror}; give a JSONL of labelled texts") from None
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except ValueError as e:
-            raise DataError(f"{path}:{i}: not valid JSON ({e.msg}); one object per line") from None
+    for i, rec in read_jsonl(path):
         attrs = rec.get("attributes") if isinstance(rec, dict) else None
         if not isinstance(rec, dict) or not isinstance(rec.get("text"), str) or not isinstance(attrs, dict) or not attrs:
             raise DataError(f'{path}:{i}: expected {{"text": "...", "attributes": {{"name": 1, ...}}}}')

@@ -14,6 +14,7 @@ import functools
 import json
 import math
 import os
+import warnings
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -48,10 +49,43 @@ def _real(x: object) -> bool:
 def _check_step(sample_rate: float, noise_multiplier: float, steps: int = 1) -> None:
     _check("sample_rate", sample_rate, _real(sample_rate) and 0 < sample_rate <= 1,
            "in (0, 1]", "pass the Poisson sampling probability per step, e.g. 0.01")
-    _check("noise_multiplier", noise_multiplier, _real(noise_multiplier) and noise_multiplier > 0,
-           "a finite number > 0", "pass the Gaussian noise std divided by the clip norm, e.g. 1.0")
+    _check("noise_multiplier", noise_multiplier,
+           _real(noise_multiplier) and MIN_NOISE_MULTIPLIER <= noise_multiplier <= MAX_NOISE_MULTIPLIER,
+           f"in [{MIN_NOISE_MULTIPLIER:g}, {MAX_NOISE_MULTIPLIER:g}]",
+           "pass the Gaussian noise std divided by the clip norm, e.g. 1.0")
     _check("steps", steps, isinstance(steps, int) and steps >= 0,
            "an integer >= 0", "pass the number of noised steps (rounds)")
+
+
+# The accountants' domain: below 1e-3 the noise protects nothing (epsilon in the millions) and
+# Opacus divides by z**2 (1e-300 is a ZeroDivisionError); above 1e6 its RDP orders overflow.
+MIN_NOISE_MULTIPLIER = 1e-3
+MAX_NOISE_MULTIPLIER = 1e6
+# The PRV accountant discretises the privacy loss on a grid whose size grows with steps and
+# shrinks with noise; beyond this many points it needs gigabytes (and minutes): refuse instead.
+MAX_PRV_GRID = 20_000_000
+# Calibrating noise for a larger epsilon protects nothing, and Opacus' bisection may never
+# reach 1e300 (it loops): refuse it.
+MAX_TARGET_EPSILON = 100.0
+
+
+def _check_prv_grid(history: list[tuple[float, float, int]], delta: float, eps_error: float) -> None:
+    """Refuse (ConfigError) a PRV computation whose grid would exceed :data:`MAX_PRV_GRID`;
+    the size is Opacus' own (``PRVAccountant._get_domain``), computed cheaply with RDP."""
+    from opacus.accountants import PRVAccountant
+    from opacus.accountants.analysis.prv import PoissonSubsampledGaussianPRV
+
+    prvs = [PoissonSubsampledGaussianPRV(q, z) for z, q, _ in history]
+    with warnings.catch_warnings():  # RDP's "optimal order is the smallest alpha": only a size estimate here
+        warnings.simplefilter("ignore")
+        size = PRVAccountant()._get_domain(prvs=prvs, num_self_compositions=[t for *_, t in history],
+                                           eps_error=eps_error, delta_error=delta / 1000).size
+    if size > MAX_PRV_GRID:
+        z, q, steps = min(z for z, _, _ in history), max(q for _, q, _ in history), sum(t for *_, t in history)
+        raise ConfigError(
+            f"the PRV accountant would need a grid of {size:.3g} points (limit {MAX_PRV_GRID:.3g}) for "
+            f"steps={steps}, noise_multiplier={z:g}, sample_rate={q:g}; use the RDP accountant, "
+            "or fewer steps or more noise")
 
 
 def _check_delta(delta: float) -> None:
@@ -93,6 +127,7 @@ def _cached_epsilon(history: tuple[tuple[float, float, int], ...], delta: float,
     acc = _new_accountant(accountant)
     acc.history = history
     if acc.mechanism() == "prv":
+        _check_prv_grid(history, delta, prv_eps_error)
         with np.errstate(divide="ignore"):  # log(0) masked by np.where when q == 1
             eps = acc.get_epsilon(delta, eps_error=prv_eps_error)
     else:
@@ -118,8 +153,8 @@ def noise_multiplier(*, target_epsilon: float, sample_rate: float, steps: int, d
 
     The result's epsilon lies in ``[target_epsilon - epsilon_tolerance, target_epsilon]``.
     """
-    _check("target_epsilon", target_epsilon, _real(target_epsilon) and target_epsilon > 0,
-           "a finite number > 0", "pass the epsilon budget to calibrate for, e.g. 8")
+    _check("target_epsilon", target_epsilon, _real(target_epsilon) and 0 < target_epsilon <= MAX_TARGET_EPSILON,
+           f"in (0, {MAX_TARGET_EPSILON:g}]", "pass the epsilon budget to calibrate for, e.g. 8")
     _check("steps", steps, isinstance(steps, int) and steps >= 1, "an integer >= 1",
            "pass the number of noised steps (rounds) the budget must cover")
     _check_step(sample_rate, 1.0, steps)
@@ -128,11 +163,21 @@ def noise_multiplier(*, target_epsilon: float, sample_rate: float, steps: int, d
 
     kind = AccountantKind(accountant)
     extra = {"eps_error": prv_eps_error} if kind is AccountantKind.PRV else {}
+    if kind is AccountantKind.PRV:  # its bisection visits noise down to about half the answer: size the grid there
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            z_rdp = noise_multiplier(target_epsilon=target_epsilon, sample_rate=sample_rate, steps=steps, delta=delta,
+                                     accountant=AccountantKind.RDP, epsilon_tolerance=epsilon_tolerance)
+        _check_prv_grid([(max(z_rdp / 3, MIN_NOISE_MULTIPLIER), float(sample_rate), steps)], delta, prv_eps_error)
     try:
         with np.errstate(divide="ignore"):
             z = get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
                                      sample_rate=sample_rate, steps=steps, accountant=kind.value,
                                      epsilon_tolerance=epsilon_tolerance, **extra)
+    except MemoryError:  # PRV's bisection tried a noise whose grid does not fit (see MAX_PRV_GRID)
+        raise ConfigError(
+            f"the PRV accountant ran out of memory calibrating for steps={steps}, sample_rate={sample_rate:g}; "
+            "use the RDP accountant, or fewer steps") from None
     except ValueError as e:  # Opacus: "The privacy budget is too low."
         raise ConfigError(
             f"target_epsilon={target_epsilon!r} cannot be reached with noise_multiplier <= 1e6 "

@@ -24,7 +24,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import math
 import os
 import re
 import stat
@@ -168,8 +167,10 @@ def validate_manifest(manifest: object) -> dict[str, Any]:
         if not isinstance(name, str) or not name or len(name) > 128 or name in seen:
             raise MalformedPolicyError(f"manifest.categories[{i}].name: expected a new non-empty string")
         seen.add(name)
-        if not isinstance(thr, (int, float)) or isinstance(thr, bool) or not math.isfinite(thr):
-            raise MalformedPolicyError(f"manifest.categories[{i}].threshold: expected a finite number")
+        # compared, never converted: a 401-digit integer must be refused, not overflow float()
+        if not isinstance(thr, (int, float)) or isinstance(thr, bool) or not 0 < thr < 1:
+            raise MalformedPolicyError(f"manifest.categories[{i}].threshold: expected a probability in (0, 1), "
+                                       f"got {short(thr)}")
     files = m["files"]
     if not isinstance(files, dict):
         raise MalformedPolicyError("manifest.files: expected a JSON object")

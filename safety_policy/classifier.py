@@ -42,6 +42,7 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from fedpref.protocol.errors import ConfigError, DataError
+from fedpref.protocol.jsonl import read_jsonl
 from fedpref.protocol.partition import SAFETY_MODULE
 
 __all__ = [
@@ -62,7 +63,6 @@ __all__ = [
 SAFE = "safe"
 CLASSIFIER_FILE = "classifier.safetensors"
 CLASSIFIER_TYPE = "linear-softmax/pooled-frozen-backbone/v1"
-_MAX_LINE = 1 << 20
 
 
 # --- the labelled corpus ------------------------------------------------------------------
@@ -78,27 +78,9 @@ class LabelledText:
 def load_labelled_jsonl(path: str | Path) -> list[LabelledText]:
     """Read the operator's labelled corpus; every error is ``FILE:LINE: what; fix`` (DataError)."""
     path = Path(path)
-    try:
-        raw = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such file; give the labelled JSONL (text + category) to train the classifier") from None
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save the file as UTF-8") from None
-    except OSError as e:
-        raise DataError(f"{path}: cannot read ({e.strerror})") from None
     out: list[LabelledText] = []
-    for no, line in enumerate(raw.splitlines(), start=1):
-        if not line.strip():
-            continue
+    for no, obj in read_jsonl(path):
         where = f"{path}:{no}"
-        if len(line) > _MAX_LINE:
-            raise DataError(f"{where}: line longer than {_MAX_LINE} characters; one JSON object per line")
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno}); one JSON object per line") from None
-        if not isinstance(obj, dict):
-            raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
         text = obj.get("text")
         if not isinstance(text, str) or not text.strip():
             raise DataError(f'{where}: field "text" is missing or empty; give the text to classify')
@@ -293,7 +275,12 @@ def train_classifier(
 
 
 def _fit(x: np.ndarray, y: np.ndarray, labels: tuple[str, ...], *, l2: float, seed: int) -> SafetyModule:
-    torch.manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):  # the same classifier for a seed; torch's global generator untouched
+        torch.manual_seed(seed)
+        return _fit_lbfgs(x, y, labels, l2=l2)
+
+
+def _fit_lbfgs(x: np.ndarray, y: np.ndarray, labels: tuple[str, ...], *, l2: float) -> SafetyModule:
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
     module = SafetyModule(x.shape[1], labels)
     with torch.no_grad():

@@ -69,7 +69,10 @@ __all__ = [
 
 def short(value: object, limit: int = 40) -> str:
     """``repr`` of an untrusted value, cut to ``limit`` characters, for error messages."""
-    text = repr(value)
+    try:
+        text = repr(value)
+    except ValueError:  # an int beyond Python's digit limit
+        text = f"<{type(value).__name__} too large to show>"
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 

@@ -11,7 +11,7 @@ its signatures are verified:
 6. payload JSON and schema;
 7. policy name;
 8. version > ``last_version`` (rollback, replay);
-9. ``expires_at > now`` (freeze); ``now`` is injected and must be timezone-aware;
+9. ``issued_at <= now + MAX_CLOCK_SKEW`` (5 minutes), ``expires_at > now`` (freeze); ``now`` is injected and must be timezone-aware;
 10. backbone sha256 (when given);
 11. files against the manifest (missing, extra, length, sha256).
 
@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from types import MappingProxyType
 from typing import Any
 
@@ -40,6 +40,7 @@ from fedpref.safety_policy.dsse import parse_envelope, verify_signatures
 from fedpref.safety_policy.errors import (
     BackboneMismatchError,
     ExpiredPolicyError,
+    MalformedPolicyError,
     RollbackError,
     WrongPayloadTypeError,
     WrongPolicyNameError,
@@ -47,9 +48,14 @@ from fedpref.safety_policy.errors import (
 )
 from fedpref.safety_policy.root import TrustRoot
 
-__all__ = ["MAX_ENVELOPE_SIZE", "Category", "Policy", "verify_envelope"]
+__all__ = ["MAX_CLOCK_SKEW", "MAX_ENVELOPE_SIZE", "Category", "Policy", "verify_envelope"]
 
 MAX_ENVELOPE_SIZE = 4 * 1024 * 1024
+MAX_CLOCK_SKEW = timedelta(minutes=5)  # a policy issued later than now + this is refused
+
+
+def _skew() -> str:
+    return f"{int(MAX_CLOCK_SKEW.total_seconds() // 60)} minutes"
 
 
 @dataclass(frozen=True)
@@ -142,6 +148,11 @@ def verify_envelope(
     version = manifest["version"]
     if version <= last_version:
         raise RollbackError(f"policy version {version} is not greater than installed version {last_version}")
+    issued_at = parse_rfc3339(manifest["issued_at"], "manifest.issued_at")
+    if issued_at - now > MAX_CLOCK_SKEW:  # a difference, not now + skew: no overflow at year 9999
+        raise MalformedPolicyError(
+            f"policy v{version} is issued at {manifest['issued_at']}, more than {_skew()} after now "
+            f"({format_rfc3339(now)}); check this clock, or re-sign the policy on a signer with the right time")
     expires_at = parse_rfc3339(manifest["expires_at"], "manifest.expires_at")
     if expires_at <= now:
         raise ExpiredPolicyError(f"policy v{version} expired at {manifest['expires_at']}")
@@ -155,7 +166,7 @@ def verify_envelope(
     return Policy(
         name=manifest["name"],
         version=version,
-        issued_at=parse_rfc3339(manifest["issued_at"], "manifest.issued_at"),
+        issued_at=issued_at,
         expires_at=expires_at,
         backbone_sha256=manifest["backbone_sha256"],
         categories=tuple(Category(c["name"], float(c["threshold"])) for c in manifest["categories"]),

@@ -87,10 +87,12 @@ _STAGE = re.compile(r"\.next-v([1-9][0-9]*)")
 _HEX64 = re.compile(r"[0-9a-fA-F]{64}")
 
 keys_app = typer.Typer(
+    rich_markup_mode=None,  # plain help: "[federation] rounds" must not vanish as rich markup
     help="Ed25519 signing keys and the trust root (root.json) that clients pin.",
     no_args_is_help=True,
 )
 policy_app = typer.Typer(
+    rich_markup_mode=None,  # plain help: "[federation] rounds" must not vanish as rich markup
     help="Build, sign, verify and inspect safety-policy bundles (DSSE envelopes).",
     no_args_is_help=True,
 )
@@ -143,7 +145,11 @@ def parse_when(text: str, option: str) -> datetime:
             ) from None
     if moment.tzinfo is None or moment.utcoffset() is None:
         moment = moment.replace(tzinfo=timezone.utc)
-    return moment.astimezone(timezone.utc)
+    try:
+        return moment.astimezone(timezone.utc)
+    except OverflowError:  # 9999-12-31T23:00:00-05:00 is past year 9999 in UTC
+        raise ConfigError(f"{option} {text!r} is out of range in UTC; give a time between "
+                          "0001-01-02 and 9999-12-30") from None
 
 
 def _stdin_is_tty() -> bool:
@@ -338,9 +344,12 @@ def _check_signers_threshold(signers: int, threshold: int) -> None:
         raise ConfigError(f"--threshold={threshold} is invalid; give 1 to --signers ({signers})")
 
 
+_MAX_DAYS = 36_500  # a trust root valid for 100 years is already a key that is never rotated
+
+
 def _check_days(days: int) -> None:
-    if days < 1:
-        raise ConfigError(f"--expires-days={days} is invalid; give at least 1 day")
+    if not 1 <= days <= _MAX_DAYS:
+        raise ConfigError(f"--expires-days={days} is invalid; give 1 to {_MAX_DAYS} days (rotate keys before then)")
 
 
 # --- keys -----------------------------------------------------------------------------------
@@ -514,6 +523,7 @@ def policy_build(
 
 # --- basis build ------------------------------------------------------------------------------
 basis_app = typer.Typer(
+    rich_markup_mode=None,  # plain help: "[federation] rounds" must not vanish as rich markup
     help="The public attribute basis the devices' personal heads read (model/basis.py).",
     no_args_is_help=True,
 )
@@ -737,8 +747,9 @@ def _print_summary(envelope: Path, banner: str, s: dict[str, Any]) -> None:
     else:
         echo(f"signatures:  {len(s['signature_keyid_hints'])} (key id hints, unchecked: "
              f"{_ids(h for h in s['signature_keyid_hints'] if h)})")
-    val = (s.get("training") or {}).get("validation")
-    if val:
+    training = s.get("training")  # unsigned, free-form: shown only when it has the expected shape
+    val = training.get("validation") if isinstance(training, dict) else None
+    if isinstance(val, dict):
         echo(f"validation:  accuracy {_fmt(val.get('accuracy'))}, unsafe recall "
              f"{_fmt(val.get('flagged_any_unsafe_recall'))}, safe false-positive rate "
              f"{_fmt(val.get('safe_false_positive_rate'))} ({val.get('examples')} held out)")

@@ -10,10 +10,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from fedpref.protocol.errors import DataError, FedPrefError
+from fedpref.protocol.errors import ConfigError, DataError, FedPrefError
 from fedpref.protocol.exit_codes import exit_code_for, run_cli
 
-app = typer.Typer(help="Federated personalization simulations (researchers).", no_args_is_help=True, add_completion=False,
+app = typer.Typer(rich_markup_mode=None, help="Federated personalization simulations (researchers).", no_args_is_help=True, add_completion=False,
                   pretty_exceptions_enable=False)
 err = Console(stderr=True)
 
@@ -37,11 +37,18 @@ def generate(
     from fedpref.simulations import persona
 
     try:
+        for option, path in (("--out", out), ("--safety-corpus", safety_corpus)):
+            if path is not None and path.is_dir():
+                raise ConfigError(f"{option} {path} is a folder; give a file path, e.g. {path / 'persona.jsonl'}")
         cfg = persona.PersonaConfig(users=users, pairs_per_user=pairs_per_user, seed=seed)
         data = persona.generate(cfg)
-        write_jsonl(data.pairs, out)
-        if safety_corpus is not None:
-            write_jsonl(persona.safety_corpus(cfg), safety_corpus)
+        try:
+            write_jsonl(data.pairs, out)
+            if safety_corpus is not None:
+                write_jsonl(persona.safety_corpus(cfg), safety_corpus)
+        except OSError as e:
+            raise ConfigError(f"{e.filename or out}: cannot write ({e.strerror or e}); check the folder exists "
+                              "and is writable") from None
     except FedPrefError as e:
         _fail(e)
     err.print(f"wrote {len(data.pairs)} pairs for {users} users to {out}")

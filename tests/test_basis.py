@@ -169,7 +169,7 @@ def test_a_corpus_file_with_a_bad_line_names_file_and_line(tmp_path):
     with pytest.raises(DataError, match=r"corpus.jsonl:2: attributes \['formal'\] differ"):
         load_attribute_corpus(f)
     f.write_text(good + "\n{oops\n")
-    with pytest.raises(DataError, match=r"corpus.jsonl:2: not valid JSON"):
+    with pytest.raises(DataError, match=r"corpus.jsonl:2: invalid JSON"):
         load_attribute_corpus(f)
     f.write_text(json.dumps({"text": "x", "attributes": {"formal": "yes"}}) + "\n")
     with pytest.raises(DataError, match=r"corpus.jsonl:1: attribute values must be finite numbers"):
@@ -208,7 +208,7 @@ def test_operator_builds_a_basis_and_a_device_takes_it(tiny_minilm_dir, tmp_path
     bad = tmp_path / "bad.jsonl"
     bad.write_text(corpus.read_text().splitlines()[0] + "\n{\n")
     err = _cli("fedpref-server", "basis", "build", "--data", bad, "--out", tmp_path / "x.safetensors", check=False)
-    assert err.returncode == 4 and "bad.jsonl:2: not valid JSON" in err.stderr and "Traceback" not in err.stderr
+    assert err.returncode == 4 and "bad.jsonl:2: invalid JSON" in err.stderr and "Traceback" not in err.stderr
     assert not (tmp_path / "x.safetensors").exists()
 
     ops = tmp_path / "ops"

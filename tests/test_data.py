@@ -154,8 +154,8 @@ def load_error(path: Path) -> str:
     ("bad_line", "reason"),
     [
         ('{"user_id": "u1", "prompt": ', "invalid JSON"),
-        ("[1, 2, 3]", "not a JSON object (line, list)"),
-        ('"just a string"', "not a JSON object (line, str)"),
+        ("[1, 2, 3]", "expected a JSON object, got an array"),
+        ('"just a string"', "expected a JSON object, got a string"),
         (json.dumps({k: v for k, v in rec().items() if k != "chosen"}), "missing required field (chosen, absent)"),
         (json.dumps({k: v for k, v in rec().items() if k != "split"}), "missing required field (split, absent)"),
         (json.dumps(rec(prompt=42)), "non-empty string (prompt, 42)"),
@@ -166,7 +166,7 @@ def load_error(path: Path) -> str:
         (json.dumps(rec(split="TRAIN")), "split must be 'train' or 'test' (split, 'TRAIN')"),
         (
             '{"user_id": "u1", "prompt": "p", "chosen": "a", "rejected": "b", "split": "train", "oracle_margin": NaN}',
-            "finite number (oracle_margin, nan)",
+            "invalid JSON (NaN is not a JSON number)",
         ),
         (json.dumps(rec(oracle_margin="1.0")), "finite number (oracle_margin, '1.0')"),
         (json.dumps(rec(oracle_margin=True)), "finite number (oracle_margin, True)"),
@@ -191,7 +191,7 @@ def test_infinite_margin(tmp_path: Path) -> None:
     )
     path = write_lines(tmp_path / "inf.jsonl", [rec(), rec(split="test"), line])
     msg = load_error(path)
-    assert msg.startswith(f"{path}:3: ") and "(oracle_margin, -inf)" in msg
+    assert msg.startswith(f"{path}:3: ") and "invalid JSON (-Infinity is not a JSON number)" in msg
 
 
 def test_empty_file(tmp_path: Path) -> None:

@@ -395,3 +395,23 @@ def test_base64_alphabet_swap_is_the_same_signed_content(keys, root):
     assert again.envelope_sha256 != policy.envelope_sha256
     assert dataclasses.replace(again, envelope_sha256=policy.envelope_sha256) == policy
     assert parse_envelope(dump(doc), max_size=1 << 22) == parse_envelope(env, max_size=1 << 22)
+
+
+# --- bounds on the signed manifest's numbers (issue 12) ----------------------------------------
+
+
+@pytest.mark.parametrize("threshold", [-0.5, 0, 1, 1.5, 10**400, -(10**400)])
+def test_threshold_outside_0_1_is_refused(keys, root, threshold):
+    def edit(doc):
+        doc["manifest"]["categories"][0]["threshold"] = threshold
+
+    with pytest.raises(MalformedPolicyError, match=r"categories\[0\]\.threshold: expected a probability in \(0, 1\)"):
+        verify(resigned(keys, edit), root)
+
+
+def test_issued_in_the_future_is_refused(keys, root):
+    issued = datetime(2030, 5, 1, tzinfo=timezone.utc)
+    env = make_env(keys)
+    assert verify(env, root, now=issued - timedelta(minutes=4)).version == 3  # within the clock skew
+    with pytest.raises(MalformedPolicyError, match="more than 5 minutes after now"):
+        verify(env, root, now=issued - timedelta(minutes=6))

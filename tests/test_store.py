@@ -348,7 +348,7 @@ def test_import_jsonl(store, tmp_path):
 @pytest.mark.parametrize(
     "bad, pattern",
     [
-        ("{not json", r"malformed JSON"),
+        ("{not json", r"invalid JSON"),
         (json.dumps({"prompt": "p", "chosen": "a"}), r"missing field 'rejected'"),
         (json.dumps({"prompt": "", "chosen": "a", "rejected": "b"}), r"'prompt' must be a non-empty string"),
         (json.dumps({"prompt": "p", "chosen": 5, "rejected": "b"}), r"'chosen' must be a non-empty string"),
@@ -377,7 +377,7 @@ def test_import_jsonl_bad_utf8(store, tmp_path):
 
 
 def test_import_jsonl_missing_file(store, tmp_path):
-    with pytest.raises(ConfigError, match=r"cannot read feedback file"):
+    with pytest.raises(DataError, match=r"nope\.jsonl: cannot read the file \(no such file\); check the path"):
         store.import_jsonl(tmp_path / "nope.jsonl")
 
 
@@ -466,7 +466,7 @@ def test_failed_transaction_rolls_back(store, tmp_path):
                         "BEGIN SELECT RAISE(ABORT, 'full'); END")
     f = tmp_path / "fb.jsonl"
     _write_jsonl(f, [json.dumps({"prompt": f"p{i}", "chosen": "a", "rejected": "b"}) for i in range(3)])
-    with pytest.raises(sqlite3.IntegrityError, match="full"):
+    with pytest.raises(DataError, match=r"is damaged \(full\)"):  # one line (StoreError), not sqlite3's
         store.import_jsonl(f)
     assert store.count() == 1
     assert not store._conn.in_transaction
