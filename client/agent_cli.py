@@ -18,6 +18,7 @@ import ssl
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -40,9 +41,9 @@ from fedpref.protocol.errors import (
 from fedpref.protocol.exit_codes import exit_on_error, run_cli
 from fedpref.protocol.netaddr import cmdline, flower_env, parse_address
 
-app = typer.Typer(name="fedpref-agent", no_args_is_help=True, add_completion=False,
+app = typer.Typer(rich_markup_mode=None, name="fedpref-agent", no_args_is_help=True, add_completion=False,
                   help="The fedpref device agent: your preferences, your private adapter, your device.")
-feedback_app = typer.Typer(help="Store preference pairs on this device.", no_args_is_help=True)
+feedback_app = typer.Typer(rich_markup_mode=None, help="Store preference pairs on this device.", no_args_is_help=True)
 app.add_typer(feedback_app, name="feedback")
 
 Home = Annotated[Path, typer.Option("--home", metavar="DIR", envvar="FEDPREF_AGENT_HOME",
@@ -472,7 +473,17 @@ def start(
 
 def _wait(child: subprocess.Popen) -> int:
     rc = child.wait()  # a SIGTERM/SIGINT runs _stop, then the wait resumes (PEP 475)
-    # the SuperNode's own ClientApp children are in its session; make sure none outlive it
+    # The SuperNode's SuperExec and ClientApps (its session) watch it and stop themselves with
+    # one SIGINT once it is gone; a SIGTERM from here at that moment is a second signal in the
+    # middle of their graceful exit, which Python turns into a KeyboardInterrupt traceback in
+    # supernode.log. Give them that time; then stop whatever is left.
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(child.pid, 0)
+        except OSError:
+            return rc
+        time.sleep(0.2)
     try:
         os.killpg(child.pid, signal.SIGTERM)
     except OSError:

@@ -35,7 +35,7 @@ from fedpref.protocol.tomlconfig import build, read_toml
 from fedpref.server.config import FederationConfig, LocalConfig
 from fedpref.server.privacy import AccountantKind, PrivacyLedger, UserLevelBudget
 from fedpref.server.release import fresh_generators, seeded_generators
-from fedpref.server.strategy import FedPrefStrategy, RoundRecord
+from fedpref.server.strategy import FedPrefStrategy, RoundRecord, released_rounds
 
 log = logging.getLogger("fedpref.server")
 
@@ -65,11 +65,15 @@ class Checkpoints:
         self.root = root
         self.model = model
 
-    def save(self, rec: RoundRecord, arrays: dict[str, np.ndarray], history: list[RoundRecord]) -> Path:
-        set_arrays(self.model, Group.SHARED, arrays)
-        path = self.root / "checkpoints" / f"round-{rec.server_round:04d}"
-        save_adapter(self.model, SHARED_ADAPTER, path, metadata={"round": str(rec.server_round)})
-        write_text_atomic(self.root / "checkpoints" / "LATEST", path.name + "\n")
+    def save(self, rec: RoundRecord, arrays: dict[str, np.ndarray], history: list[RoundRecord]) -> Path | None:
+        """A released round: its checkpoint, then the history. A halted attempt: the history only
+        (the weights did not change, and its round number is attempted again)."""
+        path = None
+        if not rec.halted:
+            set_arrays(self.model, Group.SHARED, arrays)
+            path = self.root / "checkpoints" / f"round-{rec.server_round:04d}"
+            save_adapter(self.model, SHARED_ADAPTER, path, metadata={"round": str(rec.server_round)})
+            write_text_atomic(self.root / "checkpoints" / "LATEST", path.name + "\n")
         write_text_atomic(self.root / "history.json", json.dumps([dataclasses.asdict(h) for h in history], indent=1))
         return path
 
@@ -140,7 +144,8 @@ def resume_point(server_dir: Path, model, initial: dict[str, np.ndarray], ledger
         arrays = get_arrays(model, Group.SHARED)
     hist_path = server_dir / "history.json"
     history = [RoundRecord(**h) for h in json.loads(hist_path.read_text())] if hist_path.exists() else []
-    next_round = max([*charged, *(h.server_round for h in history), 0]) + 1
+    # halted attempts are in the history but release nothing: their round number is attempted again
+    next_round = max([*charged, *(h.server_round for h in released_rounds(history)), 0]) + 1
     log.warning("fedpref: resuming at round %d from %s (ledger: %d charged rounds)", next_round, name, len(charged))
     return Resume(next_round, arrays, history)
 
@@ -194,6 +199,8 @@ def prepare_federation(run: AppRun, settings: ServerSettings, *, clock=time.time
 
     def on_round(rec: RoundRecord, arrays: dict[str, np.ndarray]) -> None:
         ckpt.save(rec, arrays, strategy.history)
+        if rec.halted:
+            return
         bar.update(1)
         bar.set_postfix(eps_user=f"{rec.epsilon_user:.2f}", ok=rec.accepted, rej=len(rec.rejected))
 
@@ -212,10 +219,15 @@ def prepare_federation(run: AppRun, settings: ServerSettings, *, clock=time.time
 
 
 def write_summary(run: AppRun, f: Federation, **extra: object) -> None:
+    """``summary.json``: ``rounds_completed`` counts released (charged) rounds only; halted
+    attempts (secure aggregation) are counted apart, with their reasons in ``history.json``."""
     p = f.policy
+    history = f.strategy.history
+    released = len(released_rounds(history))
     write_text_atomic(
         run.server_dir / "summary.json",
-        json.dumps({"rounds_completed": len(f.strategy.history), "stopped_reason": f.strategy.stopped_reason,
+        json.dumps({"rounds_completed": released, "rounds_target": f.strategy.fed.rounds,
+                    "halted_attempts": len(history) - released, "stopped_reason": f.strategy.stopped_reason,
                     "backbone_sha256": f.backbone_sha256, "method": run.method.value,
                     "policy": p.summary | {"safety_digest": p.digest} if p is not None else None, **extra},
                    indent=1),

@@ -19,17 +19,20 @@ from typing import Annotated, NoReturn
 import typer
 
 from fedpref.server import privacy
+from fedpref.protocol.errors import ConfigError
 from fedpref.protocol.exit_codes import EXIT_CODE_HELP, ExitCode, exit_on_error, run_cli
 from fedpref.server.policy_cli import basis_app, keys_app, policy_app
 from fedpref.server.privacy import AccountantKind
 
 app = typer.Typer(
+    rich_markup_mode=None,  # plain help: "[federation] rounds" must not vanish as rich markup
     name="fedpref-server",
     help="Run the fedpref server: policies, nodes, rounds and the privacy budget.",
     no_args_is_help=True,
     add_completion=False,
 )
 privacy_app = typer.Typer(
+    rich_markup_mode=None,  # plain help: "[federation] rounds" must not vanish as rich markup
     help="Privacy accounting with Opacus' RDP or PRV accountant.",
     no_args_is_help=True,
 )
@@ -117,11 +120,10 @@ def init(
     """Write DIR/config.toml, a TLS CA and server certificate, and policy signing keys (unless they exist)."""
     from datetime import datetime, timezone
 
-    from fedpref.model.config import ModelConfig
     from fedpref.protocol.atomic import write_text_atomic
     from fedpref.protocol.errors import ConfigError
-    from fedpref.protocol.tomlconfig import dump_tables, to_plain
-    from fedpref.server.config import FederationConfig, LocalConfig
+    from fedpref.protocol.tomlconfig import dump_tables
+    from fedpref.server import deploy
     from fedpref.server.policy_cli import keys_init
     from fedpref.server.tls import parse_address, write_tls
 
@@ -135,27 +137,66 @@ def init(
             typer.echo(f"kept the existing policy signing keys and trust root in {home / 'keys'}")
         else:
             keys_init(home=home, signers=signers, threshold=threshold, expires_days=365)
-        fed = to_plain(FederationConfig()) | {"max_epsilon_user": 10.0, "report_eval_metrics": False}
-        local = to_plain(LocalConfig()) | {"max_epsilon_sample": 10.0}
-        body = dump_tables({
-            "server": {"address": f"{host}:{port}", "superlink": f"127.0.0.1:{port + 1 if port < 65535 else port - 1}",
-                       "ca": "tls/ca.pem", "certificate": "tls/server.pem",
-                       "private_key": "tls/server.key", "trust_root": "keys/root.json", "state": "state"},
-            "model": to_plain(ModelConfig()), "federation": fed, "local": local,
-        })
+        body = dump_tables(deploy.initial_config(host, port))
         write_text_atomic(config, "# fedpref server home, written by `fedpref-server init`.\n"
-                          "# [model], [federation] and [local]: see server/config.py and model/config.py.\n\n" + body)
+                          "# [model], [federation], [local] and [secagg]: see server/config.py, model/config.py\n"
+                          "# and server/secagg.py.\n\n" + body)
     typer.echo(f"wrote {config}")
     typer.echo(f"TLS: give {tls.ca_cert} to devices; the server certificate is for {host} (and localhost)")
 
 
 # --- deployment: nodes, start, status, stop (server/deploy.py) ------------------------------
 
-nodes_app = typer.Typer(help="Decide which devices may connect (Flower SuperNode authentication).",
+nodes_app = typer.Typer(rich_markup_mode=None, help="Decide which devices may connect (Flower SuperNode authentication).",
                         no_args_is_help=True)
 app.add_typer(nodes_app, name="nodes")
 ServerHomeOpt = Annotated[Path, typer.Option("--home", metavar="DIR", envvar="FEDPREF_HOME", show_envvar=True,
                                              help="The server's home (fedpref-server init).")]
+
+
+def _server_home(home: Path):  # noqa: ANN202  (a deploy.ServerHome)
+    """``deploy.ServerHome.load``, after checking config.toml reads as UTF-8 TOML with a [server] table
+    (one line naming the file, not a traceback)."""
+    from fedpref.protocol.errors import DataError
+    from fedpref.protocol.tomlconfig import read_toml
+    from fedpref.server import deploy
+
+    config = Path(home).expanduser() / "config.toml"
+    if config.is_file():
+        try:
+            data = read_toml(config)
+        except ConfigError as e:
+            raise DataError(f"{e}; or re-create the home with `fedpref-server init`") from None
+        if not isinstance(data.get("server"), dict):
+            raise DataError(f"{config}: no [server] table; re-create the home with `fedpref-server init`")
+    return deploy.ServerHome.load(home)
+
+
+_MAX_PUBLIC_KEY = 16 * 1024
+
+
+def _check_public_key(path: Path) -> None:
+    """Refuse, before anything runs, a file that is not a device's OpenSSH ECDSA public key."""
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives.serialization import load_ssh_public_key
+
+    from fedpref.protocol.errors import DataError
+
+    fix = "give the device's identity/node.pub"
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(_MAX_PUBLIC_KEY + 1)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read it ({e.strerror or e}); {fix}") from None
+    if b"PRIVATE KEY" in data:
+        raise DataError(f"{path}: is a PRIVATE key; never copy it off the device. Delete this copy and {fix}")
+    if len(data) > _MAX_PUBLIC_KEY:
+        raise DataError(f"{path}: is over {_MAX_PUBLIC_KEY} bytes, not an OpenSSH public key; {fix}")
+    try:
+        load_ssh_public_key(data)
+    except (ValueError, TypeError, UnsupportedAlgorithm) as e:
+        reason = " ".join(str(e).split())[:80]
+        raise DataError(f"{path}: not an OpenSSH public key ({reason}); {fix}") from None
 
 
 @nodes_app.command("add")
@@ -168,7 +209,8 @@ def nodes_add(
     from fedpref.server import deploy
 
     with exit_on_error():
-        out = deploy.nodes_add(deploy.ServerHome.load(home), public_key)
+        _check_public_key(public_key)
+        out = deploy.nodes_add(_server_home(home), public_key)
     _emit(as_json, out, f"registered node {out['node_id']} ({public_key})")
 
 
@@ -178,7 +220,7 @@ def nodes_list(home: ServerHomeOpt, as_json: AsJson = False) -> None:
     from fedpref.server import deploy
 
     with exit_on_error():
-        nodes = deploy.nodes_list(deploy.ServerHome.load(home))
+        nodes = deploy.nodes_list(_server_home(home))
     if as_json:
         typer.echo(json.dumps(nodes))
         return
@@ -196,7 +238,7 @@ def nodes_remove(
     from fedpref.server import deploy
 
     with exit_on_error():
-        deploy.nodes_remove(deploy.ServerHome.load(home), node_id)
+        deploy.nodes_remove(_server_home(home), node_id)
     typer.echo(f"unregistered node {node_id}")
 
 
@@ -212,7 +254,7 @@ def start(
     from fedpref.server import deploy
 
     with exit_on_error():
-        h = deploy.ServerHome.load(home)
+        h = _server_home(home)
         started = deploy.start(h, rounds=rounds, policy=policy)
     typer.echo(f"server started: devices connect to {h.address} (TLS; only the Fleet API is exposed); "
                f"run {started.run_id}: rounds {started.first_round}..{started.last_round}, "
@@ -272,7 +314,7 @@ def status(home: ServerHomeOpt, as_json: AsJson = False) -> None:
     from fedpref.server import deploy
 
     with exit_on_error():
-        st = deploy.status(deploy.ServerHome.load(home))
+        st = deploy.status(_server_home(home))
     if as_json:
         typer.echo(json.dumps({k: v for k, v in st.items()}, allow_nan=False))
         return
@@ -282,6 +324,7 @@ def status(home: ServerHomeOpt, as_json: AsJson = False) -> None:
         f"server           {'running' if st['running'] else 'stopped'} ({st['device_address']})",
         f"run              {st['run']['id'] or '-'} {st['run']['status'] or ''}",
         f"rounds completed {st['rounds_completed']}",
+        f"rounds           {st['rounds_report']}",
         f"epsilon_user     {st['epsilon_user']:.4g} (delta {st['delta']}, budget {st['max_epsilon_user']})",
         f"safety policy    {'v%d (%s…)' % (pol['version'], pol['digest'][:12]) if pol else 'none'}",
         f"checkpoint       {st['latest_checkpoint'] or '-'}",
@@ -302,7 +345,7 @@ def stop(home: ServerHomeOpt) -> None:
     from fedpref.server import deploy
 
     with exit_on_error():
-        stopped = deploy.stop(deploy.ServerHome.load(home))
+        stopped = deploy.stop(_server_home(home))
     typer.echo(f"stopped {', '.join(stopped)}" if stopped else "not running; nothing to stop")
 
 

@@ -365,11 +365,13 @@ def _history(home: ServerHome) -> list[dict]:
 
 
 def _rounds_done(home: ServerHome) -> int:
+    """The last released round (charged, or checkpointed): halted attempts do not count."""
     from fedpref.server.privacy import PrivacyLedger
+    from fedpref.server.strategy import released_rounds
 
     ledger = home.server_dir / "ledger.jsonl"
     charged = [e.round for e in PrivacyLedger(ledger).entries()] if ledger.exists() else []
-    return max([*charged, *(h["server_round"] for h in _history(home)), 0])
+    return max([*charged, *(h["server_round"] for h in released_rounds(_history(home))), 0])
 
 
 def _install_policy(home: ServerHome, envelope: Path, backbone_sha256: str) -> dict:
@@ -406,6 +408,42 @@ def _policy_in_force(home: ServerHome) -> dict | None:
         raise DataError(f"{home.policy_file}: not valid JSON ({e}); start again with --policy ENVELOPE") from None
 
 
+# What `fedpref-server init` writes for [federation] beyond the defaults: settings that work with
+# secure aggregation (always on in deployment) from three devices up. q = 1 with
+# min_available_clients >= [secagg] min_cohort means no round halts for want of sampled devices;
+# z = 1.7 keeps the default 10 rounds within max_epsilon_user = 10 at q = 1 (RDP: ε ≈ 9.9 at δ = 1e-5).
+INIT_FEDERATION = {"client_sample_rate": 1.0, "min_available_clients": 3, "server_noise_multiplier": 1.7,
+                   "max_epsilon_user": 10.0, "report_eval_metrics": False}
+INIT_LOCAL = {"max_epsilon_sample": 10.0}
+
+
+def initial_config(host: str, port: int) -> dict[str, dict]:
+    """The tables of a new home's ``config.toml`` (``fedpref-server init``), checked as ``start`` will."""
+    from fedpref.model.config import ModelConfig
+    from fedpref.protocol.tomlconfig import build, to_plain
+    from fedpref.server.config import FederationConfig, LocalConfig
+    from fedpref.server.secagg import SecAggConfig
+
+    fed = to_plain(FederationConfig()) | INIT_FEDERATION
+    secagg = to_plain(SecAggConfig())
+    check_secure_aggregation(build(FederationConfig, fed, where="init [federation]"), SecAggConfig(), where="init")
+    return {
+        "server": {"address": f"{host}:{port}", "superlink": f"127.0.0.1:{port + 1 if port < 65535 else port - 1}",
+                   "ca": "tls/ca.pem", "certificate": "tls/server.pem",
+                   "private_key": "tls/server.key", "trust_root": "keys/root.json", "state": "state"},
+        "model": to_plain(ModelConfig()), "federation": fed, "local": to_plain(LocalConfig()) | INIT_LOCAL,
+        "secagg": secagg,
+    }
+
+
+def check_secure_aggregation(fed: Any, secagg: Any, *, where: str) -> float:
+    """[federation] against [secagg] (:func:`fedpref.server.secagg.check_cohort_settings`): one-line
+    ConfigError naming both keys and the fix; returns the per-round halt probability."""
+    from fedpref.server.secagg import check_cohort_settings
+
+    return check_cohort_settings(fed, secagg, where=where)
+
+
 def refuse_seeded(config: dict, *, where: str) -> None:
     """A deployment never seeds its DP draws: refuse any setting that would (one line)."""
     runtime = config.get("runtime", {})
@@ -434,6 +472,9 @@ def start(home: ServerHome, *, rounds: int | None, policy: Path | None, extra_ru
         names = ", ".join(f"{p['name']} (pid {p['pid']})" for p in alive)
         raise AlreadyRunningError(f"{home.root} is already running: {names}; `fedpref-server stop --home {home.root}` first")
     settings = load_server_settings(str(home.config))  # fail before starting anything
+    from fedpref.server.secagg import load_secagg_config
+
+    check_secure_aggregation(settings.federation, load_secagg_config(str(home.config)), where=str(home.config))
     for f in (home.ca, home.certificate, home.private_key, home.trust_root):
         if not f.is_file():
             raise HomeError(f"{f} is missing; the home is incomplete (re-create it with `fedpref-server init`)")
@@ -520,6 +561,33 @@ def run_state(home: ServerHome, run_id: int) -> str:
 # --- status ---------------------------------------------------------------------------------
 
 
+def rounds_report(history: list[dict], run_rounds: list[int] | tuple[int, int] | None, *,
+                  stopped_reason: str | None = None, finished: bool = False) -> str:
+    """One plain line: released rounds of the run against those asked for, and why fewer.
+
+    e.g. ``3 of 5 rounds released (rounds 1..5); 2 attempts halted: round 4: 2 node(s) sampled, ...;
+    stopped at round 4: 3 attempts in a row halted ...``.
+    """
+    first, last = (int(run_rounds[0]), int(run_rounds[1])) if run_rounds else (1, None)
+    mine = [h for h in history if h["server_round"] >= first and (last is None or h["server_round"] <= last)]
+    released = sum(1 for h in mine if not h.get("halted"))
+    halted = [h for h in mine if h.get("halted")]
+    asked = f" of {last - first + 1}" if last is not None else ""
+    line = f"{released}{asked} rounds released" + (f" (rounds {first}..{last})" if last is not None else "")
+    if halted:
+        reasons: dict[str, list[int]] = {}
+        for h in halted:
+            reasons.setdefault(str(h["halted"]), []).append(int(h["server_round"]))
+        line += f"; {len(halted)} attempt{'s' * (len(halted) != 1)} halted (nothing released or charged): " + "; ".join(
+            f"round {', '.join(map(str, sorted(set(r))))}: {why}" + (f" (×{len(r)})" if len(r) > 1 else "")
+            for why, r in reasons.items())
+    if stopped_reason:
+        line += f"; {stopped_reason}"
+    elif finished and last is not None and released < last - first + 1:
+        line += "; the run ended before the rest"
+    return line
+
+
 def status(home: ServerHome) -> dict:
     from fedpref.server.privacy import PrivacyLedger
 
@@ -535,24 +603,41 @@ def status(home: ServerHome) -> dict:
         fed = tomllib.loads(home.config.read_text()).get("federation", {})
     except (OSError, tomllib.TOMLDecodeError):
         pass
+    released = [h for h in history if not h.get("halted")]
+    halted = [h for h in history if h.get("halted")]
+    summary = _summary(home)
+    run_status = run_state(home, rec["run_id"]) if alive and rec.get("run_id") else None
+    ended = not alive or (run_status or "").startswith("finished")  # summary.json is the run's only then
+    if not rec:  # stopped: report on the run `stop` recorded last
+        try:
+            rec_rounds = json.loads((home.run_dir / "last-run.json").read_text()).get("rounds")
+        except (OSError, ValueError):
+            rec_rounds = None
+    else:
+        rec_rounds = rec.get("rounds")
     out: dict[str, Any] = {
         "home": str(home.root),
         "running": bool(alive),
         "processes": [{"name": p["name"], "pid": p["pid"]} for p in alive],
         "device_address": home.address,
-        "run": {"id": rec.get("run_id"), "rounds": rec.get("rounds"),
-                "status": run_state(home, rec["run_id"]) if alive and rec.get("run_id") else None},
-        "rounds_completed": len(history),
+        "run": {"id": rec.get("run_id"), "rounds": rec.get("rounds"), "status": run_status},
+        # released rounds only: a halted attempt (secure aggregation) releases and charges nothing
+        "rounds_completed": len(released),
+        "rounds_halted": len(halted),
+        "halted": [{"round": h["server_round"], "reason": h["halted"]} for h in halted[-10:]],
+        "rounds_report": rounds_report(
+            history, rec_rounds, stopped_reason=summary.get("stopped_reason") if ended else None, finished=ended),
         "last_round": None if last is None else {
             "round": last["server_round"], "population": last["population"], "sampled": last["sampled"],
             "responded": last["replied"], "accepted": last["accepted"], "rejected": last["rejected"],
-            "declined": last["declined"], "policy_version": last.get("policy_version", 0)},
+            "declined": last["declined"], "policy_version": last.get("policy_version", 0),
+            "halted": last.get("halted", "")},
         "epsilon_user": ledger[-1]["epsilon"] if ledger else 0.0,
         "delta": fed.get("delta"),
         "max_epsilon_user": fed.get("max_epsilon_user"),
         "ledger": ledger,
         "policy": _policy_in_force(home),
-        "stopped_reason": _summary(home).get("stopped_reason"),
+        "stopped_reason": summary.get("stopped_reason"),
         "latest_checkpoint": str(home.server_dir / "checkpoints" / latest.read_text().strip()) if latest.exists() else None,
     }
     return out

@@ -64,6 +64,15 @@ class RoundRecord:
     metrics: dict[str, float] = field(default_factory=dict)  # unweighted means of the devices' bounded metrics (when sent)
     epsilon_sample_max: float = 0.0
     seconds: float = 0.0
+    # why this attempt was halted (secure aggregation: too few sampled or surviving devices, a
+    # rejected sum): nothing released, nothing charged, and the round is attempted again under
+    # the same number. "" = the round was released (and charged).
+    halted: str = ""
+
+
+def released_rounds(history: list[RoundRecord] | list[dict]) -> list:
+    """The records of released rounds: halted attempts are in the history, but never count as rounds."""
+    return [h for h in history if not (h.get("halted") if isinstance(h, dict) else h.halted)]
 
 
 class FedPrefStrategy(FedAvg):
@@ -196,7 +205,7 @@ class FedPrefStrategy(FedAvg):
         for msg in replies:
             node = str(msg.metadata.src_node_id)
             if msg.has_error():
-                rec.declined.append({"node": node, "reason": _short(msg.error.reason)})
+                rec.declined.append({"node": node, "reason": short_reason(msg.error.reason)})
                 log.warning("round %d: node %s declined: %s", server_round, node, msg.error.reason)
                 continue
             rec.replied += 1
@@ -206,7 +215,7 @@ class FedPrefStrategy(FedAvg):
                 m = reply.metrics.as_dict() if reply.metrics is not None else {}
             except Exception as e:  # noqa: BLE001 - whatever one reply does, it is that reply's rejection
                 reason = str(e) if isinstance(e, (RejectedUpdate, DataError)) else f"malformed reply ({type(e).__name__}: {e})"
-                rec.rejected.append({"node": node, "reason": _short(reason)})
+                rec.rejected.append({"node": node, "reason": short_reason(reason)})
                 log.warning("round %d: rejected update from node %s: %s", server_round, node, reason)
                 continue
             # only an accepted reply changes server state
@@ -267,10 +276,11 @@ def _means(items: list[dict[str, float]]) -> dict[str, float]:
     return {k: float(np.mean([m[k] for m in items if k in m])) for k in keys}
 
 
-def _short(reason: str, limit: int = 300) -> str:
-    """An error reason for the round record: a remote traceback keeps only its end."""
-    reason = reason.strip()
+def short_reason(reason: str, limit: int = 300) -> str:
+    """An error reason for the round record: one line of printable text (a device's text must not
+    inject terminal escapes or fake lines into the operator's status); a long one keeps its end."""
+    reason = "".join(ch if ch.isprintable() else "\ufffd" for ch in str(reason).strip())
     return reason if len(reason) <= limit else "…" + reason[-limit:]
 
 
-__all__ = ["FedPrefStrategy", "RoundRecord", "K_SHARED", "make_round_config", "poisson_sample"]
+__all__ = ["FedPrefStrategy", "RoundRecord", "K_SHARED", "make_round_config", "poisson_sample", "released_rounds"]

@@ -407,11 +407,16 @@ def generate(config: PersonaConfig | None = None) -> PersonaData:
     )
 
 
-def safety_corpus(config: PersonaConfig | None = None, *, n_per_class: int = 200) -> list[dict]:
+SAFETY_CORPUS_PER_CLASS = 400  # the demo's [safety] corpus_per_class: the classifier RESULTS.md reports
+
+
+def safety_corpus(config: PersonaConfig | None = None, *, n_per_class: int = SAFETY_CORPUS_PER_CLASS) -> list[dict]:
     """Labelled texts for training a safety classifier, disjoint from the pool's texts.
 
     ``n_per_class`` texts for ``"safe"`` and for each unsafe category, over all topics, from a
     separate random stream. Records: ``{"text": ..., "category": "safe" | <category>}``, shuffled.
+    The default is the demo's (400 per class), so ``fedpref-sim generate --safety-corpus`` (the
+    README's operator path) writes the very corpus the demo's policy classifier is trained on.
     """
     config = config or PersonaConfig()
     if not isinstance(n_per_class, int) or n_per_class < 1:

@@ -68,3 +68,90 @@ def test_the_submitted_app_is_the_simulations_server_and_client_app() -> None:
         "serverapp": "fedpref.server.app:app", "clientapp": "fedpref.client.app:app"}
     assert app["tool"]["flwr"]["app"]["config"]["secure-aggregation"] is True  # on by default in deployment
     assert app["project"]["dependencies"] == []  # nothing to install at run time
+
+
+# --- settings that cannot work with secure aggregation are refused at init and at start ----------
+def _with(home: ServerHome, tmp_path: Path, **federation: object) -> ServerHome:
+    """A copy of the home's config with [federation] keys replaced (nothing else is needed to start checking)."""
+    text = home.config.read_text()
+    for key, value in federation.items():
+        text, n = re.subn(rf"(?m)^{key} = .*$", f"{key} = {value}", text)
+        assert n == 1, key
+    (tmp_path / "config.toml").write_text(text)
+    return ServerHome.load(tmp_path)
+
+
+@pytest.mark.parametrize("n, q, keys, fix", [
+    (2, 1.0, ("min_available_clients = 2", "min_cohort = 3"), "set min_available_clients >= 3"),
+    (3, 0.5, ("client_sample_rate = 0.5", "min_available_clients = 3", "min_cohort = 3"),
+     "set client_sample_rate >= 0.8 or min_available_clients >= 5"),
+])
+def test_start_refuses_settings_that_halt_secure_aggregation_in_one_line(home, tmp_path, n, q, keys, fix) -> None:
+    from fedpref.server import deploy
+
+    bad = _with(home, tmp_path, min_available_clients=n, client_sample_rate=q)
+    with pytest.raises(ConfigError) as e:
+        deploy.start(bad, rounds=1, policy=None)  # refused before anything starts
+    msg = str(e.value)
+    assert "\n" not in msg and all(k in msg for k in keys) and fix in msg, msg
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_halt_rule_allows_a_small_halt_probability_only() -> None:
+    from fedpref.server.config import FederationConfig
+    from fedpref.server.secagg import SecAggConfig, check_cohort_settings, halt_probability
+
+    k = SecAggConfig()
+    assert check_cohort_settings(FederationConfig(min_available_clients=3, client_sample_rate=1.0), k, where="x") == 0.0
+    p = check_cohort_settings(FederationConfig(min_available_clients=20, client_sample_rate=0.5), k, where="x")
+    assert p == pytest.approx(halt_probability(population=20, sample_rate=0.5, min_cohort=3)) and p < 1e-3
+    with pytest.raises(ConfigError, match="in 84% of rounds"):
+        check_cohort_settings(FederationConfig(min_available_clients=5, client_sample_rate=0.3), k, where="x")
+
+
+def test_init_writes_a_config_that_works_with_secure_aggregation_from_three_devices(home) -> None:
+    """What `fedpref-server init` wrote passes `start`'s check; 10 rounds fit its ε budget."""
+    import tomllib
+
+    from fedpref.server import privacy
+    from fedpref.server.app import load_server_settings
+    from fedpref.server.deploy import check_secure_aggregation
+    from fedpref.server.secagg import load_secagg_config
+
+    fed = load_server_settings(str(home.config)).federation
+    secagg = load_secagg_config(str(home.config))
+    assert check_secure_aggregation(fed, secagg, where="init") == 0.0
+    assert fed.min_available_clients == 3 == secagg.min_cohort and fed.client_sample_rate == 1.0
+    assert "secagg" in tomllib.loads(home.config.read_text())  # min_cohort and max_attempts are visible
+    eps = privacy.epsilon(sample_rate=fed.client_sample_rate, noise_multiplier=fed.server_noise_multiplier,
+                          steps=fed.rounds, delta=fed.delta)
+    assert eps <= fed.max_epsilon_user, eps
+
+
+def test_status_says_how_many_rounds_were_released_and_why_not_more() -> None:
+    from fedpref.server.deploy import rounds_report
+
+    history = [{"server_round": 1}, {"server_round": 2, "halted": "2 node(s) sampled, secure aggregation needs ≥ 3"},
+               {"server_round": 2}, {"server_round": 3, "halted": "x"}, {"server_round": 3, "halted": "x"},
+               {"server_round": 3, "halted": "x"}]
+    line = rounds_report(history, [1, 5], stopped_reason="stopped at round 3: 3 attempts in a row halted", finished=True)
+    assert line.startswith("2 of 5 rounds released (rounds 1..5); 4 attempts halted")
+    assert "round 2: 2 node(s) sampled" in line and "round 3: x (×3)" in line and "stopped at round 3" in line
+
+
+def test_the_operator_safety_corpus_is_the_demos() -> None:
+    """README: `fedpref-sim generate --safety-corpus` then `policy build` with its defaults is the
+    demo's classifier (400 texts per class, same threshold, length, seed and backbone)."""
+    import inspect
+    import json
+
+    from fedpref.server.policy_cli import policy_build
+    from fedpref.simulations.config import load_sim_config
+    from fedpref.simulations.persona import PersonaConfig, safety_corpus
+
+    demo = load_sim_config(None)
+    assert safety_corpus(PersonaConfig()) == safety_corpus(demo.persona, n_per_class=demo.safety.corpus_per_class)
+    defaults = {k: v.default for k, v in inspect.signature(policy_build).parameters.items()}
+    assert (defaults["threshold"], defaults["max_length"], defaults["seed"], defaults["backbone"]) == (
+        demo.safety.threshold, demo.model.max_length, demo.runtime.seed, demo.model.backbone or None)
+    assert json.dumps(safety_corpus(PersonaConfig())[0])  # what `generate --safety-corpus` writes

@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -124,11 +125,15 @@ def deployment(tmp_path_factory, tiny_minilm_dir):  # noqa: ANN001, ANN201
     srv = base / "server"
     port, link = free_port(), free_port()
     cli("fedpref-server", "init", "--home", srv, "--address", f"127.0.0.1:{port}")
+    # what init writes for three devices and secure aggregation (set here too, whatever init wrote)
+    text = (srv / "config.toml").read_text()
+    for key, value in (("client_sample_rate", "1.0"), ("min_available_clients", "3")):
+        text = re.sub(rf"(?m)^{key} = .*$", f"{key} = {value}", text, count=1)
+    (srv / "config.toml").write_text(text)
     edit_toml(srv / "config.toml", {
         f'superlink = "127.0.0.1:{port + 1}"': f'superlink = "127.0.0.1:{link}"',
         'backbone = ""': f'backbone = "{tiny_minilm_dir}"',
-        "rounds = 10": "rounds = 2", "client_sample_rate = 0.5": "client_sample_rate = 1.0",
-        "min_available_clients = 2": "min_available_clients = 3", "max_epsilon_user = 10.0": "max_epsilon_user = 100.0",
+        "rounds = 10": "rounds = 2", "max_epsilon_user = 10.0": "max_epsilon_user = 100.0",
         "round_timeout_s = 3600.0": "round_timeout_s = 180.0",
         "batch_size = 16": "batch_size = 8", "max_epsilon_sample = 10.0": "max_epsilon_sample = 100.0",
     })
@@ -292,19 +297,25 @@ def test_deployment_end_to_end(deployment) -> None:  # noqa: ANN001, PLR0915
     subprocess.run([sys.executable, "-c", "from fedpref.server import deploy; deploy.start(deploy.ServerHome.load("
                     f"{str(srv)!r}), rounds=1, policy=None, serverapp='fedpref.simulations.attacks:tampering_server_app')"],
                    check=True, env=ENV, capture_output=True, timeout=120)
-    st = wait_for(lambda: run_finished(srv, 4), "round 4 with a tampered envelope", d.procs)
+    st = wait_for(lambda: run_finished(srv, 3), "round 4 with a tampered envelope", d.procs)
     last = st["last_round"]
-    assert last["accepted"] == 0 and len(st["ledger"]) == 3, st  # nothing trained, nothing released or charged
+    assert last["round"] == 4 and last["accepted"] == 0 and last["halted"], st
+    assert len(st["ledger"]) == 3, st  # nothing trained, nothing released or charged
     refusals = [r for r in last["declined"] if "safety policy refused" in r["reason"]]
     assert len(refusals) == 3, last
+    # a halted attempt is no round: round 4 was attempted [secagg] max_attempts (3) times, then the run stopped
+    assert st["rounds_completed"] == 3 and st["rounds_halted"] == 3, st
+    assert [h["round"] for h in st["halted"]] == [4, 4, 4]
+    assert st["rounds_report"].startswith("0 of 1 rounds released (rounds 4..4); 3 attempts halted"), st["rounds_report"]
+    assert "3 attempts in a row halted" in st["stopped_reason"], st
     for home, _ in d.agents:
         assert json.loads(cli("fedpref-agent", "status", "--home", home, "--json").stdout)["policy_version"] == 2
 
     # --- status reports rounds, rejections and epsilon ---------------------------------------------
     st = server_status(srv)
-    assert st["rounds_completed"] == 4 and st["epsilon_user"] == st["ledger"][-1]["epsilon"] > 0
+    assert st["rounds_completed"] == 3 and st["epsilon_user"] == st["ledger"][-1]["epsilon"] > 0
     human = cli("fedpref-server", "status", "--home", srv).stdout
-    assert "rounds completed 4" in human and "declined node" in human
+    assert "rounds completed 3" in human and "declined node" in human and "attempts in a row halted" in human
 
     # --- the local gRPC API of a device, served by `fedpref-agent serve` ----------------------------
     from fedpref.client.api import connect

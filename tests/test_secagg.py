@@ -331,20 +331,33 @@ def test_the_budget_stops_before_sampling(tmp_path):
     assert "max_epsilon_user" in strategy.core.stopped_reason and not strategy.core.history
 
 
-def test_an_unclipped_sum_is_not_released_and_a_clipped_one_is(tmp_path):
-    strategy, manager, params = _strategy(tmp_path)
-    assert len(strategy.configure_fit(1, params, manager)) == N_NODES
-    metrics = encode_metrics({}, 1.0)
-    bad = [np.array([10.0, 0, 0]), np.zeros(2), metrics]  # mean 10 ⇒ ‖sum‖ = 50 > m·C = 5
-    assert strategy.aggregate_fit(1, _results(bad, N_NODES), []) == (None, {})
-    assert "‖sum‖" in strategy.core.history[-1].rejected[0]["reason"]
-    assert not (tmp_path / "ledger.jsonl").exists()
+def test_an_unclipped_sum_is_projected_onto_m_c_and_released_and_a_clipped_one_is_untouched(tmp_path):
+    """Halting on an over-long sum would publish a bit of the honest devices' sum outside the
+    noise; the sum is projected onto the radius m·C instead (1-Lipschitz) and released."""
+    from fedpref.server import secagg as server_secagg
 
-    assert len(strategy.configure_fit(2, params, manager)) == N_NODES
-    good = [np.array([0.2, 0, 0]), np.zeros(2), metrics]  # ‖sum‖ = 1 ≤ 5
-    new, out = strategy.aggregate_fit(2, _results(good, N_NODES), [])
-    assert new is not None and out["accepted"] == N_NODES
-    assert len((tmp_path / "ledger.jsonl").read_text().splitlines()) == 1  # charged once, for the release
+    strategy, manager, params = _strategy(tmp_path)
+    released = []
+    real_release = server_secagg.release
+    server_secagg.release = lambda total, **kw: released.append(total) or real_release(total, **kw)
+    try:
+        assert len(strategy.configure_fit(1, params, manager)) == N_NODES
+        metrics = encode_metrics({}, 1.0)
+        bad = [np.array([10.0, 0, 0]), np.zeros(2), metrics]  # mean 10 ⇒ ‖sum‖ = 50 > m·C = 5
+        new, out = strategy.aggregate_fit(1, _results(bad, N_NODES), [])
+        assert new is not None and out["accepted"] == N_NODES
+        assert "projected" in strategy.core.history[-1].rejected[0]["reason"]
+        norm = float(np.sqrt(sum(np.sum(np.square(v)) for v in released[0].values())))
+        assert norm == pytest.approx(N_NODES * 1.0, rel=1e-3)  # onto m·C (+ the quantization slack)
+
+        assert len(strategy.configure_fit(2, params, manager)) == N_NODES
+        good = [np.array([0.2, 0, 0]), np.zeros(2), metrics]  # ‖sum‖ = 1 ≤ 5
+        new, out = strategy.aggregate_fit(2, _results(good, N_NODES), [])
+        assert new is not None and out["accepted"] == N_NODES and not strategy.core.history[-1].rejected
+        np.testing.assert_allclose(released[1][next(iter(released[1]))], [1.0, 0, 0], rtol=1e-9)
+    finally:
+        server_secagg.release = real_release
+    assert len((tmp_path / "ledger.jsonl").read_text().splitlines()) == 2  # charged once per release
 
 
 def test_a_reply_with_a_bad_attestation_is_dropped_before_its_masked_vector_is_summed(tmp_path, flower_task):
@@ -388,3 +401,112 @@ def test_the_release_is_global_plus_sum_over_qn_plus_noise(tmp_path):
         want = np.zeros(shape) + (mu * m / N_NODES + rng.normal(0.0, std, size=shape))
         np.testing.assert_allclose(got, want.astype(np.float32), rtol=1e-6, atol=1e-7)
     assert strategy.core.history[-1].noise_std == pytest.approx(std)
+
+
+# -- halted attempts: retried under the same round number, never counted, never charged -------------
+def _ledger_rounds(tmp_path) -> list[int]:
+    from fedpref.server.privacy import PrivacyLedger
+
+    path = tmp_path / "ledger.jsonl"
+    return [e.round for e in PrivacyLedger(path).entries()] if path.exists() else []
+
+
+def test_a_halted_attempt_is_retried_under_the_same_round_number_and_charges_nothing(tmp_path):
+    strategy, manager, params = _strategy(tmp_path)
+    mean = [np.array([0.1, 0.0, 0.0]), np.zeros(2), encode_metrics({}, 1.0)]
+    assert len(strategy.configure_fit(1, params, manager)) == N_NODES  # Flower's attempt 1 = round 1
+    assert strategy.aggregate_fit(1, [], []) == (None, {})  # nothing reached the aggregate: halted
+    halted = strategy.core.history[-1]
+    assert halted.server_round == 1 and halted.halted and halted.accepted == 0
+    assert strategy.released == 0 and strategy.next_round == 1 and _ledger_rounds(tmp_path) == []
+    assert strategy.more_attempts()
+
+    assert len(strategy.configure_fit(2, params, manager)) == N_NODES  # Flower's attempt 2: round 1 again
+    assert strategy._round.rec.server_round == 1
+    new, _ = strategy.aggregate_fit(2, _results(mean, N_NODES), [])
+    assert new is not None and not strategy.core.history[-1].halted
+    assert strategy.released == 1 and strategy.next_round == 2 and _ledger_rounds(tmp_path) == [1]
+    assert [(h.server_round, bool(h.halted)) for h in strategy.core.history] == [(1, True), (1, False)]
+
+
+def test_max_attempts_halted_in_a_row_stop_the_run_with_the_reason(tmp_path):
+    strategy, manager, params = _strategy(tmp_path)  # q = 1: a halted round is retried
+    for attempt in (1, 2, 3):
+        assert strategy.more_attempts()
+        assert len(strategy.configure_fit(attempt, params, manager)) == N_NODES
+        assert strategy.aggregate_fit(attempt, [], []) == (None, {})  # nothing reached the aggregate
+    assert not strategy.more_attempts()
+    reason = strategy.core.stopped_reason
+    assert "stopped at round 1" in reason and "3 attempts in a row halted" in reason
+    assert [h.server_round for h in strategy.core.history] == [1, 1, 1] and _ledger_rounds(tmp_path) == []
+    assert strategy.released == 0
+
+
+def test_with_client_sampling_a_halted_round_is_not_resampled(tmp_path):
+    """Re-drawing the Poisson sample until it is large enough would include each user in the
+    released rounds with a probability above the q the ledger charges: with q < 1 a halted
+    round keeps its number, charges nothing and is not retried."""
+    strategy, manager, params = _strategy(tmp_path, q=0.01)
+    strategy.rounds = 3
+    for attempt in (1, 2, 3):
+        assert strategy.more_attempts()
+        assert strategy.configure_fit(attempt, params, manager) == []  # < 3 sampled: halted
+    assert not strategy.more_attempts() and strategy.core.stopped_reason is None
+    assert [h.server_round for h in strategy.core.history] == [1, 2, 3]
+    assert all(h.halted for h in strategy.core.history) and _ledger_rounds(tmp_path) == []
+    assert strategy.released == 0 and strategy.skipped == 3
+
+
+def test_the_workflow_makes_attempts_until_the_asked_rounds_are_released(tmp_path):
+    """Flower's round counter counts attempts; `rounds` counts released rounds."""
+    from types import SimpleNamespace
+
+    from flwr.app import Context, RecordDict
+    from flwr.compat.common.recorddict_compat import arrayrecord_to_parameters
+    from flwr.server import LegacyContext, ServerConfig
+    from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
+
+    from fedpref.server.secagg import AttemptsWorkflow
+
+    strategy, _, _ = _strategy(tmp_path)
+    strategy.rounds = 2
+    mean = [np.array([0.1, 0.0, 0.0]), np.zeros(2), encode_metrics({}, 1.0)]
+    outcome = iter([0, N_NODES, 0, N_NODES])  # masked vectors that reach the aggregate, per attempt
+    seen = []
+
+    def fit(grid, context):  # stands for SecAgg+'s stages
+        attempt = context.state.config_records[MAIN_CONFIGS_RECORD][Key.CURRENT_ROUND]
+        params = arrayrecord_to_parameters(context.state.array_records[MAIN_PARAMS_RECORD], keep_input=True)
+        assert context.strategy.configure_fit(attempt, params, context.client_manager)
+        seen.append((attempt, context.strategy._round.rec.server_round))
+        if m := next(outcome):
+            context.strategy.aggregate_fit(attempt, _results(mean, m), [])
+        # else the stage gives up: the workflow ends the attempt as halted
+
+    grid = SimpleNamespace(get_node_ids=lambda: list(range(1, N_NODES + 1)), run=SimpleNamespace(run_id=1))
+    ctx = LegacyContext(context=Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={}),
+                        config=ServerConfig(num_rounds=2), strategy=strategy)
+    AttemptsWorkflow(fit_workflow=fit)(grid, ctx)  # type: ignore[arg-type]
+    assert seen == [(1, 1), (2, 1), (3, 2), (4, 2)]
+    assert [bool(h.halted) for h in strategy.core.history] == [True, False, True, False]
+    assert _ledger_rounds(tmp_path) == [1, 2]  # charged exactly once per released round
+    assert strategy.released == 2 and strategy.core.stopped_reason is None
+
+
+def test_resume_and_summary_count_released_rounds_only(tmp_path):
+    """A restart retries a halted round's number; summary.json counts it apart."""
+    import dataclasses
+    import json
+
+    from fedpref.server.app import resume_point
+    from fedpref.server.privacy import AccountantKind, PrivacyLedger, UserLevelBudget
+    from fedpref.server.strategy import RoundRecord, released_rounds
+
+    history = [RoundRecord(server_round=1, population=5, sampled=5, replied=5, accepted=5),
+               RoundRecord(server_round=2, population=5, sampled=2, replied=0, accepted=0, halted="2 node(s) sampled")]
+    (tmp_path / "history.json").write_text(json.dumps([dataclasses.asdict(h) for h in history]))
+    ledger = PrivacyLedger(tmp_path / "ledger.jsonl")
+    UserLevelBudget(max_epsilon=float("inf"), delta=1e-5, accountant=AccountantKind.RDP, ledger=ledger).charge(
+        round=1, sample_rate=1.0, noise_multiplier=1.0, clip_norm=1.0, participants=5, now=0.0)
+    res = resume_point(tmp_path, None, {}, ledger)
+    assert res.next_round == 2 and len(released_rounds(res.history)) == 1

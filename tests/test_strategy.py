@@ -8,14 +8,14 @@ from flwr.app import Error, Message, RecordDict
 from fedpref.protocol.messages import PROTOCOL_VERSION, Attestation, TrainMetrics, train_reply
 from fedpref.server.config import FederationConfig, LocalConfig
 from fedpref.server.privacy import AccountantKind, PrivacyLedger, UserLevelBudget
-from fedpref.server.release import seeded_generators
+from fedpref.server.release import dp_generator, seeded_generators
 from fedpref.server.strategy import FedPrefStrategy, poisson_sample
 
 SHA = "ab" * 32
 
 
-def _strategy(tmp_path, *, n_coords=4, z=0.0, q=0.5, population=10, on_round=None):
-    fed = FederationConfig(rounds=3, client_sample_rate=q, clip_norm=1.0, server_noise_multiplier=max(z, 1e-9))
+def _strategy(tmp_path, *, n_coords=4, z=1e-3, q=0.5, population=10, on_round=None):
+    fed = FederationConfig(rounds=3, client_sample_rate=q, clip_norm=1.0, server_noise_multiplier=z)
     budget = UserLevelBudget(max_epsilon=float("inf"), delta=1e-5, accountant=AccountantKind.RDP,
                              ledger=PrivacyLedger(tmp_path / "ledger.jsonl"))
     s = FedPrefStrategy(fed=fed, local=LocalConfig(), shapes={"w.lora_A.shared.weight": (n_coords,)},
@@ -32,12 +32,17 @@ def _reply_to(node, delta, *, rnd=1, sha=SHA):
     return Message(content=train_reply({"w.lora_A.shared.weight": np.asarray(delta, np.float32)}, m, att), reply_to=ins)
 
 
-def test_mean_over_expected_cohort_without_noise(tmp_path, flower_task):
-    s = _strategy(tmp_path, q=0.5, population=4)  # E[m] = 2
+def _noise(std: float, n: int, rnd: int = 1) -> np.ndarray:
+    """The noise the seeded (simulation) strategy adds in round ``rnd``: its generator's first draw."""
+    return dp_generator((0, 7919, rnd)).normal(0.0, std, size=n)
+
+
+def test_mean_over_expected_cohort_plus_the_rounds_noise(tmp_path, flower_task):
+    s = _strategy(tmp_path, q=0.5, population=4)  # E[m] = 2, noise std z·C/E[m] = 5e-4
     replies = [_reply_to(1, [0.5, 0, 0, 0]), _reply_to(2, [0, 0.5, 0, 0])]
     arrays, metrics = s.aggregate_train(1, replies)
     w = arrays["w.lora_A.shared.weight"].numpy()
-    np.testing.assert_allclose(w, [0.25, 0.25, 0, 0], atol=1e-6)
+    np.testing.assert_allclose(w, np.array([0.25, 0.25, 0, 0]) + _noise(5e-4, 4), atol=1e-6)
     rec = s.history[-1]
     assert rec.accepted == 2 and rec.rejected == [] and rec.epsilon_sample_max == 2.0
 
@@ -65,7 +70,7 @@ def test_bad_replies_are_rejected_with_reasons_and_the_rest_aggregated(tmp_path,
     reasons = " ".join(r["reason"] for r in rec.rejected)
     assert "exceeds clip norm" in reasons and "backbone sha256" in reasons
     assert rec.declined == [{"node": "4", "reason": "device budget"}]
-    np.testing.assert_allclose(arrays["w.lora_A.shared.weight"].numpy()[0], 0.1, atol=1e-6)
+    np.testing.assert_allclose(arrays["w.lora_A.shared.weight"].numpy()[0], 0.1 + _noise(1e-3 / 3, 4)[0], atol=1e-6)
 
 
 def test_ledger_is_written_before_release(tmp_path, flower_task):
