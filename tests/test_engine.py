@@ -44,3 +44,22 @@ def test_a_transient_failure_is_retried_and_the_next_start_is_real(monkeypatch):
         assert len(calls) == 2
     finally:
         ray.shutdown()
+
+
+def test_a_simulation_turns_flowers_telemetry_off_and_writes_no_machine_id(tmp_path, monkeypatch):
+    """fedpref-sim runs Flower in its own process: its telemetry switch (read once at import) and
+    the environment its Ray workers inherit are both off, and an event writes no ~/.flwr/source."""
+    import os
+
+    from flwr.supercore import telemetry
+
+    from fedpref.simulations.engine import quiet_flower
+
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path))
+    monkeypatch.setattr(telemetry, "FLWR_TELEMETRY_ENABLED", "1")
+    monkeypatch.setitem(telemetry.state, "source", None)
+    quiet_flower()
+    assert telemetry.FLWR_TELEMETRY_ENABLED == "0" and os.environ["FLWR_TELEMETRY_ENABLED"] == "0"
+    assert os.environ["FLWR_DISABLE_UPDATE_CHECK"] == "1"
+    telemetry.create_event(telemetry.EventType.PING, None)  # what Flower does at start and end of a run
+    assert not (tmp_path / "source").exists()
