@@ -18,36 +18,27 @@ sees in ``fedpref-server status``.
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 
-from fedpref.protocol.errors import ConfigError, DeclinedRound
+from fedpref.protocol.errors import DeclinedRound
 from fedpref.protocol.messages import RoundConfig
+from fedpref.protocol.tomlconfig import check_fields, ranged
 
 log = logging.getLogger("fedpref.client")
 
 
 @dataclass(frozen=True)
 class DeviceTerms:
-    min_noise_multiplier: float = 1.0  # σ: the least DP-SGD noise this device trains with (> 0)
-    max_grad_norm: float = 1.0  # the largest DP-SGD per-sample clip it accepts (L2)
-    max_epsilon_sample: float = 10.0  # its own ε_sample budget over all rounds, at `delta` (inf = none)
-    delta: float = 1e-5  # δ of its ε_sample
+    # σ: the least DP-SGD noise this device trains with (> 0: a device never trains without it)
+    min_noise_multiplier: float = ranged(1.0, gt=0, le=1e6, note="(a device never trains without DP-SGD noise)")
+    max_grad_norm: float = ranged(1.0, gt=0, le=1e6)  # the largest DP-SGD per-sample clip it accepts (L2)
+    # its own ε_sample budget over all rounds, at `delta` (inf = none)
+    max_epsilon_sample: float = ranged(10.0, gt=0, inf=True)
+    delta: float = ranged(1e-5, gt=0, lt=1)  # δ of its ε_sample
     share_metrics: bool = False  # report training metrics (loss, accuracy, ε_sample, time) in clear when asked
 
     def __post_init__(self) -> None:
-        def bad(key: str, value: object, rule: str, fix: str) -> ConfigError:
-            return ConfigError(f"terms.{key} = {value!r}; {rule} ({fix})")
-
-        if not (math.isfinite(self.min_noise_multiplier) and 0 < self.min_noise_multiplier <= 1e6):
-            raise bad("min_noise_multiplier", self.min_noise_multiplier, "use a finite σ in (0, 1e6]",
-                      "a device never trains without DP-SGD noise; e.g. 1.0")
-        if not (math.isfinite(self.max_grad_norm) and 0 < self.max_grad_norm <= 1e6):
-            raise bad("max_grad_norm", self.max_grad_norm, "use a finite clip in (0, 1e6]", "e.g. 1.0")
-        if math.isnan(self.max_epsilon_sample) or not self.max_epsilon_sample > 0:
-            raise bad("max_epsilon_sample", self.max_epsilon_sample, "use a number > 0 or inf", "e.g. 10")
-        if not (math.isfinite(self.delta) and 0 < self.delta < 1):
-            raise bad("delta", self.delta, "use a probability in (0, 1)", "e.g. 1e-5")
+        check_fields(self, "terms")
 
     def check(self, cfg: RoundConfig) -> None:
         """Decline a round that asks for less privacy than these terms allow. The reason names

@@ -100,17 +100,22 @@ METRIC_RANGES: dict[str, tuple[float, float, bool]] = {
 
 
 def check_ranges(obj: object, ranges: dict[str, tuple[float, float, bool]]) -> None:
-    """Every listed field of ``obj`` is a finite number in its range (``inf`` only where the
-    range's top is ``inf``); a :class:`DataError` naming the field, the value and the range."""
-    for name, (lo, hi, lo_incl) in ranges.items():
+    """Every listed field of ``obj`` (``None``: absent) passes :func:`check_number`."""
+    for name, span in ranges.items():
         v = getattr(obj, name)
-        if v is None:
-            continue
-        ok = (isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v)
-              and (math.isfinite(v) or v == hi == math.inf) and (v >= lo if lo_incl else v > lo) and v <= hi)
-        if not ok:
-            span = f"{'[' if lo_incl else '('}{lo:g}, {hi:g}]"
-            raise DataError(f"{type(obj).__name__}.{name} = {v!r}: outside {span}")
+        if v is not None:
+            check_number(f"{type(obj).__name__}.{name}", v, span)
+
+
+def check_number(where: str, v: object, span: tuple[float, float, bool]) -> float:
+    """``v`` is a finite number (not a bool) in ``span`` = (lowest, highest, lowest inclusive?),
+    ``inf`` only where the highest is ``inf``; else a :class:`DataError` naming it. Returns it."""
+    lo, hi, lo_incl = span
+    ok = (isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v)
+          and (math.isfinite(v) or v == hi == math.inf) and (v >= lo if lo_incl else v > lo) and v <= hi)
+    if not ok:
+        raise DataError(f"{where} = {v!r}: outside {'[' if lo_incl else '('}{lo:g}, {hi:g}]")
+    return float(v)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,7 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 
 from fedpref.protocol.errors import ConfigError, DataError
-from fedpref.protocol.messages import METRIC_RANGES, Attestation, RoundConfig, TrainMetrics, TrainRequest
+from fedpref.protocol.messages import METRIC_RANGES, Attestation, RoundConfig, TrainMetrics, TrainRequest, check_number
 
 K_SHARED_KEYS = "fedpref.shared-keys"  # FitIns config: "\n".join(shared parameter names)
 K_ENVELOPE = "fedpref.policy-envelope"  # FitIns config: the signed policy envelope (bytes)
@@ -185,11 +185,7 @@ def plain_epsilon_sample(metrics: Mapping[str, object]) -> float | None:
     that is not a finite number in range is a :class:`DataError`."""
     if K_EPSILON_SAMPLE not in metrics:
         return None
-    v = metrics[K_EPSILON_SAMPLE]
-    lo, hi, _ = METRIC_RANGES["epsilon_sample"]
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v <= hi:
-        raise DataError(f"{K_EPSILON_SAMPLE} = {v!r}: outside [{lo:g}, {hi:g}]")
-    return float(v)
+    return check_number(K_EPSILON_SAMPLE, metrics[K_EPSILON_SAMPLE], METRIC_RANGES["epsilon_sample"])
 
 
 def attestation_of(metrics: Mapping[str, object]) -> Attestation:
