@@ -279,7 +279,8 @@ class SecureFedPrefStrategy(Strategy):
             return []  # SecAgg+ then halts the round: nothing is trained, released or charged
         t0 = core.clock()
         global_arrays = dict(zip(self.keys, parameters_to_ndarrays(parameters), strict=True))
-        proxies = self._wait_for_nodes(client_manager)
+        # (the legacy manager refreshes from the grid)
+        proxies = self.core.wait_for_nodes(lambda: list(client_manager.all().values()))
         population = len(proxies)
         check_ranges(cohort=population, quantization_range=self.secagg.quantization_range,
                      modulus_range=self.secagg.modulus_range)
@@ -310,17 +311,6 @@ class SecureFedPrefStrategy(Strategy):
         log.info("round %d: sampled %d of %d nodes (Poisson q=%.3f) for secure aggregation; policy v%d sent to %d",
                  server_round, len(picked), population, fed.client_sample_rate, version, rec.policy_sent)
         return out
-
-    def _wait_for_nodes(self, client_manager: ClientManager) -> list[ClientProxy]:
-        fed = self.core.fed
-        deadline = self.core.clock() + fed.round_timeout_s
-        while True:
-            proxies = list(client_manager.all().values())  # (the legacy manager refreshes from the grid)
-            if len(proxies) >= fed.min_available_clients:
-                return proxies
-            if self.core.clock() > deadline:
-                raise DataError(f"only {len(proxies)} nodes connected, need {fed.min_available_clients}")
-            time.sleep(1.0)
 
     # -- replies, stage by stage ----------------------------------------------------------
     def admit(self, stage: str, replies: Iterable[Message]) -> list[Message]:

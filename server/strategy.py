@@ -19,6 +19,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
@@ -41,6 +42,7 @@ from fedpref.server.release import RoundGenerators, release
 from fedpref.server.validation import Expected, RejectedUpdate, validate_reply
 
 log = logging.getLogger("fedpref.server")
+T = TypeVar("T")
 
 
 @dataclass
@@ -153,7 +155,7 @@ class FedPrefStrategy(FedAvg):
     ) -> Iterable[Message]:
         self._t0 = self.clock()
         self._global = record_to_arrays(arrays)
-        node_ids = self._wait_for_nodes(grid)
+        node_ids = self.wait_for_nodes(lambda: sorted(grid.get_node_ids()))
         self._population = len(node_ids)
         picked = poisson_sample(node_ids, self.fed.client_sample_rate, self.round_rng(server_round))
         self._sampled = len(picked)
@@ -179,14 +181,16 @@ class FedPrefStrategy(FedAvg):
         self.rng = self.generators(server_round)
         return self.rng
 
-    def _wait_for_nodes(self, grid: Grid) -> list[int]:
+    def wait_for_nodes(self, connected: Callable[[], list[T]]) -> list[T]:
+        """``connected()`` once at least ``min_available_clients`` are there (polled every second,
+        up to ``round_timeout_s``); the plain and the SecAgg+ server both wait through this."""
         deadline = self.clock() + self.fed.round_timeout_s
         while True:
-            ids = sorted(grid.get_node_ids())
-            if len(ids) >= self.fed.min_available_clients:
-                return ids
+            nodes = connected()
+            if len(nodes) >= self.fed.min_available_clients:
+                return nodes
             if self.clock() > deadline:
-                raise DataError(f"only {len(ids)} nodes connected, need {self.fed.min_available_clients}")
+                raise DataError(f"only {len(nodes)} nodes connected, need {self.fed.min_available_clients}")
             time.sleep(1.0)
 
     # -- aggregation ----------------------------------------------------------------------

@@ -23,6 +23,7 @@ import numpy as np
 
 from fedpref.client.app import SimulatedDevices
 from fedpref.client.data import UserData, group_by_user, load_jsonl, write_jsonl
+from fedpref.client.terms import DeviceTerms
 from fedpref.client.device import DeviceState, Runtime, get_runtime, stable_seed, train_private_locally
 from fedpref.client.trainer import LocalTrainConfig, pair_accuracy
 from fedpref.model.cache import TextCache
