@@ -1,12 +1,13 @@
-# fedpref: `make demo` runs the main simulation, `make test` runs the test suite.
-# Both create .venv by themselves (torch pinned to the 2.13.0 CPU wheel).
+# fedpref: `make demo` runs the main simulation, `make test` runs the test suite,
+# `make test-fast` all but the slow end-to-end tests (pytest -m "not slow").
+# Each creates .venv by itself (torch pinned to the 2.13.0 CPU wheel).
 
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.fedpref-installed
 
-.PHONY: install demo test bench proto clean
+.PHONY: install demo test test-fast bench proto clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,6 +23,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)   # minus the end-to-end runs marked slow (Ray, deployment, restart, SecAgg+)
+	$(BIN)/python -m pytest -q -m "not slow"
 
 bench: $(STAMP)
 	$(BIN)/fedpref-sim bench

@@ -17,7 +17,7 @@ Layout of ``--home DIR`` (written by ``fedpref-agent init``)::
                           the federation, so not sealed)
     state/adapter.json    the private adapter's version (round, time) and δ
     flwr/                 FLWR_HOME of the SuperNode (installed Flower App bundles)
-    logs/, run/           the SuperNode's log and pid file
+    logs/, run/           the SuperNode's log; the pid and start time of the agent that runs it
 
 The ClientApp runs in a process the SuperNode starts; it finds this home through the
 node config key ``fedpref-home`` and uses :class:`~fedpref.client.agent_state.EncryptedDeviceState`, so the private
@@ -146,7 +146,9 @@ class AgentHome:
         )
         return UserData(user_id="device", community=None, train=pairs, test=())
 
-    def adapter_version(self) -> dict:
+    def adapter_metadata(self) -> dict:
+        """``state/adapter.json``: the private adapter's round and update time, and the δ it is
+        accounted at (``{}`` before the first round)."""
         fix = "delete it, the next round rewrites it"
         try:
             meta = json.loads(self.adapter_meta.read_bytes())
@@ -159,6 +161,8 @@ class AgentHome:
         if not isinstance(meta, dict):
             raise DataError(f"{self.adapter_meta}: expected a JSON object, got {type(meta).__name__}; {fix}")
         return meta
+
+    adapter_version = adapter_metadata  # the old name, until client/app.py calls adapter_metadata
 
 
 def tar_files(files: Mapping[str, bytes]) -> bytes:

@@ -46,7 +46,7 @@ class EncryptedDeviceState(DeviceState):
     def save_private(self, rt: Runtime, *, metadata: dict[str, str] | None = None) -> None:
         self.store.seal(PRIVATE_BLOB, tar_files(adapter_files(rt.model, PRIVATE_ADAPTER, metadata=metadata)))
         meta = {"round": int((metadata or {}).get("round", 0)), "updated_at": now_utc()}
-        write_text_atomic(self.home.adapter_meta, json.dumps(self.home.adapter_version() | meta), mode=0o600)
+        write_text_atomic(self.home.adapter_meta, json.dumps(self.home.adapter_metadata() | meta), mode=0o600)
 
     def accountant(self) -> SampleLevelAccountant:
         where = self.store.root / "vault" / f"{ACCOUNTANT_BLOB}.enc"

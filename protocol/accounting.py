@@ -3,8 +3,8 @@
 No accounting math lives here: every epsilon comes from an Opacus accountant
 (``RDPAccountant`` or ``PRVAccountant``) fed a history of ``(noise_multiplier, sample_rate,
 steps)``, and calibration is Opacus' ``get_noise_multiplier``. This module adds input
-checks and the persisted per-device history for the sample-level guarantee (see
-DESIGN.md, "Privacy model"). Both the server (user-level ledger, ``fedpref.server.privacy``)
+checks and the persisted per-device history for the sample-level guarantee (see the
+README, "Privacy, stated plainly"). Both the server (user-level ledger, ``fedpref.server.privacy``)
 and the devices use it, so it lives in ``protocol``.
 """
 

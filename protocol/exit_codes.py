@@ -1,4 +1,6 @@
-"""Exit codes of ``fedpref-server``, each with help text (after Flower's ``exit_code.py``).
+"""Exit codes of the three command-line tools (``fedpref-server``, ``fedpref-agent`` and
+``fedpref-sim``), each with help text (after Flower's ``exit_code.py``); ``fedpref-server
+exit-codes`` lists them.
 
 Ranges, so that new codes have room:
 

@@ -1,11 +1,14 @@
 """``HOST:PORT`` addresses, and the processes both CLIs start: Flower's environment (which
-keeps Flower from phoning home), and what a pid runs (to never signal a recycled pid)."""
+keeps Flower from phoning home), and a process's identity over time (pid and start time, so
+that a recycled pid is never signalled)."""
 
 from __future__ import annotations
 
 import os
 import sys
 from pathlib import Path
+
+import psutil
 
 from fedpref.protocol.atomic import write_text_atomic
 from fedpref.protocol.errors import ConfigError
@@ -60,10 +63,60 @@ def pin_telemetry_source(flwr_home: Path) -> None:
     write_text_atomic(path, TELEMETRY_SOURCE_PIN, mode=0o644)
 
 
-def cmdline(pid: int) -> list[str] | None:
-    """The arguments process ``pid`` runs with (Linux ``/proc``); None if it is gone or unreadable."""
+# psutil's create time is the boot time (whole seconds, which a clock adjustment may move by
+# one) plus the start tick (10 ms): two readings of one process's start time agree to this many
+# seconds. A pid recycled this soon after its first process started is not a practical concern.
+START_TOLERANCE_S = 1.5
+
+
+def process_started(pid: int | None = None) -> float | None:
+    """When process ``pid`` (default: this one) started, in seconds since the epoch (psutil's
+    create time); None if there is no such process. Record it with the pid: the two identify
+    the process over time (:func:`same_process`, :func:`signal_group`)."""
     try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
         return None
-    return [a.decode(errors="replace") for a in raw.split(b"\0") if a]
+
+
+def _same_start(proc: psutil.Process, started: float) -> bool:
+    return abs(proc.create_time() - started) <= START_TOLERANCE_S
+
+
+def same_process(pid: int, started: float | None) -> bool:
+    """Process ``pid`` runs (a zombie does not) and is the one that started at ``started``, not
+    a later process that was given the same pid."""
+    if started is None:
+        return False
+    try:
+        proc = psutil.Process(pid)
+        return _same_start(proc, started) and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def signal_group(pid: int, started: float | None, sig: int) -> bool:
+    """Send ``sig`` to the process group of the process ``pid`` that started at ``started``
+    (one started with ``start_new_session``: the group id is its pid); True if the group exists
+    and was signalled (``sig`` 0 only asks).
+
+    The group outlives its leader while a member runs, and its id cannot be given to a new
+    group meanwhile. So the group is ours unless process ``pid`` now leads a group of its own
+    and started at another time (the pid and then the group id were recycled): that group is
+    never signalled, nor one whose leader cannot be inspected.
+    """
+    if started is None:
+        return False
+    try:
+        leader = psutil.Process(pid)
+        if os.getpgid(pid) == pid and not _same_start(leader, started):
+            return False  # a new group under a recycled pid
+    except (psutil.NoSuchProcess, ProcessLookupError):
+        pass  # the leader is gone; what is left of its group is ours
+    except (psutil.Error, OSError):
+        return False
+    try:
+        os.killpg(pid, sig)
+    except OSError:  # no such group, or not ours to signal
+        return False
+    return True

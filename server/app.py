@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
-from tqdm.auto import tqdm
 
 from fedpref.model.backbone import load_backbone
 from fedpref.model.config import ModelConfig
@@ -34,6 +33,7 @@ from fedpref.protocol.runconfig import AppRun, Method, from_run_config
 from fedpref.protocol.tomlconfig import build, read_toml
 from fedpref.server.config import FederationConfig, LocalConfig
 from fedpref.server.privacy import AccountantKind, PrivacyLedger, UserLevelBudget
+from fedpref.server.progress import RoundBar
 from fedpref.server.release import fresh_generators, seeded_generators
 from fedpref.server.strategy import FedPrefStrategy, RoundRecord, released_rounds
 
@@ -125,27 +125,33 @@ class Resume:
     history: list[RoundRecord]
 
 
-def resume_point(server_dir: Path, model, initial: dict[str, np.ndarray], ledger: PrivacyLedger) -> Resume:  # noqa: ANN001
+def resume_point(server_dir: Path, model, initial: dict[str, np.ndarray], ledger: PrivacyLedger,  # noqa: ANN001
+                 *, halted_keep_numbers: bool = False) -> Resume:
     """Read back what a previous (possibly killed) server left in ``server_dir``.
 
     The ledger decides the next round: a round is charged *before* its weights are
     released, so a crash between the two leaves a charged round without a checkpoint. That
     round is not re-run under the same number (it stays charged: over-counting, never
     under-counting); training continues from the latest checkpoint.
+
+    A halted attempt (secure aggregation) releases nothing. With ``q = 1`` its round number is
+    attempted again, after a restart too; with ``q < 1`` (``halted_keep_numbers``) a halted round
+    is never retried, it keeps its number, so a restart continues after it as the run would have.
     """
     charged = [e.round for e in ledger.entries()]
     latest = server_dir / "checkpoints" / "LATEST"
-    if not charged and not latest.exists():
+    hist_path = server_dir / "history.json"
+    if not charged and not latest.exists() and not (halted_keep_numbers and hist_path.exists()):
         return Resume(1, initial, [])
     arrays, name = initial, "the initial weights"
     if latest.exists():
         name = latest.read_text().strip()
         load_adapter_weights(model, SHARED_ADAPTER, server_dir / "checkpoints" / name)
         arrays = get_arrays(model, Group.SHARED)
-    hist_path = server_dir / "history.json"
     history = [RoundRecord(**h) for h in json.loads(hist_path.read_text())] if hist_path.exists() else []
-    # halted attempts are in the history but release nothing: their round number is attempted again
-    next_round = max([*charged, *(h.server_round for h in released_rounds(history)), 0]) + 1
+    # halted attempts are in the history but release nothing: at q = 1 their round number is attempted again
+    used = history if halted_keep_numbers else released_rounds(history)
+    next_round = max([*charged, *(h.server_round for h in used), 0]) + 1
     log.warning("fedpref: resuming at round %d from %s (ledger: %d charged rounds)", next_round, name, len(charged))
     return Resume(next_round, arrays, history)
 
@@ -159,7 +165,7 @@ class Federation:
     strategy: FedPrefStrategy
     initial: dict[str, np.ndarray]
     resume: Resume
-    bar: tqdm
+    bar: RoundBar
 
 
 EnvelopeTransform = Callable[[bytes], bytes]  # attack experiments only (simulations/attacks.py)
@@ -191,18 +197,16 @@ def prepare_federation(run: AppRun, settings: ServerSettings, *, clock=time.time
     budget = UserLevelBudget(
         max_epsilon=fed.max_epsilon_user, delta=fed.delta, accountant=AccountantKind.RDP, ledger=ledger,
     )
-    resume = resume_point(run.server_dir, model, initial, ledger)
+    resume = resume_point(run.server_dir, model, initial, ledger, halted_keep_numbers=fed.client_sample_rate < 1.0)
     ckpt = Checkpoints(run.server_dir, model)
-    bar = tqdm(total=fed.rounds, initial=min(resume.next_round - 1, fed.rounds),
-               desc=f"{run.method.value} rounds{label}", unit="round", leave=False)
     strategy: FedPrefStrategy
+    bar: RoundBar
 
     def on_round(rec: RoundRecord, arrays: dict[str, np.ndarray]) -> None:
         ckpt.save(rec, arrays, strategy.history)
         if rec.halted:
             return
-        bar.update(1)
-        bar.set_postfix(eps_user=f"{rec.epsilon_user:.2f}", ok=rec.accepted, rej=len(rec.rejected))
+        bar.update(advance=1, eps_user=f"{rec.epsilon_user:.2f}", ok=rec.accepted, rej=len(rec.rejected))
 
     strategy = FedPrefStrategy(
         fed=fed, local=settings.local, shapes={k: v.shape for k, v in initial.items()},
@@ -215,6 +219,7 @@ def prepare_federation(run: AppRun, settings: ServerSettings, *, clock=time.time
     strategy.history.extend(resume.history)
     if policy is not None:
         strategy.policy_roots = policy.roots
+    bar = RoundBar(f"{run.method.value} rounds{label}", total=fed.rounds, done=min(resume.next_round - 1, fed.rounds))
     return Federation(identity, policy, strategy, initial, resume, bar)
 
 

@@ -275,24 +275,22 @@ def _follow(h, started) -> int:  # noqa: ANN001
     import signal
     import time
 
-    from tqdm.auto import tqdm
-
     from fedpref.server import deploy
+    from fedpref.server.progress import RoundBar
 
     def _terminated(_signum, _frame):  # noqa: ANN001
         raise KeyboardInterrupt
 
     total = started.last_round - started.first_round + 1
-    bar = tqdm(total=total, desc="rounds", unit="round")
+    bar = RoundBar("rounds", total=total)
     state = "running"
     previous = signal.signal(signal.SIGTERM, _terminated)
     try:
         while True:
             st = deploy.status(h)
             done = max(0, min(total, st["rounds_completed"] - (started.first_round - 1)))
-            bar.update(done - bar.n)
-            if st["ledger"]:
-                bar.set_postfix(eps_user=f"{st['epsilon_user']:.2f}")
+            note = {"eps_user": f"{st['epsilon_user']:.2f}"} if st["ledger"] else {}
+            bar.update(done=done, **note)
             state = st["run"]["status"] or "unknown"  # status asked Flower already
             if state.startswith("finished") or not st["running"]:
                 break

@@ -44,7 +44,7 @@ from fedpref.protocol.errors import (
     HomeError,
     NotRunningError,
 )
-from fedpref.protocol.netaddr import cmdline, flower_env, parse_address
+from fedpref.protocol.netaddr import flower_env, parse_address, process_started, same_process, signal_group
 
 CONNECTION = "fedpref"  # the SuperLink connection name in DIR/flwr/config.toml
 
@@ -131,20 +131,24 @@ class ServerHome:
 
 
 def _alive(proc: dict) -> bool:
-    """The recorded process still runs, and is the same program (not a recycled pid)."""
-    cmd = cmdline(int(proc["pid"]))  # nginx rewrites its argv to "nginx: master process ..."
-    prog = Path(proc["cmd"][0]).name
-    return bool(cmd) and any(prog in part for part in cmd[:3])
+    """The recorded process still runs: its pid and start time (a recycled pid started later)."""
+    return same_process(int(proc["pid"]), proc["started"])
 
 
 def recorded(home: ServerHome) -> dict:
+    """``run/processes.json``: what ``start`` started, each process with its pid and start time."""
     try:
-        return json.loads(home.processes_file.read_text())
+        rec = json.loads(home.processes_file.read_text())
     except FileNotFoundError:
         return {}
     except ValueError as e:
         raise DataError(f"{home.processes_file}: not valid JSON ({e}); check for stray fedpref processes, "
                         "then delete the file") from None
+    if undated := [p for p in rec.get("processes", []) if "started" not in p]:
+        pids = ", ".join(f"{p.get('name')} (pid {p.get('pid')})" for p in undated)
+        raise DataError(f"{home.processes_file}: no start time for {pids} (written by an older fedpref); stop "
+                        "those processes by hand, then delete the file")
+    return rec
 
 
 def running(home: ServerHome) -> list[dict]:
@@ -156,7 +160,7 @@ def _spawn(name: str, cmd: list[str], log: Path, env: dict[str, str]) -> dict:
     with open(log, "ab", buffering=0) as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 env=env, start_new_session=True)
-    return {"name": name, "pid": proc.pid, "cmd": cmd, "log": str(log)}
+    return {"name": name, "pid": proc.pid, "started": process_started(proc.pid), "cmd": cmd, "log": str(log)}
 
 
 def _wait_port(address: str, proc: dict, *, timeout: float = 60.0) -> None:
@@ -195,20 +199,15 @@ def _port_free(address: str) -> bool:
 
 
 def _terminate(procs: list[dict], *, grace: float = 20.0) -> list[str]:
-    """SIGTERM each recorded process group (the process and its children), then SIGKILL."""
+    """SIGTERM each recorded process group (the process and its children), then SIGKILL; a
+    group whose pid was recycled is left alone (:func:`~fedpref.protocol.netaddr.signal_group`)."""
     for p in procs:
-        try:
-            os.killpg(int(p["pid"]), signal.SIGTERM)
-        except ProcessLookupError:
-            pass
+        signal_group(int(p["pid"]), p["started"], signal.SIGTERM)
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline and any(_alive(p) for p in procs):
         time.sleep(0.2)
     for p in procs:
-        try:
-            os.killpg(int(p["pid"]), signal.SIGKILL)  # leftovers of the group, if any
-        except ProcessLookupError:
-            pass
+        signal_group(int(p["pid"]), p["started"], signal.SIGKILL)  # leftovers of the group, if any
     return [p["name"] for p in procs]
 
 
@@ -364,14 +363,17 @@ def _history(home: ServerHome) -> list[dict]:
         raise DataError(f"{home.server_dir / 'history.json'}: not valid JSON ({e}); restore it from a backup") from None
 
 
-def _rounds_done(home: ServerHome) -> int:
-    """The last released round (charged, or checkpointed): halted attempts do not count."""
+def _rounds_done(home: ServerHome, *, halted_keep_numbers: bool = False) -> int:
+    """The last released round (charged, or checkpointed): halted attempts do not count, unless
+    they keep their number (q < 1: a halted round is never retried; as ``app.resume_point``)."""
     from fedpref.server.privacy import PrivacyLedger
     from fedpref.server.strategy import released_rounds
 
     ledger = home.server_dir / "ledger.jsonl"
     charged = [e.round for e in PrivacyLedger(ledger).entries()] if ledger.exists() else []
-    return max([*charged, *(h["server_round"] for h in released_rounds(_history(home))), 0])
+    history = _history(home)
+    used = history if halted_keep_numbers else released_rounds(history)
+    return max([*charged, *(h["server_round"] for h in used), 0])
 
 
 def _install_policy(home: ServerHome, envelope: Path, backbone_sha256: str) -> dict:
@@ -489,7 +491,7 @@ def start(home: ServerHome, *, rounds: int | None, policy: Path | None, extra_ru
         in_force: dict | None = _install_policy(home, policy, load_backbone(settings.model.backbone or None).sha256)
     else:
         in_force = _policy_in_force(home)
-    done = _rounds_done(home)
+    done = _rounds_done(home, halted_keep_numbers=settings.federation.client_sample_rate < 1.0)
     more = rounds if rounds is not None else settings.federation.rounds
     if more < 1:
         raise ConfigError(f"--rounds {more}; give at least 1")

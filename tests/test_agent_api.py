@@ -286,11 +286,30 @@ def test_no_agent_is_config_error(tmp_path) -> None:
 
 
 @pytest.mark.skipif(threading.current_thread() is not threading.main_thread(), reason="needs main thread")
-def test_run_forever_stops_on_sigterm(tmp_path) -> None:
+def test_run_forever_stops_on_sigterm(tmp_path, monkeypatch) -> None:
     before = signal.getsignal(signal.SIGTERM)
     server, _ = serve(_backend(), socket=tmp_path / "a.sock")
-    threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    installed = threading.Event()
+    real_signal = signal.signal
+
+    def spy(sig, handler):  # noqa: ANN001, ANN202
+        previous = real_signal(sig, handler)
+        if sig == signal.SIGTERM and handler is not before:
+            installed.set()  # run_forever's handler is in place: the SIGTERM below reaches it
+        return previous
+
+    def send() -> None:
+        if installed.wait(60):
+            os.kill(os.getpid(), signal.SIGTERM)
+        else:
+            server.stop(0)  # no handler: end the wait, and the assertion below fails
+
+    monkeypatch.setattr(signal, "signal", spy)
+    sender = threading.Thread(target=send)
+    sender.start()
     run_forever(server, grace=0.5)
+    sender.join()
+    assert installed.is_set()
     assert signal.getsignal(signal.SIGTERM) is before
     assert not (tmp_path / "a.sock").exists()  # gRPC unlinks its socket on shutdown
 

@@ -83,7 +83,7 @@ def test_save_then_load_round_trips_bit_identically(state, rt):
     assert get_arrays(rt.model, Group.PRIVATE)[next(iter(before))].any() == False  # noqa: E712  (control)
     state.load_private(rt)
     _assert_bit_identical(before, get_arrays(rt.model, Group.PRIVATE))
-    assert state.home.adapter_version()["round"] == 3
+    assert state.home.adapter_metadata()["round"] == 3
     state.save_private(rt, metadata={"round": "3"})
     where = state.store.root
     _assert_same_adapter(untar_files(state.store.unseal(PRIVATE_BLOB), where=where), untar_files(sealed, where=where))

@@ -163,6 +163,7 @@ def _weights(rt) -> dict[str, np.ndarray]:
 
 
 # ---- community inference: individual updates and dropout differencing ----------------------------
+@pytest.mark.slow  # two federated rounds of 12 devices
 def test_community_inference_and_differencing(setup, tmp_path):
     _, users, rt, cache = setup
     shared = get_arrays(rt.model, Group.SHARED)

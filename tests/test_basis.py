@@ -192,6 +192,7 @@ def _cli(*args, check=True):
     return proc
 
 
+@pytest.mark.slow  # the operator's and the device's CLIs as real processes
 def test_operator_builds_a_basis_and_a_device_takes_it(tiny_minilm_dir, tmp_path):
     from fedpref.client.agent_home import BASIS_FILE, AgentHome
     from fedpref.model.config import ModelConfig

@@ -182,6 +182,7 @@ def _cmdline(pid: str) -> str:
         return ""
 
 
+@pytest.mark.slow  # SuperLink, nginx and agents as real processes
 def test_deployment_end_to_end(deployment) -> None:  # noqa: ANN001, PLR0915
     d = deployment
     srv = d.srv
@@ -375,6 +376,7 @@ def deployment_backbone(srv: Path) -> str:
     return tomllib.loads((srv / "config.toml").read_text())["model"]["backbone"]
 
 
+@pytest.mark.slow  # the deployment CLIs as real processes
 def test_bad_input_gives_one_line_and_exit_code(tmp_path, policy_kit) -> None:  # noqa: ANN001
     """A wrong CA, an unreachable server, a missing home, a malformed feedback file."""
     from datetime import datetime, timezone

@@ -94,6 +94,7 @@ _ONE_ROUND = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # two real processes that train
 def test_two_fresh_processes_give_different_deltas_unless_a_simulation_seeds_them(tiny_encoder_dir, tmp_path):
     """The same round, the same weights, the same data, in two new processes: a deployed device's
     delta differs (fresh noise and batches from the OS CSPRNG); with the simulation's explicit

@@ -9,6 +9,7 @@ from fedpref.protocol.exit_codes import ExitCode, exit_code_for
 from fedpref.simulations.engine import start_ray
 
 
+@pytest.mark.slow  # starts Ray
 def test_a_start_that_ray_refuses_is_one_error_with_rays_reason():
     with pytest.raises(SimulationRuntimeError) as e:
         start_ray({"include_dashboard": False, "num_cpus": -1}, attempts=2, backoff_s=0)
@@ -22,6 +23,7 @@ def test_a_start_that_ray_refuses_is_one_error_with_rays_reason():
     assert not ray.is_initialized()  # nothing half-started is left behind
 
 
+@pytest.mark.slow  # starts Ray
 def test_a_transient_failure_is_retried_and_the_next_start_is_real(monkeypatch):
     import ray
 

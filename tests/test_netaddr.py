@@ -1,8 +1,10 @@
 """Addresses, and the environment of every Flower process both CLIs start: nothing phones home
-and no per-device identifier is written. Includes a real ``flower-supernode``."""
+and no per-device identifier is written. Includes a real ``flower-supernode``. A process is
+known by its pid and start time, so a recycled pid is never signalled."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -14,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from fedpref.client.agent_home import AgentHome
 from fedpref.protocol.errors import ConfigError
 from fedpref.protocol.netaddr import (
     FLOWER_QUIET,
@@ -22,6 +25,9 @@ from fedpref.protocol.netaddr import (
     flower_env,
     parse_address,
     pin_telemetry_source,
+    process_started,
+    same_process,
+    signal_group,
 )
 
 QUIET = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_TELEMETRY_LOGGING": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
@@ -86,19 +92,19 @@ def test_the_server_cli_runs_flwr_with_flower_env(tmp_path, monkeypatch):
 
 
 def test_the_agent_starts_its_supernode_with_flower_env(tmp_path, monkeypatch):
-    from fedpref.client import agent_cli
+    from fedpref.client import agent_cli, supervisor
 
     home = tmp_path / "agent"
     home.mkdir()
     (home / "agent.toml").write_text('[agent]\nserver = "127.0.0.1:9092"\nca = "ca.pem"\n')
-    monkeypatch.setattr(agent_cli, "preflight", lambda *a, **k: None)
+    monkeypatch.setattr(supervisor, "preflight", lambda *a, **k: None)
     seen = {}
 
     def fake_popen(cmd, **kwargs):
         seen.update(kwargs["env"])
         raise ConfigError("stop before starting anything")
 
-    monkeypatch.setattr(agent_cli.subprocess, "Popen", fake_popen)
+    monkeypatch.setattr(supervisor.subprocess, "Popen", fake_popen)
     with pytest.raises(SystemExit):
         agent_cli.main(["start", "--home", str(home)])
     assert QUIET.items() <= seen.items() and seen["FLWR_HOME"] == str(home / "flwr")
@@ -171,3 +177,67 @@ def test_a_real_supernode_runs_quiet_and_writes_no_device_id(tmp_path, pinned):
     else:
         uuid.UUID(source)  # control: the per-device id Flower writes when the pin is missing
     assert not (flwr_home / ".cache").exists()  # no update-check state either
+
+
+# --- a process's identity: pid and start time (a recycled pid is never signalled) ------------
+
+
+def test_a_process_is_its_pid_and_start_time():
+    proc = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        started = process_started(proc.pid)
+        assert started is not None and same_process(proc.pid, started)
+        later = started + 60  # what a recycled pid looks like: the same number, another start
+        assert not same_process(proc.pid, later) and not same_process(proc.pid, None)
+        assert not signal_group(proc.pid, later, signal.SIGTERM)  # a group under a recycled pid: left alone
+        assert signal_group(proc.pid, started, 0) and proc.poll() is None
+        assert signal_group(proc.pid, started, signal.SIGTERM)
+        assert proc.wait(timeout=20) == -signal.SIGTERM
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert not same_process(proc.pid, started) and not signal_group(proc.pid, started, 0)
+
+
+@pytest.mark.skipif(not hasattr(os, "waitid"), reason="needs os.waitid")
+def test_a_zombie_is_not_running():
+    proc = subprocess.Popen(["true"])
+    started = process_started(proc.pid)
+    os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT)  # exited, not reaped: a zombie
+    assert started is not None and not same_process(proc.pid, started)
+    proc.wait()
+
+
+def test_the_agent_pidfile_names_a_running_agent_only(tmp_path):
+    from fedpref.client.supervisor import running_pid
+
+    home = tmp_path / "agent"
+    (home / "run").mkdir(parents=True)
+    (home / "agent.toml").write_text('[agent]\nserver = "127.0.0.1:9092"\nca = "ca.pem"\n')
+    h = AgentHome.load(home)
+    assert running_pid(h) is None  # no pidfile
+    me = os.getpid()
+    h.pid_file.write_text(f"{me} {process_started()!r}\n")
+    assert running_pid(h) == me
+    h.pid_file.write_text(f"{me} {process_started() + 60!r}\n")  # the pid of an agent that is gone, recycled
+    assert running_pid(h) is None
+    h.pid_file.write_text(f"{me}\n")  # no start time: a stale file of an older agent
+    assert running_pid(h) is None
+
+
+def test_the_server_judges_its_recorded_processes_by_start_time(tmp_path):
+    from fedpref.protocol.errors import DataError
+    from fedpref.server import deploy
+
+    home = deploy.ServerHome(root=tmp_path, address="127.0.0.1:9092", superlink="127.0.0.1:9093",
+                             ca=tmp_path / "ca.pem", certificate=tmp_path / "s.pem", private_key=tmp_path / "s.key",
+                             trust_root=tmp_path / "root.json")
+    home.run_dir.mkdir()
+    me = {"name": "superlink", "pid": os.getpid(), "cmd": ["flower-superlink"], "log": "x.log"}
+    recycled = {**me, "name": "nginx", "started": process_started() + 60}
+    home.processes_file.write_text(json.dumps({"processes": [{**me, "started": process_started()}, recycled]}))
+    assert [p["name"] for p in deploy.running(home)] == ["superlink"]
+    home.processes_file.write_text(json.dumps({"processes": [me]}))  # written before start times were kept
+    with pytest.raises(DataError, match="no start time for superlink"):
+        deploy.running(home)

@@ -296,6 +296,7 @@ def test_lists_from_toml_become_tuples() -> None:
 
 
 # ---- learnability ---------------------------------------------------------------------------
+@pytest.mark.slow  # probes on real MiniLM embeddings of 800 texts
 def test_style_attributes_are_linearly_decodable_from_frozen_embeddings(minilm) -> None:
     """A logistic-regression probe on frozen mean-pooled MiniLM embeddings recovers every
     attribute: 800 pool texts, 4 folds of 600 train / 200 held-out texts each."""

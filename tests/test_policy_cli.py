@@ -32,7 +32,7 @@ from fedpref.safety_policy import (
     load_root,
     update_root,
 )
-from fedpref.server import policy_cli
+from fedpref.server import keys, policy_cli
 from fedpref.server.cli import app
 from fedpref.protocol.exit_codes import EXIT_CODE_HELP, ExitCode, exit_code_for
 
@@ -395,14 +395,14 @@ def test_interrupted_rotation_is_finished_or_rolled_back(tmp_path: Path, bundle:
     assert not stage.exists() and load_root((kdir / "root.json").read_bytes()).version == 1
 
     # a rotation that committed root.json but crashed before moving the keys is finished later
-    finish = policy_cli._finish_rotation
+    finish = keys.finish_rotation
     calls: list[Path] = []
-    monkeypatch.setattr(policy_cli, "_finish_rotation", lambda d: calls.append(d))
+    monkeypatch.setattr(keys, "finish_rotation", lambda d: calls.append(d))
     rotated = runner.invoke(app, ["keys", "rotate", "--home", str(home)])
     assert rotated.exit_code == 0, rotated.stderr
     assert calls and (kdir / ".next-v2" / "root.json").exists()  # staged, committed, not yet moved
     assert load_root((kdir / "root.json").read_bytes()).version == 2
-    monkeypatch.setattr(policy_cli, "_finish_rotation", finish)
+    monkeypatch.setattr(keys, "finish_rotation", finish)
     signed = runner.invoke(app, ["policy", "sign", str(bundle), "--home", str(home), "--version", "2",
                                  "--expires", in_days(10), "--out", str(tmp_path / "b.dsse.json")])
     assert signed.exit_code == 0, signed.stderr

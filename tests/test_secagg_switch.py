@@ -12,6 +12,8 @@ from fedpref.simulations.config import RuntimeConfig
 from fedpref.simulations.engine import run_on_simulation_engine
 from fedpref.simulations.persona import CommunitySpec, PersonaConfig, generate
 
+pytestmark = pytest.mark.slow  # a SecAgg+ federation on Flower's Simulation Engine (Ray)
+
 CONFIG = """
 [model]
 backbone = "{backbone}"

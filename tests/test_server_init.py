@@ -6,6 +6,7 @@ import stat
 import subprocess
 import sys
 
+import pytest
 from cryptography import x509
 
 from fedpref.server.app import load_server_settings
@@ -18,6 +19,7 @@ def _init(home, *args):
                           capture_output=True, text=True, env=env, timeout=120)
 
 
+@pytest.mark.slow  # fedpref-server init as a real process
 def test_init_writes_a_usable_home(tmp_path):
     home = tmp_path / "ops"
     r = _init(home, "--address", "10.1.2.3:9092", "--signers", "3", "--threshold", "2")
@@ -40,6 +42,7 @@ def test_init_writes_a_usable_home(tmp_path):
     assert 'address = "10.1.2.3:9092"' in (home / "config.toml").read_text()
 
 
+@pytest.mark.slow  # fedpref-server init as a real process
 def test_init_for_a_host_name_and_refusals(tmp_path):
     home = tmp_path / "ops"
     assert _init(home, "--address", "fl.example.org:443").returncode == 0

@@ -4,6 +4,7 @@ budget keeps counting from where it was."""
 
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -14,6 +15,8 @@ import pytest
 from fedpref.client.data import write_jsonl
 from fedpref.server.privacy import AccountantKind, PrivacyLedger, UserLevelBudget
 from fedpref.simulations.persona import CommunitySpec, PersonaConfig, generate
+
+pytestmark = pytest.mark.slow  # two Ray simulations in real processes, one killed
 
 ROUNDS = 4
 CONFIG = """
@@ -40,19 +43,39 @@ dp_noise_multiplier = 0.5
 """
 
 SCRIPT = """
-import sys
+import os, sys, threading
 from pathlib import Path
 from fedpref.protocol.runconfig import Method
+from fedpref.server.privacy import PrivacyLedger
 from fedpref.simulations.config import RuntimeConfig
 from fedpref.simulations.engine import run_on_simulation_engine
+hold_fd = int(sys.argv[4]) if len(sys.argv) > 4 else None
+if hold_fd is not None:  # the ServerApp runs in this process: hold it before the third ledger line
+    append = PrivacyLedger.append
+    def held_append(self, entry):
+        if len(self.entries()) >= 2:
+            os.write(hold_fd, b"held\\n")  # two rounds charged, the third not yet: kill me now
+            threading.Event().wait()
+        append(self, entry)
+    PrivacyLedger.append = held_append
 run_on_simulation_engine(method=Method.AGGREGATED, num_users=3, data=Path(sys.argv[1]), workdir=Path(sys.argv[2]),
                          config_file=Path(sys.argv[3]), cache=None, runtime=RuntimeConfig(client_cpus=1.0))
 """
 
 
-def _start(args):
+def _start(args, pass_fds=()):
     return subprocess.Popen([sys.executable, "-c", SCRIPT, *map(str, args)], start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, pass_fds=pass_fds)
+
+
+def _wait_for_hold(read_fd: int, proc: subprocess.Popen, timeout: float) -> bool:
+    """True once the server says it holds before its third ledger line; False if it exits first."""
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < deadline:
+        ready, _, _ = select.select([read_fd], [], [], 1.0)
+        if ready:
+            return os.read(read_fd, 16).startswith(b"held")
+    return False
 
 
 def test_a_killed_server_resumes_with_its_ledger_intact(tiny_encoder_dir, tmp_path):
@@ -64,21 +87,20 @@ def test_a_killed_server_resumes_with_its_ledger_intact(tiny_encoder_dir, tmp_pa
     work = tmp_path / "work"
     ledger = PrivacyLedger(work / "server" / "ledger.jsonl")
 
-    proc = _start([data, work, cfg])
-    deadline = time.time() + 300
+    read_fd, write_fd = os.pipe()
+    proc = _start([data, work, cfg, write_fd], pass_fds=(write_fd,))
+    os.close(write_fd)
     try:
-        while time.time() < deadline and proc.poll() is None:
-            if ledger.path.exists() and len(ledger.entries()) >= 2:
-                break
-            time.sleep(0.2)
-        assert proc.poll() is None, f"the first server ended before it could be killed: {proc.stderr.read()[-2000:]}"
+        held = _wait_for_hold(read_fd, proc, timeout=300)
+        assert held, f"the first server ended before it could be killed: {proc.stderr.read()[-2000:]}"
         os.killpg(proc.pid, signal.SIGKILL)  # the server, its Ray cluster, every client: gone at once
     finally:
+        os.close(read_fd)
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     before = ledger.entries()
-    assert 2 <= len(before) < ROUNDS
+    assert len(before) == 2  # killed between the second ledger line and the third
 
     proc = _start([data, work, cfg])
     _, err = proc.communicate(timeout=600)

@@ -44,6 +44,7 @@ def test_committed_flwr_sample_is_what_generate_writes(tmp_path):
     ],
     ids=["missing-field", "bad-json", "empty-user"],
 )
+@pytest.mark.slow  # fedpref-sim run as a real process
 def test_malformed_data_fails_with_file_line_and_reason(tmp_path, lines, expect):
     bad = tmp_path / "bad.jsonl"
     bad.write_text("\n".join(lines) + "\n")
@@ -53,11 +54,13 @@ def test_malformed_data_fails_with_file_line_and_reason(tmp_path, lines, expect)
     assert f"{bad.name}:1" in proc.stderr and expect in proc.stderr, proc.stderr
 
 
+@pytest.mark.slow  # fedpref-sim run as a real process
 def test_missing_config_fails_clearly(tmp_path):
     proc = _sim("run", "--config", str(tmp_path / "nope.toml"), "--out", str(tmp_path / "o"))
     assert proc.returncode != 0 and "Traceback" not in proc.stderr and "nope.toml" in proc.stderr
 
 
+@pytest.mark.slow  # fedpref-sim run as a real process
 def test_unknown_config_key_is_named(tmp_path):
     cfg = tmp_path / "c.toml"
     cfg.write_text("[federation]\nrounds = 2\nround = 3\n")
