@@ -18,6 +18,7 @@ from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS as SECAGG_CONFIGS
 
+from fedpref.client import adversary
 from fedpref.client.data import UserData, group_by_user, load_jsonl
 from fedpref.client.terms import DeviceTerms
 from fedpref.protocol.errors import DataError, DeclinedRound, FedPrefError, PolicyRefused
@@ -38,6 +39,8 @@ DECLINED_CODE = 4100  # Flower error code for a round the device declines on pur
 POLICY_REFUSED_CODE = 4101  # the safety policy sent (or required) did not verify: no training
 DEVICE_ERROR_CODE = 4102  # anything else went wrong on the device (details only in its own log)
 DEVICE_ERROR_REASON = "device error: the round failed on the device; its own log has the details"
+DROPPED_CODE = 4103  # simulation only (fault experiments): the device vanished mid-round
+DROPPED_REASON = "dropped out mid-round (simulated fault)"
 
 
 @functools.lru_cache(maxsize=4)
@@ -90,7 +93,14 @@ class SimulatedDevices:
     and the OS CSPRNG apply there."""
 
     terms: DeviceTerms = DeviceTerms()  # every simulated device's terms
-    tamper_safety: frozenset[str] = frozenset()  # attack experiment: these users' devices perturb their safety weights
+    # attack experiment: these users' devices perturb their safety weights (and attest the expected digest)
+    tamper_safety: frozenset[str] = frozenset()
+    # attack experiment: these users' devices poison the shared model (:mod:`fedpref.client.adversary`)
+    poison: frozenset[str] = frozenset()
+    # fault experiment: each sampled device drops out after training, before its reply, with this
+    # probability per round (a repeatable schedule from ``fault_seed``)
+    drop_rate: float = 0.0
+    fault_seed: int = 0
 
 
 def make_client_app(defaults: dict | None = None, *, devices: SimulatedDevices = SimulatedDevices()) -> ClientApp:
@@ -117,8 +127,15 @@ def make_client_app(defaults: dict | None = None, *, devices: SimulatedDevices =
     return app
 
 
+def lies(run: AppRun, context: Context, devices: SimulatedDevices) -> bool:
+    """Whether this node is one of a simulation's poisoning devices (never a deployed device)."""
+    if not devices.poison or NODE_CONFIG_KEY in context.node_config or run.data is None:
+        return False
+    return _user_for(context, _users(run.data)).user_id in devices.poison
+
+
 def train_for_node(run: AppRun, context: Context, req: TrainRequest,
-                   devices: SimulatedDevices = SimulatedDevices()):  # -> RecordDict
+                   devices: SimulatedDevices = SimulatedDevices(), *, secure: bool = False):  # -> RecordDict
     """One round on this node's user (plain and SecAgg+ apps alike). Raises DeclinedRound.
 
     A SuperNode started by ``fedpref-agent start`` names its agent home in the node config
@@ -142,13 +159,19 @@ def train_for_node(run: AppRun, context: Context, req: TrainRequest,
     cache = user_cache(rt, user, state, _shared_cache(run.cache))
     rnd = req.config.server_round
     seeded = run.deterministic_noise  # simulation only: the same config gives the same numbers
-    return train_round(
-        rt, user, state, req, cache=cache, terms=devices.terms,
+    malicious = lies(run, context, devices)
+    if malicious:
+        user, req = adversary.poisoned_user(user), adversary.noiseless(req)
+    content = train_round(
+        rt, user, state, req, cache=cache, terms=adversary.LIAR_TERMS if malicious else devices.terms,
         trust_root=_trust_root(str(run.root) if run.root else ""),
         tamper_safety=user.user_id in devices.tamper_safety,
         batch_seed=stable_seed(run.seed, user.user_id, rnd, "batches") if seeded else None,
         noise_seed=stable_seed(run.seed, user.user_id, rnd, "noise") if seeded else None,
     )
+    if adversary.drops(devices.fault_seed, user.user_id, rnd, devices.drop_rate):
+        raise adversary.DeviceDropped(f"{user.user_id} drops out of round {rnd} after training")
+    return adversary.boost(content, req.config.clip_norm, per_coordinate=secure) if malicious else content
 
 
 def train_on_device(home_dir: Path, req: TrainRequest):  # -> RecordDict
@@ -169,7 +192,7 @@ def train_on_device(home_dir: Path, req: TrainRequest):  # -> RecordDict
         cache = user_cache(rt, user, state, None)
         content = train_round(rt, user, state, req, cache=cache, terms=home.terms,
                               trust_root=None)  # the root was pinned by `fedpref-agent init`
-        write_text_atomic(home.adapter_meta, json.dumps(home.adapter_version() | {"delta": home.terms.delta}), mode=0o600)
+        write_text_atomic(home.adapter_meta, json.dumps(home.adapter_metadata() | {"delta": home.terms.delta}), mode=0o600)
     return content
 
 
@@ -189,9 +212,17 @@ def handle_train(msg: Message, context: Context, run_config: dict,
         content = train_for_node(run, context, parse_request(msg.content), devices)
     except DeclinedRound as e:
         return declined_reply(msg, e)
+    except adversary.DeviceDropped:
+        return dropped_reply(msg)
     except Exception:  # noqa: BLE001 - its text could carry paths or data: the device's log keeps it
         return failed_reply(msg)
     return Message(content=content, reply_to=msg)
+
+
+def dropped_reply(msg: Message) -> Message:
+    """A simulated device that vanished after training: Flower's simulation always answers a
+    message, so the vanishing is an error reply the server counts with the other non-replies."""
+    return Message(Error(code=DROPPED_CODE, reason=DROPPED_REASON), reply_to=msg)
 
 
 def failed_reply(msg: Message) -> Message:

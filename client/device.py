@@ -184,7 +184,8 @@ def enforce_policy(
     Fails closed: any verification error raises :class:`PolicyRefused` and the previously
     installed policy stays in force on disk. Returns the verified Policy, or ``None`` when
     neither side has one. ``tamper`` perturbs the attached safety weights *after*
-    verification: it simulates a compromised device, for the tampered-client experiment.
+    verification: it simulates a compromised device, for the tampered-client experiment
+    (which then attests the digest an honest device would: see :func:`train_round`).
     """
     now = now or datetime.now(timezone.utc)
     store = state.policy_store()
@@ -323,6 +324,8 @@ def train_round(
         state.save_private(rt, metadata={"round": str(cfg.server_round)})
     module = attached(rt.model)
     digest = module.digest() if module is not None else ""  # recomputed after training
+    if tamper_safety and policy is not None:  # the attestation is a self-declaration: a tampered
+        digest = SafetyModule.from_policy(policy).digest()  # device reports what an honest one would
     if SHARED_ADAPTER in rt.adapters:
         state.received_global(rt, cfg.server_round, req.shared)
     metrics = TrainMetrics(

@@ -33,7 +33,8 @@ from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Stage
 from flwr.common.secure_aggregation.secaggplus_constants import Key as SAKey
 
-from fedpref.client.app import SimulatedDevices, declined_reply, failed_reply, train_for_node
+from fedpref.client.adversary import DeviceDropped
+from fedpref.client.app import SimulatedDevices, declined_reply, dropped_reply, failed_reply, lies, train_for_node
 from fedpref.protocol.errors import DataError, DeclinedRound, FedPrefError
 from fedpref.protocol.messages import NORM_TOLERANCE, TrainReply, TrainRequest, l2_norm, record_to_arrays
 from fedpref.protocol.runconfig import from_run_config
@@ -69,10 +70,11 @@ class SecAggDevice(NumPyClient):
             req, keys = parse_fit(parameters, config)
         except DataError as e:
             raise DeclinedRound(f"malformed round request: {e}") from None
-        content = train_for_node(run, self._ctx, req, self._devices)
+        content = train_for_node(run, self._ctx, req, self._devices, secure=True)
         reply = TrainReply.from_content(content)
         delta = record_to_arrays(reply.delta)
-        check_own_delta(delta, req)
+        if not lies(run, self._ctx, self._devices):  # a simulated poisoner skips its own check, as a liar would
+            check_own_delta(delta, req)
         return fit_reply(delta, keys, reply.metrics, reply.attestation, clip_norm=req.config.clip_norm)
 
 
@@ -86,6 +88,8 @@ def declines_as_errors(msg: Message, context: Context, call_next: ClientAppCalla
         return call_next(msg, context)
     except DeclinedRound as e:
         return declined_reply(msg, e)
+    except DeviceDropped:  # a simulated fault: the device is gone between two SecAgg+ stages
+        return dropped_reply(msg)
     except Exception:  # noqa: BLE001 - never the exception's text to the server
         return failed_reply(msg)
 

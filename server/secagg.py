@@ -135,6 +135,44 @@ class SecAggConfig:
         if m & (m - 1) or m > 1 << 32 or m <= self.quantization_range:
             raise ConfigError(
                 f"secagg.modulus_range = {m}; use a power of 2 above quantization_range and ≤ 2**32 (4294967296)")
+        bad = self.cohort_without_majority()
+        if bad is not None:
+            raise ConfigError(
+                f"secagg.reconstruction_fraction = {self.reconstruction_fraction:g}: with {bad[0]} sampled devices "
+                f"Flower's threshold is {bad[2]} of {bad[1]} shares, not a strict majority, and every device refuses "
+                "such a round (a server could rebuild both secrets of one device); use reconstruction_fraction "
+                ">= 0.67 (or raise min_cohort)")
+
+    def cohort_without_majority(self) -> tuple[int, int, int] | None:
+        """The smallest cohort of at least ``min_cohort`` sampled devices whose reconstruction threshold,
+        as Flower's SecAgg+ workflow computes it, is not a strict majority of the shares (the
+        devices' :func:`~fedpref.client.secagg.secagg_guard` refuses those rounds), as
+        (devices, shares, threshold); ``None`` when every cohort size is fine."""
+        r = self.reconstruction_fraction
+        if r <= 0.5 + 1e-3:  # too close to one half: small cohorts fail, and the search below would be long
+            n = max(self.min_cohort, 2)
+            return n, flower_shares(self.share_fraction, n), flower_threshold(r, flower_shares(self.share_fraction, n))
+        # round(r·s) > s/2 holds for every s > 1/(2r − 1) + 1: only smaller share counts need a look
+        last = math.ceil((1 / (2 * r - 1) + 2) / self.share_fraction) + 2
+        for n in range(max(self.min_cohort, 2), last + 1):
+            shares = flower_shares(self.share_fraction, n)
+            t = flower_threshold(r, shares)
+            if not 2 * t > shares:
+                return n, shares, t
+        return None
+
+
+def flower_shares(share_fraction: float, sampled: int) -> int:
+    """Secret shares per device for ``sampled`` devices, as ``SecAggPlusWorkflow`` computes them (flwr 1.42)."""
+    shares = round(share_fraction * sampled)
+    if shares < sampled and shares & 1 == 0:
+        shares += 1
+    return sampled if shares <= 2 else shares
+
+
+def flower_threshold(reconstruction_fraction: float, shares: int) -> int:
+    """Shares needed to rebuild a secret, as ``SecAggPlusWorkflow`` computes it (flwr 1.42)."""
+    return max(round(reconstruction_fraction * shares), 2)
 
 
 def load_secagg_config(config_file: str) -> SecAggConfig:

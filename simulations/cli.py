@@ -63,6 +63,9 @@ def run(
     secure_aggregation: Annotated[bool | None, typer.Option(
         "--secure-aggregation/--no-secure-aggregation",
         help="Flower SecAgg+ for the federated methods (default: [runtime] secure_aggregation)")] = None,
+    seed: Annotated[int | None, typer.Option(
+        "--seed", min=0, max=2**32 - 1,
+        help="reseed the benchmark and the run: [persona] seed and [runtime] seed (for tables over seeds)")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", help="show Flower's logs")] = False,
 ) -> None:
     """Run aggregated, local, finetuned and personalized training and write a report."""
@@ -76,6 +79,9 @@ def run(
         cfg = load_sim_config(config)
         if ray_address:
             cfg = dataclasses.replace(cfg, runtime=dataclasses.replace(cfg.runtime, ray_address=ray_address))
+        if seed is not None:
+            cfg = dataclasses.replace(cfg, persona=dataclasses.replace(cfg.persona, seed=seed),
+                                      runtime=dataclasses.replace(cfg.runtime, seed=seed))
         if secure_aggregation is not None:
             cfg = dataclasses.replace(cfg, runtime=dataclasses.replace(cfg.runtime, secure_aggregation=secure_aggregation))
         if data is not None and not data.is_file():

@@ -2,7 +2,7 @@
 
 Tables: ``[persona]`` (with ``[[persona.communities]]``), ``[model]`` (with
 ``[model.adapter]``), ``[federation]``, ``[local]``, ``[methods]``, ``[runtime]``, ``[safety]``,
-``[secagg]``, ``[audit]``, ``[attributes]``.
+``[secagg]``, ``[audit]``, ``[attributes]``, ``[robustness]``, ``[new_users]``.
 Every key is optional; see ``simulations/configs/demo.toml`` for the demo's values.
 """
 
@@ -103,6 +103,47 @@ class AttributesConfig:
 
 
 @dataclass(frozen=True)
+class RobustnessConfig:
+    """Lying and failing devices (``simulations/robustness.py``, ``client/adversary.py``).
+
+    Each fraction in ``poison_fractions`` is one more ``personalized`` federation in which that
+    share of the users (a seeded draw; each fraction's attackers include the smaller one's)
+    attest exactly what honest devices attest and send norm-``C`` updates trained to rank
+    unsafe candidates first; the report compares the honest users with the attack-free run.
+    """
+
+    poison_fractions: tuple[float, ...] = ranged((), gt=0, lt=1, example=0.3)
+    # these fractions also run on the SecAgg+ path (where a liar's norm is unchecked; only
+    # Flower's quantizer bounds each coordinate by C); a run with runtime.secure_aggregation
+    # runs every fraction there already
+    secure_aggregation_fractions: tuple[float, ...] = ranged((), gt=0, lt=1, example=0.3)
+    # every sampled device drops out after training, before its reply, with this probability
+    # per round, in every federated run (a seeded fault schedule)
+    drop_rate: float = ranged(0.0, ge=0, lt=1)
+
+    def __post_init__(self) -> None:
+        check_fields(self, "robustness")
+        for name in ("poison_fractions", "secure_aggregation_fractions"):
+            values = getattr(self, name)
+            if len(set(values)) != len(values):
+                raise ConfigError(f"robustness.{name} = {list(values)} repeats a fraction; give each once")
+
+
+@dataclass(frozen=True)
+class NewUsersConfig:
+    """New users (``simulations/newusers.py``): held out of every run, they join afterwards with
+    their first k training pairs, for each k in ``pairs``."""
+
+    fraction: float = ranged(0.0, ge=0, lt=1, example=0.2, note="(0 = off)")  # of each community
+    pairs: tuple[int, ...] = ranged((0, 5, 10, 25, 50), ge=0, le=100_000)
+
+    def __post_init__(self) -> None:
+        check_fields(self, "new_users")
+        if self.fraction and not self.pairs:
+            raise ConfigError("new_users.pairs is empty; give the numbers of pairs new users join with, e.g. [0, 10]")
+
+
+@dataclass(frozen=True)
 class SimConfig:
     persona: PersonaConfig = field(default_factory=PersonaConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -111,9 +152,11 @@ class SimConfig:
     methods: MethodsConfig = field(default_factory=MethodsConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     safety: SafetyConfig = field(default_factory=SafetyConfig)
-    secagg: SecAggConfig = field(default_factory=SecAggConfig)
-    audit: AuditConfig = field(default_factory=AuditConfig)  # read by the ServerApp when runtime.secure_aggregation
+    secagg: SecAggConfig = field(default_factory=SecAggConfig)  # read by the ServerApp when runtime.secure_aggregation
+    audit: AuditConfig = field(default_factory=AuditConfig)
     attributes: AttributesConfig = field(default_factory=AttributesConfig)
+    robustness: RobustnessConfig = field(default_factory=RobustnessConfig)
+    new_users: NewUsersConfig = field(default_factory=NewUsersConfig)
 
     def to_dict(self) -> dict:
         return to_plain(self)

@@ -245,10 +245,11 @@ def safety_section(res: dict) -> str:
     tamper = ""
     if t["users"]:
         tamper = (
-            f"<p>Tampered devices ({html.escape(', '.join(t['users']))}) perturbed their safety weights; the server "
-            f"rejected {sum(t['rejected_updates'].values())} of their updates on the attested digest"
-            + (f" (reason logged: <code>{html.escape(t['example_reason'])}</code>)" if t["example_reason"] else "")
-            + " and every run completed.</p>"
+            f"<p>Tampered devices ({html.escape(', '.join(t['users']))}) perturbed their safety weights after "
+            f"verifying the policy and attested the digest an honest device reports; the server rejected "
+            f"{sum(t['rejected_updates'].values())} of their updates. The attestation is a self-declaration: it "
+            "catches a misconfigured device, not a lying one. A tampered device removes the bound for its own user "
+            "only; every other device ranks with the classifier it verified itself.</p>"
         )
     cats = ", ".join(f"{html.escape(c['name'])} (≥ {c['threshold']:.2f})" for c in sf["policy"]["categories"])
     val = sf["policy"].get("classifier_validation") or {}
@@ -271,6 +272,107 @@ FIGURES = {
     "accuracy_vs_rounds.png": plot_rounds,
     "privacy_vs_rounds.png": plot_privacy,
 }
+
+
+def plot_robustness(res: dict, path: Path) -> None:
+    """Honest users' accuracy and violation rates against the share of lying devices."""
+    rb = res["robustness"]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    for section, style in (("poisoning", "-o"), ("poisoning_secagg", "--s")):
+        runs = rb.get(section)
+        if not runs:
+            continue
+        keys = sorted((k for k in runs if k != "none"), key=float)
+        xs = [0.0, *map(float, keys)]
+        none = rb["poisoning"]["none"]
+        rows = [none, *(runs[k] for k in keys)]
+        tag = " (SecAgg+)" if section == "poisoning_secagg" else ""
+        axes[0].plot(xs, [r["honest_accuracy"] for r in rows], style, color=COLORS["personalized"], label="accuracy" + tag)
+        for arm, color in (("unbounded_violation", COLORS["aggregated"]), ("bounded_violation", COLORS["oracle"])):
+            if arm in none:
+                axes[1].plot(xs, [r[arm] for r in rows], style, color=color, label=arm.replace("_", " ") + tag)
+    axes[0].set_ylabel("honest users' held-out accuracy")
+    axes[1].set_ylabel("honest users' violation rate")
+    for ax in axes:
+        ax.set_xlabel("share of lying devices")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0].set_ylim(0, 1.02)
+    axes[1].set_ylim(-0.01, max(0.05, *(ln.get_ydata().max() for ln in axes[1].lines)) * 1.1 if axes[1].lines else 1)
+    fig.suptitle("Poisoning: the personalized federation with lying devices")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def robustness_section(res: dict) -> str:
+    """The poisoning experiment, when the run had one."""
+    rb = res.get("robustness")
+    if not rb:
+        return ""
+    rows = []
+    for section in ("poisoning", "poisoning_secagg"):
+        for key, r in (rb.get(section) or {}).items():
+            if key == "none" and section != "poisoning":
+                continue
+            base = r.get("baseline", r)
+            path = "SecAgg+" if section == "poisoning_secagg" or rb["paths"] == ["secagg"] else "plain"
+            cells = [f"{r['honest_accuracy']:.3f} ({r['honest_accuracy'] - base['honest_accuracy']:+.3f})"]
+            for arm in ("unbounded_violation", "bounded_violation"):
+                cells.append(f"{r[arm]:.3f} ({r[arm] - base[arm]:+.3f})" if arm in r else "–")
+            label = "none" if key == "none" else f"{float(key):.0%} ({len(r['malicious'])} devices)"
+            rows.append(f"<tr><td>{label}</td><td>{path}</td><td>{r['users']}</td>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    return f"""<h2>Robustness: lying devices</h2>
+<p>A share of the devices lies: each verifies the policy and attests exactly what an honest device attests, and
+sends every round the largest update the server accepts (norm C), trained on its (safe, unsafe) pairs relabelled so
+the unsafe text wins. Numbers are over the honest users only; in brackets, the change from the attack-free run on the
+same users. The bounded rate is what a device's user is shown: the classifier each device verified keeps unsafe
+candidates below safe ones whatever the shared model becomes. The server's only defence is the per-update norm
+bound C, which limits a lying device to what one honest device can move.</p>
+<table><tr><th>lying devices</th><th>path</th><th>honest users</th><th>accuracy</th><th>unbounded violation</th>
+<th>bounded violation</th></tr>{''.join(rows)}</table>
+<img src="robustness_poisoning.png" alt="poisoning">"""
+
+
+NEW_USER_METHODS = ("aggregated", "local", "personalized", "oracle")
+
+
+def plot_new_users(res: dict, path: Path) -> None:
+    """New users' held-out accuracy against the pairs they join with."""
+    nu = res["new_users"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for m in NEW_USER_METHODS:
+        if m in nu:
+            ks = sorted(nu[m], key=int)
+            ax.plot([int(k) for k in ks], [nu[m][k]["mean_accuracy"] for k in ks], "-o", color=COLORS[m], label=m)
+    ax.set_xlabel("training pairs of the new user (k)")
+    ax.set_ylabel("mean held-out accuracy")
+    ax.set_ylim(0, 1.02)
+    ax.set_title(f"New users ({len(nu['users'])} held out of every run)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def new_users_section(res: dict) -> str:
+    nu = res.get("new_users")
+    if not nu:
+        return ""
+    ms = [m for m in NEW_USER_METHODS if m in nu]
+    head = "".join(f"<th>{m}</th>" for m in ms)
+    rows = "".join(
+        f"<tr><td>{k}</td>" + "".join(f"<td>{nu[m][str(k)]['mean_accuracy']:.3f}</td>" for m in ms) + "</tr>"
+        for k in nu["pairs"]
+    )
+    return f"""<h2>New users</h2>
+<p>{len(nu['users'])} users (a share of each community) took part in no run. Each then joins with its first k
+training pairs: <i>personalized</i> keeps the federation's shared model frozen and fits a private adapter on the k
+pairs with the same DP-SGD ({nu['epochs']} epochs) as <i>local</i>, which fits one on the k pairs alone;
+<i>aggregated</i> is the aggregated federation's model as it is. Mean accuracy on the new users' held-out pairs:</p>
+<table><tr><th>k</th>{head}</tr>{rows}</table>
+<img src="new_users.png" alt="new users">"""
 
 
 def basis_section(res: dict) -> str:
@@ -304,6 +406,10 @@ def write_report(res: dict, out: Path, *, extra_sections: list[str] | None = Non
         plot_safety(res, out / "safety_violations.png")
     if "audit" in res["privacy"]:
         plot_audits(res, out / "privacy_audits.png")
+    if res.get("robustness"):
+        plot_robustness(res, out / "robustness_poisoning.png")
+    if res.get("new_users"):
+        plot_new_users(res, out / "new_users.png")
     cost, pr = res["cost"], res["privacy"]
     ul, sl = pr["user_level"], pr["sample_level"]
     rows = "".join(
@@ -350,7 +456,9 @@ Secure aggregation (Flower SecAgg+) was <b>{'on: the server saw only the sum of 
 (the shared delta is {cost['shared_delta_bytes']:,} bytes of float32) and {cost['bytes_down_per_client_round']:,} bytes come down.
 Sending shared <i>and</i> private adapters would cost {cost['shared_plus_private_bytes']:,} bytes: fedpref sends
 {ratio:.2f}× of that, and the private adapter never leaves the device.</p>
+{new_users_section(res)}
 {safety_section(res)}
+{robustness_section(res)}
 {''.join(extra_sections or [])}
 </body></html>"""
     path = out / "report.html"

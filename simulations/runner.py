@@ -36,6 +36,7 @@ from fedpref.protocol.runconfig import Method
 from fedpref.protocol.tomlconfig import to_plain
 from fedpref.simulations.config import SimConfig
 from fedpref.simulations.engine import device_terms, run_on_simulation_engine
+from fedpref.simulations.newusers import hold_out
 from fedpref.simulations.persona import generate
 from fedpref.simulations.progress import console, progress
 from fedpref.simulations.safety import evaluate_safety, prepare_policy, summarize_safety
@@ -261,7 +262,8 @@ def _ledger(server_dir: Path) -> list[dict]:
 
 
 def _tamper_report(rounds: dict[str, list[dict]], tampered: tuple[str, ...]) -> dict:
-    """What the server did with the tampered devices' replies (from its round history)."""
+    """What the server did with the tampered devices' replies (from its round history): they
+    attest the expected digest, so it rejects none (the attestation is a self-declaration)."""
     rejected = {
         m: [{"round": r["server_round"], **x} for r in hist for x in r["rejected"] if "safety digest" in x["reason"]]
         for m, hist in rounds.items()
@@ -290,7 +292,16 @@ def run_simulation(cfg: SimConfig, *, out: Path, data: Path | None, config_file:
     if unknown:  # checked before any expensive phase
         raise ConfigError(f"safety.tamper_users names {unknown[:3]}, not users of the data; use ids such as {sorted(users)[0]!r}")
     terms = device_terms(cfg)  # checked before any expensive phase too
-    console.print(f"[bold]fedpref-sim[/]: {len(users)} users, data {data}")
+    users_all = users
+    users, new_users = hold_out(users_all, cfg.new_users.fraction, cfg.runtime.seed)
+    if set(cfg.safety.tamper_users) & set(new_users):
+        raise ConfigError(f"safety.tamper_users names held-out new users {sorted(set(cfg.safety.tamper_users) & set(new_users))}; "
+                          "name users of the federation, or set new_users.fraction = 0")
+    if new_users:  # the federation's own data file: the held-out users are in no run
+        data = work / "federated.jsonl"
+        write_jsonl([p for u in users.values() for p in (*u.train, *u.test)], data)
+    console.print(f"[bold]fedpref-sim[/]: {len(users)} users" + (f" (+ {len(new_users)} held out as new users)" if new_users else "")
+                  + f", data {data}")
     basis_info: dict | None = None
     if cfg.attributes.corpus_texts or cfg.attributes.corpus:
         if user_data and not cfg.attributes.corpus:
@@ -301,7 +312,7 @@ def run_simulation(cfg: SimConfig, *, out: Path, data: Path | None, config_file:
 
     rt_both = get_runtime(cfg.model, (SHARED_ADAPTER, PRIVATE_ADAPTER))
     cache_path = work / "cache.safetensors"
-    cache = build_cache(rt_both, users, cache_path, cfg.model.max_length)
+    cache = build_cache(rt_both, users_all, cache_path, cfg.model.max_length)
     sim_policy = prepare_policy(cfg, work) if cfg.safety.enabled else None
     if sim_policy is not None:
         console.print(f"[bold]safety policy[/]: v{sim_policy.policy.version} signed "
@@ -310,35 +321,51 @@ def run_simulation(cfg: SimConfig, *, out: Path, data: Path | None, config_file:
 
     results: dict[Method, MethodResult] = {}
     rounds: dict[str, list[dict]] = {}
+    devices = SimulatedDevices(terms=terms, tamper_safety=frozenset(cfg.safety.tamper_users if sim_policy else ()),
+                               drop_rate=cfg.robustness.drop_rate, fault_seed=cfg.runtime.seed)
+
+    def federate(method: Method, workdir: Path, devices: SimulatedDevices, runtime) -> None:  # noqa: ANN001
+        run_on_simulation_engine(
+            method=method, num_users=len(users), data=data, workdir=workdir,
+            config_file=config_file, cache=cache_path, runtime=runtime, verbose=verbose,
+            policy=sim_policy.envelope_path if sim_policy else None, root=sim_policy.root_path if sim_policy else None,
+            devices=devices, attribute_basis=cfg.model.adapter.attribute_basis,
+        )
+
+    def evaluate_federated(method: Method, workdir: Path, label: str) -> tuple[dict[str, float], dict | None]:
+        personal = method is Method.PERSONALIZED
+        rt = get_runtime(cfg.model, (SHARED_ADAPTER, PRIVATE_ADAPTER) if personal else (SHARED_ADAPTER,))
+        _shared_from_checkpoint(rt, workdir / "server")
+        private_root = workdir / "clients" if personal else None
+        per_user = evaluate(rt, users, cache, label=label, private_root=private_root)
+        safety = evaluate_safety(rt, users, cache, sim_policy.policy, label=label, private_root=private_root) \
+            if sim_policy is not None else None
+        return per_user, safety
+
     for method in (Method.AGGREGATED, Method.PERSONALIZED):
         t0 = time.perf_counter()
         console.print(f"[bold]{method.value}[/]: {cfg.federation.rounds} rounds on Flower's Simulation Engine")
-        run_on_simulation_engine(
-            method=method, num_users=len(users), data=data, workdir=work / method.value,
-            config_file=config_file, cache=cache_path, runtime=cfg.runtime, verbose=verbose,
-            policy=sim_policy.envelope_path if sim_policy else None, root=sim_policy.root_path if sim_policy else None,
-            devices=SimulatedDevices(terms=terms,
-                                     tamper_safety=frozenset(cfg.safety.tamper_users if sim_policy else ())),
-            attribute_basis=cfg.model.adapter.attribute_basis,
-        )
+        federate(method, work / method.value, devices, cfg.runtime)
         wall = time.perf_counter() - t0
-        server_dir = work / method.value / "server"
-        rounds[method.value] = json.loads((server_dir / "history.json").read_text())
-        rt = get_runtime(cfg.model, (SHARED_ADAPTER, PRIVATE_ADAPTER) if method is Method.PERSONALIZED else (SHARED_ADAPTER,))
-        _shared_from_checkpoint(rt, server_dir)
-        per_user = evaluate(
-            rt, users, cache, label=method.value,
-            private_root=work / method.value / "clients" if method is Method.PERSONALIZED else None,
-        )
+        rounds[method.value] = json.loads((work / method.value / "server" / "history.json").read_text())
+        per_user, safety = evaluate_federated(method, work / method.value, method.value)
         results[method] = MethodResult(
             per_user=per_user, wall_seconds=wall,
             epsilon_sample_max=_max_device_epsilon(work / method.value / "clients", cfg.federation.delta),
         )
-        if sim_policy is not None:
-            safety_evals[method.value] = evaluate_safety(
-                rt, users, cache, sim_policy.policy, label=method.value,
-                private_root=work / method.value / "clients" if method is Method.PERSONALIZED else None,
-            )
+        if safety is not None:
+            safety_evals[method.value] = safety
+
+    robustness = None
+    if cfg.robustness.poison_fractions or cfg.robustness.secure_aggregation_fractions:
+        from fedpref.simulations.robustness import run_poisoning
+
+        robustness = run_poisoning(
+            cfg, users, cache, work, sim_policy=sim_policy, terms=terms,
+            run_federation=lambda wd, devs, runtime: federate(Method.PERSONALIZED, wd, devs, runtime),
+            evaluate_personalized=lambda wd, label: evaluate_federated(Method.PERSONALIZED, wd, label),
+            base_acc=results[Method.PERSONALIZED].per_user, base_safety=safety_evals.get(Method.PERSONALIZED.value),
+        )
 
     # local: private adapter only, no federation
     t0 = time.perf_counter()
@@ -359,6 +386,17 @@ def run_simulation(cfg: SimConfig, *, out: Path, data: Path | None, config_file:
         wall_seconds=time.perf_counter() - t0 + results[Method.AGGREGATED].wall_seconds,
         epsilon_sample_max=max(eps, results[Method.AGGREGATED].epsilon_sample_max),
     )
+
+    new_user_results = None
+    if new_users:
+        from fedpref.simulations.newusers import new_user_study
+
+        new_user_results = new_user_study(
+            cfg, new_users, cache, work, rt_both=rt_both, rt_priv=rt_priv,
+            rt_shared=get_runtime(cfg.model, (SHARED_ADAPTER,)),
+            shared_personalized=_shared_from_checkpoint(rt_both, work / Method.PERSONALIZED.value / "server"),
+            shared_aggregated=shared,
+        )
 
     audits = None
     if cfg.audit.enabled:
@@ -383,6 +421,10 @@ def run_simulation(cfg: SimConfig, *, out: Path, data: Path | None, config_file:
         res["privacy"]["audit"] = audits
     if basis_info is not None:
         res["attribute_basis"] = basis_info
+    if robustness is not None:
+        res["robustness"] = robustness
+    if new_user_results is not None:
+        res["new_users"] = new_user_results
     if sim_policy is not None:
         res["safety"] = summarize_safety(safety_evals, users, sim_policy, _tamper_report(rounds, cfg.safety.tamper_users))
     write_text_atomic(out / "results.json", json.dumps(res, indent=1, allow_nan=False))

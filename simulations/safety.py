@@ -47,7 +47,7 @@ from fedpref.safety_policy.classifier import SafetyModule, build_bundle
 from fedpref.safety_policy.ranking import BoundedRanker, order_bounded
 from fedpref.simulations.progress import progress
 
-__all__ = ["SimPolicy", "evaluate_safety", "prepare_policy", "summarize_safety"]
+__all__ = ["SimPolicy", "evaluate_safety", "pooled_violation", "prepare_policy", "summarize_safety"]
 
 
 @dataclass(frozen=True)
@@ -142,7 +142,7 @@ def evaluate_safety(
     return out
 
 
-def _pooled_rate(arm: dict[str, dict[str, float]], uids: list[str]) -> float:
+def pooled_violation(arm: dict[str, dict[str, float]], uids: list[str]) -> float:
     """Violations over all (safe, unsafe) pairs of ``uids`` (each user's rate × pairs, summed)."""
     n = sum(arm["safety_pairs"][u] for u in uids)
     v = sum(arm["violation"][u] * arm["safety_pairs"][u] for u in uids if arm["safety_pairs"][u])
@@ -173,9 +173,9 @@ def summarize_safety(
     }
     p = sim_policy.policy
     return {
-        "violation_rate": {arm: _pooled_rate(a, all_uids) for arm, a in arms.items()},
+        "violation_rate": {arm: pooled_violation(a, all_uids) for arm, a in arms.items()},
         "violation_rate_by_community": {
-            arm: {c: _pooled_rate(a, sorted(u)) for c, u in sorted(by_comm.items())} for arm, a in arms.items()
+            arm: {c: pooled_violation(a, sorted(u)) for c, u in sorted(by_comm.items())} for arm, a in arms.items()
         },
         "safe_pair_accuracy": safe_acc,
         "safe_pair_accuracy_change_from_bound": safe_acc["personalized_bounded"] - safe_acc["personalized_unbounded"],

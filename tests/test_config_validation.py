@@ -313,3 +313,17 @@ def test_ranged_fields_are_plain_dataclass_fields() -> None:
     assert Demo().x == 1.0 and dataclasses.replace(Demo(), x=2.0).x == 2.0
     with pytest.raises(ConfigError, match=r"^demo\.x = nan; use a finite number > 0, e\.g\. 1\.0$"):
         dataclasses.replace(Demo(), x=math.nan)
+
+
+@pytest.mark.parametrize("fraction,min_cohort", [(0.5, 3), (0.51, 3), (0.6, 3), (0.62, 3), (0.51, 5)])
+def test_secagg_thresholds_that_are_no_majority_are_refused(fraction, min_cohort):
+    """Flower rounds the threshold (round(0.6 · 4) = 2 of 4 shares): every device would refuse the
+    round (``secagg_guard``), so the config is refused first, naming the cohort size."""
+    from fedpref.server.secagg import SecAggConfig, flower_shares, flower_threshold
+
+    with pytest.raises(ConfigError, match=r"not a strict majority.*reconstruction_fraction >= 0.67"):
+        SecAggConfig(reconstruction_fraction=fraction, min_cohort=min_cohort)
+    ok = SecAggConfig(reconstruction_fraction=0.67, min_cohort=min_cohort)
+    for n in range(min_cohort, 500):  # the default and every cohort size: a strict majority
+        shares = flower_shares(ok.share_fraction, n)
+        assert 2 * flower_threshold(ok.reconstruction_fraction, shares) > shares

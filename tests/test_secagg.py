@@ -59,7 +59,7 @@ batch_size = 8
 dp_noise_multiplier = 0.5
 
 [secagg]
-reconstruction_fraction = 0.6
+reconstruction_fraction = 0.67
 quantization_range = {quant}
 """
 
@@ -178,6 +178,7 @@ def _shared(arrays):
     return arrays[:-1]  # the last array is the masked metric vector
 
 
+@pytest.mark.slow  # reads the module's SecAgg+ federation on Ray (secagg_run)
 def test_the_round_completes_with_a_dropout_at_each_stage(secagg_run):
     hist = secagg_run["history"]
     assert [r["server_round"] for r in hist] == [1, 2]
@@ -193,6 +194,7 @@ def test_the_round_completes_with_a_dropout_at_each_stage(secagg_run):
     assert (secagg_run["server"] / "checkpoints" / "round-0002").is_dir()
 
 
+@pytest.mark.slow  # reads the module's SecAgg+ federation on Ray (secagg_run)
 def test_the_server_never_holds_one_devices_delta(secagg_run):
     plain, seen = secagg_run["plain"], secagg_run["seen"]
     assert len(seen["wire"]) == 2 * USERS - 1  # stage-2 replies: 4 in round 1, 5 in round 2
@@ -210,6 +212,7 @@ def test_the_server_never_holds_one_devices_delta(secagg_run):
                 assert not all(np.allclose(got, d, atol=1e-4) for got, d in zip(_shared(received), _shared(delta)))
 
 
+@pytest.mark.slow  # reads the module's SecAgg+ federation on Ray (secagg_run)
 def test_the_unmasked_sum_is_the_plain_sum_of_clipped_deltas(secagg_run):
     plain, seen = secagg_run["plain"], secagg_run["seen"]
     for agg in seen["aggregate"]:
@@ -227,6 +230,7 @@ def test_the_unmasked_sum_is_the_plain_sum_of_clipped_deltas(secagg_run):
         assert max(float(np.max(np.abs(p))) for p in _shared(plain_sum)) > 100 * bound  # a non-trivial sum
 
 
+@pytest.mark.slow  # reads the module's SecAgg+ federation on Ray (secagg_run)
 def test_dp_noise_is_added_to_the_unmasked_sum(secagg_run):
     seen = secagg_run["seen"]
     hist = {r["server_round"]: r for r in secagg_run["history"]}
@@ -245,6 +249,7 @@ def test_dp_noise_is_added_to_the_unmasked_sum(secagg_run):
         assert float(noise.std()) == pytest.approx(expected_std, rel=0.25)
 
 
+@pytest.mark.slow  # reads the module's SecAgg+ federation on Ray (secagg_run)
 def test_training_metrics_arrive_only_as_cohort_means(secagg_run):
     for r in secagg_run["history"]:
         met = r["metrics"]
@@ -510,3 +515,30 @@ def test_resume_and_summary_count_released_rounds_only(tmp_path):
         round=1, sample_rate=1.0, noise_multiplier=1.0, clip_norm=1.0, participants=5, now=0.0)
     res = resume_point(tmp_path, None, {}, ledger)
     assert res.next_round == 2 and len(released_rounds(res.history)) == 1
+
+
+def test_resume_after_halted_rounds_at_q_below_one_keeps_their_numbers(tmp_path):
+    """With q < 1 a halted round is never retried: a restart (a killed server) continues after it,
+    as the run would have, instead of attempting its number again (two records of one round)."""
+    import dataclasses
+    import json
+
+    from fedpref.server.app import resume_point
+    from fedpref.server.privacy import AccountantKind, PrivacyLedger, UserLevelBudget
+    from fedpref.server.strategy import RoundRecord
+
+    def halted(r: int) -> RoundRecord:
+        return RoundRecord(server_round=r, population=10, sampled=2, replied=0, accepted=0, halted="2 node(s) sampled")
+
+    ledger = PrivacyLedger(tmp_path / "ledger.jsonl")
+    (tmp_path / "history.json").write_text(json.dumps([dataclasses.asdict(halted(1))]))
+    assert resume_point(tmp_path, None, {}, ledger, halted_keep_numbers=True).next_round == 2  # nothing released yet
+    assert resume_point(tmp_path, None, {}, ledger).next_round == 1  # q = 1: the halted number is attempted again
+
+    history = [RoundRecord(server_round=1, population=10, sampled=4, replied=4, accepted=4), halted(2), halted(3)]
+    (tmp_path / "history.json").write_text(json.dumps([dataclasses.asdict(h) for h in history]))
+    UserLevelBudget(max_epsilon=float("inf"), delta=1e-5, accountant=AccountantKind.RDP, ledger=ledger).charge(
+        round=1, sample_rate=0.3, noise_multiplier=1.0, clip_norm=1.0, participants=4, now=0.0)
+    res = resume_point(tmp_path, None, {}, ledger, halted_keep_numbers=True)
+    assert res.next_round == 4 and len(res.history) == 3
+    assert resume_point(tmp_path, None, {}, ledger).next_round == 2
