@@ -69,6 +69,14 @@ def noiseless(req: TrainRequest) -> TrainRequest:
     return dataclasses.replace(req, config=dataclasses.replace(req.config, dp_noise_multiplier=0.0))
 
 
+def discard_private(state) -> None:  # noqa: ANN001 - a DeviceState
+    """A liar's private adapter, trained without DP-SGD and so charged to no accountant, is not
+    kept: a device holding a private adapter without an accountant refuses to train (rightly)."""
+    import shutil
+
+    shutil.rmtree(state.private_dir, ignore_errors=True)
+
+
 BOOST_MARGIN = 1e-6  # stay a hair under C, as an honest clip does, so the norm check accepts it
 
 
@@ -98,4 +106,4 @@ def drops(seed: int, user_id: str, server_round: int, rate: float) -> bool:
     return int.from_bytes(h[:8], "little") / 2**64 < rate
 
 
-__all__ = ["BOOST_MARGIN", "LIAR_TERMS", "DeviceDropped", "boost", "drops", "noiseless", "poisoned_user"]
+__all__ = ["BOOST_MARGIN", "LIAR_TERMS", "DeviceDropped", "boost", "discard_private", "drops", "noiseless", "poisoned_user"]

@@ -2,7 +2,7 @@
 
 ``fedpref-agent`` (:mod:`fedpref.client.agent_cli`) and the local gRPC API
 (:mod:`fedpref.client.api`) both call them; the SuperNode a device runs is
-:mod:`fedpref.client.supervisor`. Errors are :class:`~fedpref.protocol.errors.FedPrefError`
+:mod:`fedpref.client.supervisor`. Errors are :class:`~fedpref.common.errors.FedPrefError`
 subclasses with one-line messages.
 """
 
@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING
 from fedpref.client.agent_home import AGENT_FILE, BASIS_FILE, AgentHome, forget
 from fedpref.client.supervisor import running_pid
 from fedpref.client.terms import DeviceTerms
-from fedpref.protocol.errors import AlreadyRunningError, ConfigError, DataError
-from fedpref.protocol.netaddr import parse_address
+from fedpref.common.errors import AlreadyRunningError, ConfigError, DataError
+from fedpref.common.netaddr import parse_address
 
 if TYPE_CHECKING:
     from fedpref.client.store import FeedbackPair
@@ -60,9 +60,9 @@ def init_home(home: Path, *, server: str, ca: Path, root: Path, backbone: str = 
     the store key from ``FEDPREF_STORE_PASSPHRASE`` instead of writing a key file.
     """
     from fedpref.client.store import PASSPHRASE_ENV, DeviceStore
+    from fedpref.common.atomic import write_bytes_atomic, write_text_atomic
+    from fedpref.common.tomlconfig import dump_tables, to_plain
     from fedpref.model.config import ModelConfig
-    from fedpref.protocol.atomic import write_bytes_atomic, write_text_atomic
-    from fedpref.protocol.tomlconfig import dump_tables, to_plain
     from fedpref.safety_policy.store import PolicyStore
 
     home = home.expanduser().absolute()
@@ -135,6 +135,11 @@ class Agent:
             return store.pairs()
 
     def rank(self, prompt: str, candidates: list[str]) -> tuple[list[dict], int]:
+        """``candidates`` ordered for this user within the installed policy (:class:`BoundedRanker`).
+
+        ``prompt`` is part of the agent's API (``RankRequest.prompt``, ``rank --prompt``) and is
+        unused by design: the reward model scores each candidate alone.
+        """
         from fedpref.client.device import adapters_for, get_runtime, set_safety_module
         from fedpref.model.io import adapter_exists, load_adapter_weights
         from fedpref.protocol.partition import SHARED_ADAPTER
@@ -158,13 +163,13 @@ class Agent:
             h.state(store).load_private(rt)
         set_safety_module(rt, SafetyModule.from_policy(policy), policy.envelope_sha256)
         ranked = BoundedRanker.from_policy(rt.model, rt.backbone, policy, max_length=h.model.max_length).rank(
-            prompt, candidates)
+            candidates)
         return [{"candidate": r.candidate, "personal_score": float(r.personal_score),
                  "unsafe_categories": list(r.unsafe_categories), "allowed": bool(r.allowed), "reason": r.reason}
                 for r in ranked], policy.version
 
     def status(self) -> dict:
-        from fedpref.protocol.tomlconfig import to_plain
+        from fedpref.common.tomlconfig import to_plain
 
         h = self.home
         with h.open_store() as store:

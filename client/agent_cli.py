@@ -21,7 +21,7 @@ from fedpref.client.agent import Agent, forget_home, init_home
 from fedpref.client.agent_home import AgentHome
 from fedpref.client.supervisor import SuperNode
 from fedpref.client.terms import DeviceTerms
-from fedpref.protocol.exit_codes import exit_on_error, run_cli
+from fedpref.common.exit_codes import exit_on_error, run_cli
 
 app = typer.Typer(rich_markup_mode=None, name="fedpref-agent", no_args_is_help=True, add_completion=False,
                   help="The fedpref device agent: your preferences, your private adapter, your device.")

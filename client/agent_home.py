@@ -39,9 +39,9 @@ from pathlib import Path
 from fedpref.client.data import PreferencePair, Split, UserData
 from fedpref.client.store import DeviceStore, passphrase_from_env
 from fedpref.client.terms import DeviceTerms
+from fedpref.common.errors import ConfigError, DataError, FedPrefError, HomeError
+from fedpref.common.tomlconfig import build, read_toml
 from fedpref.model.config import ModelConfig
-from fedpref.protocol.errors import ConfigError, DataError, FedPrefError, HomeError
-from fedpref.protocol.tomlconfig import build, read_toml
 from fedpref.safety_policy.store import PolicyStore
 
 if TYPE_CHECKING:
@@ -162,7 +162,6 @@ class AgentHome:
             raise DataError(f"{self.adapter_meta}: expected a JSON object, got {type(meta).__name__}; {fix}")
         return meta
 
-    adapter_version = adapter_metadata  # the old name, until client/app.py calls adapter_metadata
 
 
 def tar_files(files: Mapping[str, bytes]) -> bytes:

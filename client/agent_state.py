@@ -15,10 +15,10 @@ import numpy as np
 from fedpref.client.agent_home import ACCOUNTANT_BLOB, PRIVATE_BLOB, AgentHome, now_utc, tar_files, untar_files
 from fedpref.client.device import DeviceState, Runtime
 from fedpref.client.store import DeviceStore
+from fedpref.common.accounting import SampleLevelAccountant
+from fedpref.common.atomic import write_text_atomic
 from fedpref.model.io import adapter_files, load_adapter_files, save_adapter
 from fedpref.model.preference import set_arrays
-from fedpref.protocol.accounting import SampleLevelAccountant
-from fedpref.protocol.atomic import write_text_atomic
 from fedpref.protocol.partition import PRIVATE_ADAPTER, SHARED_ADAPTER, Group
 
 

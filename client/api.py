@@ -29,8 +29,8 @@ from typing import Any, Protocol, Self, TypeVar
 
 import grpc
 
+from fedpref.common.errors import ConfigError, DataError, FedPrefError
 from fedpref.protocol import agent_pb2, agent_pb2_grpc
-from fedpref.protocol.errors import ConfigError, DataError, FedPrefError
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,8 @@ class AgentBackend(Protocol):
     def rank(self, prompt: str, candidates: list[str]) -> tuple[list[dict], int]:
         """Return candidates best first, each a dict with keys ``candidate``,
         ``personal_score``, ``unsafe_categories`` (list[str]), ``allowed``, ``reason``;
-        and the safety policy version (0: none)."""
+        and the safety policy version (0: none). The agent's reward model scores each candidate
+        alone: ``prompt`` is checked (:meth:`AgentServicer.Rank`) but not scored."""
         ...
 
     def status(self) -> dict:

@@ -21,7 +21,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from fedpref.client import adversary
 from fedpref.client.data import UserData, group_by_user, load_jsonl
 from fedpref.client.terms import DeviceTerms
-from fedpref.protocol.errors import DataError, DeclinedRound, FedPrefError, PolicyRefused
+from fedpref.common.errors import DataError, DeclinedRound, FedPrefError, PolicyRefused
 from fedpref.protocol.messages import TrainRequest
 from fedpref.protocol.runconfig import AppRun, from_run_config
 
@@ -61,8 +61,8 @@ def _users(data: Path) -> dict[str, UserData]:  # simulation only
 
 @functools.lru_cache(maxsize=2)
 def _model_config(config_file: str, attribute_basis: str = "") -> ModelConfig:
+    from fedpref.common.tomlconfig import build, read_toml
     from fedpref.model.config import ModelConfig
-    from fedpref.protocol.tomlconfig import build, read_toml
 
     data = read_toml(config_file) if config_file else {}
     cfg = build(ModelConfig, data.get("model"), where=f"{config_file or '<defaults>'} [model]")
@@ -169,6 +169,8 @@ def train_for_node(run: AppRun, context: Context, req: TrainRequest,
         batch_seed=stable_seed(run.seed, user.user_id, rnd, "batches") if seeded else None,
         noise_seed=stable_seed(run.seed, user.user_id, rnd, "noise") if seeded else None,
     )
+    if malicious:  # it trained without DP (so charged nothing): it keeps no private adapter either
+        adversary.discard_private(state)
     if adversary.drops(devices.fault_seed, user.user_id, rnd, devices.drop_rate):
         raise adversary.DeviceDropped(f"{user.user_id} drops out of round {rnd} after training")
     return adversary.boost(content, req.config.clip_norm, per_coordinate=secure) if malicious else content
@@ -179,7 +181,7 @@ def train_on_device(home_dir: Path, req: TrainRequest):  # -> RecordDict
     root, its own terms; every random draw from the OS CSPRNG."""
     from fedpref.client.agent_home import AgentHome
     from fedpref.client.device import adapters_for, get_runtime, train_round, user_cache
-    from fedpref.protocol.atomic import write_text_atomic
+    from fedpref.common.atomic import write_text_atomic
 
     home = AgentHome.load(home_dir)
     with home.open_store() as store:

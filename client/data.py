@@ -18,14 +18,14 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
-from fedpref.protocol.errors import DataError
-from fedpref.protocol.jsonl import read_jsonl
+from fedpref.common.atomic import write_atomic
+from fedpref.common.errors import DataError
+from fedpref.common.jsonl import read_jsonl
 
 REQUIRED_FIELDS = ("user_id", "prompt", "chosen", "rejected", "split")
 OPTIONAL_STR_FIELDS = ("community", "chosen_category", "rejected_category")
@@ -196,20 +196,11 @@ def group_by_user(pairs: Iterable[PreferencePair]) -> dict[str, UserData]:
 
 def write_jsonl(records: Iterable[dict | PreferencePair], path: str | os.PathLike[str]) -> None:
     """Write one JSON object per line, atomically (temp file in the same folder, fsync, rename)."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
+
+    def fill(tmp: Path) -> None:
+        with open(tmp, "w", encoding="utf-8", newline="\n") as fh:
             for rec in records:
                 obj = rec.to_json() if isinstance(rec, PreferencePair) else rec
                 fh.write(json.dumps(obj, ensure_ascii=False, allow_nan=False) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+
+    write_atomic(path, fill, mode=0o600)

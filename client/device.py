@@ -25,18 +25,19 @@ from torch import nn
 
 from fedpref.client.data import UserData
 from fedpref.client.terms import DeviceTerms
-from fedpref.client.trainer import LocalTrainConfig, _frozen_snapshot, pair_accuracy, train_pairs
+from fedpref.client.trainer import LocalTrainConfig, TrainResult, _frozen_snapshot, pair_accuracy, train_pairs
+from fedpref.common.accounting import SampleLevelAccountant
+from fedpref.common.errors import DeclinedRound, FedPrefError, IntegrityError, PolicyRefused
 from fedpref.model.backbone import Backbone, load_backbone
+from fedpref.model.basis import model_identity
 from fedpref.model.cache import TextCache
 from fedpref.model.config import ModelConfig
 from fedpref.model.io import adapter_exists, load_adapter_weights, save_adapter
-from fedpref.model.basis import model_identity
 from fedpref.model.preference import build_model, get_arrays, set_arrays
-from fedpref.protocol.accounting import SampleLevelAccountant
-from fedpref.protocol.errors import DeclinedRound, FedPrefError, IntegrityError, PolicyRefused
 from fedpref.protocol.messages import (
     PROTOCOL_VERSION,
     Attestation,
+    RoundConfig,
     TrainMetrics,
     TrainRequest,
     l2_norm,
@@ -47,6 +48,7 @@ from fedpref.safety_policy.classifier import SafetyModule, attach, attached
 from fedpref.safety_policy.errors import PolicyError
 from fedpref.safety_policy.root import load_root
 from fedpref.safety_policy.store import PolicyStore
+from fedpref.safety_policy.verify import Policy
 
 log = logging.getLogger("fedpref.client")
 
@@ -185,7 +187,7 @@ def enforce_policy(
     installed policy stays in force on disk. Returns the verified Policy, or ``None`` when
     neither side has one. ``tamper`` perturbs the attached safety weights *after*
     verification: it simulates a compromised device, for the tampered-client experiment
-    (which then attests the digest an honest device would: see :func:`train_round`).
+    (which then attests the digest an honest device would: see :func:`attest`).
     """
     now = now or datetime.now(timezone.utc)
     store = state.policy_store()
@@ -289,55 +291,99 @@ def train_round(
     that ask for reproducible runs only; ``None`` (a deployed device) draws them from the OS CSPRNG.
     """
     cfg = req.config
-    if cfg.protocol_version != PROTOCOL_VERSION:
-        raise DeclinedRound(f"protocol version {cfg.protocol_version} unsupported (device speaks {PROTOCOL_VERSION})")
+    check_protocol_version(cfg)
     policy = enforce_policy(rt, state, required_version=cfg.policy_version, envelope=req.envelope,
                             trust_root=trust_root, now=now, tamper=tamper_safety, roots=req.roots)
     terms.check(cfg)
     check_global(rt, req.shared)
-    local = LocalTrainConfig(
+    local = local_train_config(cfg, batch_seed=batch_seed, noise_seed=noise_seed)
+    load_round_weights(rt, state, req.shared)
+    share = terms.shares_metrics(cfg)
+    eval_acc = held_out_accuracy(rt, user, cache) if share else None
+    acct, charged = charge_before_training(state, local, len(user.train), max_epsilon=terms.budget(cfg),
+                                           delta=terms.delta)
+    result = train_charged(rt, user, cache, local, charged=charged)
+    delta, raw_norm = clipped_delta(rt, req.shared, cfg.clip_norm)
+    if PRIVATE_ADAPTER in rt.adapters:
+        state.save_private(rt, metadata={"round": str(cfg.server_round)})
+    att = attest(rt, cfg.server_round, policy, tamper=tamper_safety)
+    if SHARED_ADAPTER in rt.adapters:
+        state.received_global(rt, cfg.server_round, req.shared)
+    metrics = round_metrics(result, acct, delta=terms.delta, raw_norm=raw_norm, eval_accuracy=eval_acc) if share else None
+    return train_reply(delta, metrics, att)
+
+
+def check_protocol_version(cfg: RoundConfig) -> None:
+    if cfg.protocol_version != PROTOCOL_VERSION:
+        raise DeclinedRound(f"protocol version {cfg.protocol_version} unsupported (device speaks {PROTOCOL_VERSION})")
+
+
+def local_train_config(cfg: RoundConfig, *, batch_seed: int | None, noise_seed: int | None) -> LocalTrainConfig:
+    """What the trainer runs this round: the round's hyperparameters (already within the device's terms)."""
+    return LocalTrainConfig(
         epochs=cfg.local_epochs, batch_size=cfg.batch_size, learning_rate=cfg.learning_rate,
         head_learning_rate=cfg.head_learning_rate, projection_learning_rate=cfg.projection_learning_rate,
         noise_multiplier=cfg.dp_noise_multiplier, max_grad_norm=cfg.dp_max_grad_norm,
         seed=batch_seed, noise_seed=noise_seed,
     )
-    n = len(user.train)
+
+
+def load_round_weights(rt: Runtime, state: DeviceState, shared: dict[str, np.ndarray]) -> None:
+    """The round's global shared weights and the user's private adapter, into the model."""
     if SHARED_ADAPTER in rt.adapters:
-        set_arrays(rt.model, Group.SHARED, req.shared)
+        set_arrays(rt.model, Group.SHARED, shared)
     if PRIVATE_ADAPTER in rt.adapters:
         state.load_private(rt)
-    share = terms.shares_metrics(cfg)
-    eval_acc = (
-        pair_accuracy(rt.model, cache, [p.chosen for p in user.test], [p.rejected for p in user.test])
-        if share and user.test else None
-    )
-    acct, charged = charge_before_training(state, local, n, max_epsilon=terms.budget(cfg), delta=terms.delta)
+
+
+def held_out_accuracy(rt: Runtime, user: UserData, cache: TextCache) -> float | None:
+    """Accuracy on the user's test pairs before training (None: the device holds no test split)."""
+    if not user.test:
+        return None
+    return pair_accuracy(rt.model, cache, [p.chosen for p in user.test], [p.rejected for p in user.test])
+
+
+def train_charged(rt: Runtime, user: UserData, cache: TextCache, local: LocalTrainConfig, *, charged: int) -> TrainResult:
+    """DP-SGD on the user's train pairs; never more steps than the accountant was charged for."""
     result = train_pairs(rt.model, cache, [p.chosen for p in user.train], [p.rejected for p in user.train], local,
                          frozen_snapshot=rt.snapshot)
     if result.steps > charged:
         raise IntegrityError(f"DP-SGD took {result.steps} steps but {charged} were charged; not replying")
+    return result
+
+
+def clipped_delta(rt: Runtime, shared: dict[str, np.ndarray], clip_norm: float) -> tuple[dict[str, np.ndarray], float]:
+    """The trained shared weights minus the round's, clipped to ``clip_norm``; and the raw norm."""
     new_shared = get_arrays(rt.model, Group.SHARED)
-    delta, raw_norm = clip({k: new_shared[k] - req.shared[k] for k in req.shared}, cfg.clip_norm)
+    delta, raw_norm = clip({k: new_shared[k] - shared[k] for k in shared}, clip_norm)
     if not all(np.isfinite(v).all() for v in delta.values()):  # which values, and why, could depend on the data
         raise DeclinedRound("training produced non-finite values; nothing is sent")
-    if PRIVATE_ADAPTER in rt.adapters:
-        state.save_private(rt, metadata={"round": str(cfg.server_round)})
+    return delta, raw_norm
+
+
+def round_metrics(result: TrainResult, acct: SampleLevelAccountant, *, delta: float, raw_norm: float,
+                  eval_accuracy: float | None) -> TrainMetrics:
+    """What the device reports about its round, where its terms let it share metrics."""
+    return TrainMetrics(
+        train_loss=result.loss, train_accuracy=result.accuracy, epsilon_sample=acct.epsilon(delta),
+        delta_norm=raw_norm, steps=result.steps, seconds=result.seconds, eval_accuracy=eval_accuracy,
+    )
+
+
+def attest(rt: Runtime, server_round: int, policy: Policy | None, *, tamper: bool = False) -> Attestation:
+    """What the device states it trained with: its frozen weights' identity, the policy
+    version, and the digest of the attached safety module, recomputed after training.
+    ``tamper`` (the tampered-client experiment) reports the digest an honest device would:
+    the attestation is a self-declaration."""
     module = attached(rt.model)
-    digest = module.digest() if module is not None else ""  # recomputed after training
-    if tamper_safety and policy is not None:  # the attestation is a self-declaration: a tampered
-        digest = SafetyModule.from_policy(policy).digest()  # device reports what an honest one would
-    if SHARED_ADAPTER in rt.adapters:
-        state.received_global(rt, cfg.server_round, req.shared)
-    metrics = TrainMetrics(
-        train_loss=result.loss, train_accuracy=result.accuracy, epsilon_sample=acct.epsilon(terms.delta),
-        delta_norm=raw_norm, steps=result.steps, seconds=result.seconds, eval_accuracy=eval_acc,
-    ) if share else None
-    att = Attestation(
-        protocol_version=PROTOCOL_VERSION, server_round=cfg.server_round, backbone_sha256=rt.identity,
+    digest = module.digest() if module is not None else ""
+    if tamper and policy is not None:
+        digest = SafetyModule.from_policy(policy).digest()
+    return Attestation(
+        protocol_version=PROTOCOL_VERSION, server_round=server_round, frozen_identity=rt.identity,
         policy_version=policy.version if policy is not None else 0,
         safety_digest=digest,
     )
-    return train_reply(delta, metrics, att)
 
 
 MAX_ABS_WEIGHT = 1e4  # a global shared weight beyond this is no model a device trains from

@@ -35,7 +35,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import Key as SAKey
 
 from fedpref.client.adversary import DeviceDropped
 from fedpref.client.app import SimulatedDevices, declined_reply, dropped_reply, failed_reply, lies, train_for_node
-from fedpref.protocol.errors import DataError, DeclinedRound, FedPrefError
+from fedpref.common.errors import DataError, DeclinedRound, FedPrefError
 from fedpref.protocol.messages import NORM_TOLERANCE, TrainReply, TrainRequest, l2_norm, record_to_arrays
 from fedpref.protocol.runconfig import from_run_config
 from fedpref.protocol.secagg import fit_reply, parse_fit

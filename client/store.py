@@ -55,9 +55,9 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
-from fedpref.protocol.atomic import fsync_dir, write_bytes_atomic
-from fedpref.protocol.errors import ConfigError, DataError
-from fedpref.protocol.jsonl import read_jsonl
+from fedpref.common.atomic import fsync_dir, write_bytes_atomic
+from fedpref.common.errors import ConfigError, DataError
+from fedpref.common.jsonl import read_jsonl
 
 FORMAT = "fedpref-device-store"
 VERSION = 1

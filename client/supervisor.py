@@ -4,7 +4,7 @@ and the supervision of the SuperNode's process group.
 The pidfile (``run/agent.pid``) holds the pid of the supervising ``fedpref-agent`` process and
 its start time: the two identify it, so a pid the system has since given to another program
 never counts as a running agent. The SuperNode runs in its own session; its group is signalled
-only while its leader's pid has not been recycled (:func:`fedpref.protocol.netaddr.signal_group`).
+only while its leader's pid has not been recycled (:func:`fedpref.common.processes.signal_group`).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import BinaryIO
 
 from fedpref.client.agent_home import AgentHome
 from fedpref.client.app import NODE_CONFIG_KEY
-from fedpref.protocol.errors import (
+from fedpref.common.errors import (
     AlreadyRunningError,
     ConfigError,
     FedPrefError,
@@ -31,7 +31,8 @@ from fedpref.protocol.errors import (
     ServerUnreachableError,
     TlsVerificationError,
 )
-from fedpref.protocol.netaddr import flower_env, parse_address, process_started, same_process, signal_group
+from fedpref.common.netaddr import parse_address
+from fedpref.common.processes import flower_env, process_started, same_process, signal_group
 
 # Flower's SuperExec and ClientApps stop by themselves once their SuperNode is gone (s).
 CHILDREN_GRACE_S = 10.0
@@ -108,7 +109,7 @@ class SuperNode:
 
         Flower's telemetry and update check are off: nothing phones home, no device id is written.
         """
-        from fedpref.protocol.atomic import write_text_atomic
+        from fedpref.common.atomic import write_text_atomic
 
         if (pid := running_pid(h)) is not None:
             raise AlreadyRunningError(f"the agent of {h.root} is already running (pid {pid})")

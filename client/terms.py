@@ -20,9 +20,9 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from fedpref.protocol.errors import DeclinedRound
+from fedpref.common.errors import DeclinedRound
+from fedpref.common.tomlconfig import check_fields, ranged
 from fedpref.protocol.messages import RoundConfig
-from fedpref.protocol.tomlconfig import check_fields, ranged
 
 log = logging.getLogger("fedpref.client")
 

@@ -1,8 +1,10 @@
 """Local DP-SGD training of the shared and private adapters on one user's pairs.
 
-Opacus does the per-sample clipping, the noise and the accounting; this module only builds
-the loop, and checks around it the invariants that Opacus + PEFT can silently break
-(issue #820): frozen weights stay bit-identical, trained LoRA weights do change.
+Opacus does the per-sample clipping and the noise, and keeps the RDP history of the steps
+taken (the device's budget is charged before training, by its own accountant: see
+``charge_before_training`` in client/device.py); this module only builds the loop, and checks
+around it the invariants that Opacus + PEFT can silently break (issue #820): frozen weights
+stay bit-identical, trained LoRA weights do change.
 """
 
 from __future__ import annotations
@@ -13,22 +15,24 @@ import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from fedpref.common.errors import ConfigError, IntegrityError
 from fedpref.model.cache import TextCache
 from fedpref.model.preference import bradley_terry_loss, check_partition
-from fedpref.protocol.errors import ConfigError, IntegrityError
 from fedpref.protocol.partition import Group, group_of
 
 # Randomness. Opacus' secure_mode needs torchcsprng, which has no wheel for this torch. So every
 # call gets its own torch generators (Mersenne Twister) for the DP noise and for the Poisson
 # batch sampling, each with its whole 19,968-bit state drawn from the OS CSPRNG (`secrets`;
-# see `generator`), never from torch's global generator, a run id, a node id or a round. Only
-# a simulation that asks for reproducible runs passes explicit seeds (`seed`, `noise_seed`; a
+# see `generator`), never from torch's global generator (which `build_model` seeds, inside
+# `fork_rng`, for the public initial weights only), a run id, a node id or a round. Only a
+# simulation that asks for reproducible runs passes explicit seeds (`seed`, `noise_seed`; a
 # deployed device never does). The limit: MT19937 is not a cryptographic generator; its state
 # can be solved from 624 exact raw outputs, but its outputs are only ever seen transformed to
 # Gaussians and summed with clipped gradients, and the state is new for every round.
@@ -164,69 +168,116 @@ def train_pairs(
     snapshot = frozen_snapshot if frozen_snapshot is not None else _frozen_snapshot(model)
     trained = [p for p in model.parameters() if p.requires_grad]
     before = [p.detach().clone() for p in trained]
-    roles: dict[str, list[nn.Parameter]] = {"lora": [], "head": [], "proj": []}
-    for n, p in model.named_parameters():
-        if p.requires_grad:
-            roles["proj" if ".style_proj." in n else "head" if ".modules_to_save." in n else "lora"].append(p)
-    lrs = {"lora": cfg.learning_rate, "head": cfg.head_learning_rate, "proj": cfg.projection_learning_rate}
-    groups = [{"params": ps, "lr": lrs[r]} for r, ps in roles.items() if ps]
-    optimizer = torch.optim.SGD(groups, lr=cfg.learning_rate)
+    optimizer = _optimizer(model, cfg)
     n = len(chosen)
     # Opacus' Poisson sampler draws from this loader's generator
     loader = DataLoader(TensorDataset(torch.arange(n)), batch_size=cfg.batch_size, shuffle=True, generator=generator(cfg.seed))
     model.train()
-    engine = None
-    net: nn.Module = model
-    if cfg.dp:
-        from opacus import PrivacyEngine
-
-        engine = PrivacyEngine(accountant="rdp", secure_mode=False)
-        if accountant_history:
-            engine.accountant.history = [tuple(h) for h in accountant_history]
-        net, optimizer, loader = engine.make_private(
-            module=model, optimizer=optimizer, data_loader=loader,
-            noise_multiplier=cfg.noise_multiplier, max_grad_norm=cfg.max_grad_norm,
-            poisson_sampling=True, grad_sample_mode="hooks",
-            noise_generator=generator(cfg.noise_seed),
-        )
+    engine, net, optimizer, loader = _make_private(model, optimizer, loader, cfg, accountant_history)
     t0 = time.perf_counter()
-    steps, loss_sum, correct, seen = 0, 0.0, 0, 0
     try:
-        for _ in range(cfg.epochs):
-            for (idx,) in loader:
-                optimizer.zero_grad(set_to_none=True)
-                if idx.numel() == 0:  # Poisson sampling can draw an empty batch: noise-only step
-                    if cfg.dp:
-                        for p in trained:
-                            p.grad_sample = torch.zeros((0, *p.shape))
-                        optimizer.step()
-                    steps += 1
-                    continue
-                ids_c, mask_c, rep_c = cache.batch([chosen[i] for i in idx.tolist()])
-                ids_r, mask_r, rep_r = cache.batch([rejected[i] for i in idx.tolist()])
-                r_c = net(ids_c, mask_c, rep_c)  # (B,)
-                r_r = net(ids_r, mask_r, rep_r)  # (B,)
-                loss = bradley_terry_loss(r_c, r_r)
-                loss.backward()
-                optimizer.step()
-                steps += 1
-                loss_sum += float(loss.detach()) * idx.numel()
-                correct += int((r_c > r_r).sum())
-                seen += idx.numel()
+        tally = _run_epochs(net, optimizer, loader, cache, chosen, rejected, cfg, trained)
     finally:
         if engine is not None:
             net._close()  # type: ignore[operator]  # remove Opacus hooks: the model is reused
         optimizer.zero_grad(set_to_none=True)
         model.eval()
     seconds = time.perf_counter() - t0
+    _check_trained(model, snapshot, trained, before, seen=tally.seen)
+    history = [tuple(h) for h in engine.accountant.history] if engine is not None else list(accountant_history or [])
+    return TrainResult(
+        loss=tally.loss_sum / max(tally.seen, 1), accuracy=tally.correct / max(tally.seen, 1), steps=tally.steps,
+        sample_rate=cfg.sample_rate(n), seconds=seconds, accountant_history=history,  # type: ignore[arg-type]
+    )
+
+
+def _optimizer(model: nn.Module, cfg: LocalTrainConfig) -> torch.optim.SGD:
+    """Plain SGD with one learning rate per role: LoRA matrices, reward heads, style projection."""
+    roles: dict[str, list[nn.Parameter]] = {"lora": [], "head": [], "proj": []}
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            roles["proj" if ".style_proj." in n else "head" if ".modules_to_save." in n else "lora"].append(p)
+    lrs = {"lora": cfg.learning_rate, "head": cfg.head_learning_rate, "proj": cfg.projection_learning_rate}
+    groups = [{"params": ps, "lr": lrs[r]} for r, ps in roles.items() if ps]
+    return torch.optim.SGD(groups, lr=cfg.learning_rate)
+
+
+def _make_private(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: DataLoader,
+    cfg: LocalTrainConfig,
+    accountant_history: list[tuple[float, float, int]] | None,
+) -> tuple[Any, nn.Module, torch.optim.Optimizer, DataLoader]:
+    """Opacus' setup for DP-SGD: per-sample clipping, noise from a private generator, Poisson
+    batches, and an RDP accountant continuing ``accountant_history``. Returns
+    ``(engine, module, optimizer, loader)``; without DP (σ = 0) no engine and the inputs as they are."""
+    if not cfg.dp:
+        return None, model, optimizer, loader
+    from opacus import PrivacyEngine
+
+    engine = PrivacyEngine(accountant="rdp", secure_mode=False)
+    if accountant_history:
+        engine.accountant.history = [tuple(h) for h in accountant_history]
+    net, optimizer, loader = engine.make_private(
+        module=model, optimizer=optimizer, data_loader=loader,
+        noise_multiplier=cfg.noise_multiplier, max_grad_norm=cfg.max_grad_norm,
+        poisson_sampling=True, grad_sample_mode="hooks",
+        noise_generator=generator(cfg.noise_seed),
+    )
+    return engine, net, optimizer, loader
+
+
+@dataclass
+class _Tally:
+    steps: int = 0
+    loss_sum: float = 0.0  # BT loss summed over the pairs seen
+    correct: int = 0  # pairs scored chosen above rejected
+    seen: int = 0  # pairs drawn into batches
+
+
+def _run_epochs(
+    net: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: DataLoader,
+    cache: TextCache,
+    chosen: Sequence[str],
+    rejected: Sequence[str],
+    cfg: LocalTrainConfig,
+    trained: list[nn.Parameter],
+) -> _Tally:
+    """The training loop: ``cfg.epochs`` passes over ``loader``'s batches, one optimizer step each."""
+    tally = _Tally()
+    for _ in range(cfg.epochs):
+        for (idx,) in loader:
+            optimizer.zero_grad(set_to_none=True)
+            if idx.numel() == 0:  # Poisson sampling can draw an empty batch: noise-only step
+                if cfg.dp:
+                    for p in trained:
+                        p.grad_sample = torch.zeros((0, *p.shape))
+                    optimizer.step()
+                tally.steps += 1
+                continue
+            ids_c, mask_c, rep_c = cache.batch([chosen[i] for i in idx.tolist()])
+            ids_r, mask_r, rep_r = cache.batch([rejected[i] for i in idx.tolist()])
+            r_c = net(ids_c, mask_c, rep_c)  # (B,)
+            r_r = net(ids_r, mask_r, rep_r)  # (B,)
+            loss = bradley_terry_loss(r_c, r_r)
+            loss.backward()
+            optimizer.step()
+            tally.steps += 1
+            tally.loss_sum += float(loss.detach()) * idx.numel()
+            tally.correct += int((r_c > r_r).sum())
+            tally.seen += idx.numel()
+    return tally
+
+
+def _check_trained(model: nn.Module, snapshot: dict[str, torch.Tensor], trained: list[nn.Parameter],
+                   before: list[torch.Tensor], *, seen: int) -> None:
+    """After training: frozen weights bit-identical, and some trained weight changed (when any pair was seen)."""
     assert_frozen_unchanged(model, snapshot)
     if seen and all(torch.equal(p.detach(), b) for p, b in zip(trained, before)):
         raise IntegrityError("no trainable LoRA/head weight changed during local training (Opacus + PEFT issue #820?)")
-    history = [tuple(h) for h in engine.accountant.history] if engine is not None else list(accountant_history or [])
-    return TrainResult(
-        loss=loss_sum / max(seen, 1), accuracy=correct / max(seen, 1), steps=steps,
-        sample_rate=cfg.sample_rate(n), seconds=seconds, accountant_history=history,  # type: ignore[arg-type]
-    )
 
 
 @torch.no_grad()

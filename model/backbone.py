@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedpref.protocol.errors import ConfigError
+from fedpref.common.errors import ConfigError
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 

@@ -33,10 +33,10 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from fedpref.common.atomic import write_bytes_atomic
+from fedpref.common.errors import ConfigError, DataError
+from fedpref.common.jsonl import read_jsonl
 from fedpref.model.config import AdapterSpec
-from fedpref.protocol.atomic import write_bytes_atomic
-from fedpref.protocol.errors import ConfigError, DataError
-from fedpref.protocol.jsonl import read_jsonl
 
 BASIS_KEY = "weight"
 

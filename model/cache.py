@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
-from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from fedpref.common.atomic import write_atomic
+from fedpref.common.errors import DataError
 from fedpref.model.backbone import Backbone, pad_batch, tokenize
-from fedpref.protocol.errors import DataError
 
 
 def text_key(text: str) -> str:
@@ -98,21 +97,10 @@ class TextCache:
         return input_ids, mask, replay
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Atomically write one safetensors file."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        """Atomically write one safetensors file (owner-only: the texts' hidden states)."""
         tensors = {f"ids.{k}": v for k, v in self.ids.items()}
         tensors.update({f"h.{k}": v.contiguous() for k, v in self.states.items()})
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata={"pad_id": str(self.pad_id)})
-            with open(tmp, "rb") as fh:
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata={"pad_id": str(self.pad_id)}), mode=0o600)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> TextCache:

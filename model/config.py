@@ -5,8 +5,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from fedpref.protocol.errors import ConfigError
-from fedpref.protocol.tomlconfig import check_fields, ranged
+from fedpref.common.errors import ConfigError
+from fedpref.common.tomlconfig import check_fields, ranged
 
 
 @dataclass(frozen=True)

@@ -20,8 +20,8 @@ from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from fedpref.protocol.atomic import recover_dir, replace_dir_atomic
-from fedpref.protocol.errors import DataError
+from fedpref.common.atomic import recover_dir, replace_dir_atomic
+from fedpref.common.errors import DataError
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"

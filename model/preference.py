@@ -32,9 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedpref.common.errors import ConfigError, IntegrityError
 from fedpref.model.backbone import Backbone, pool
 from fedpref.model.config import AdapterSpec  # noqa: F401  (re-exported: defined with the config)
-from fedpref.protocol.errors import ConfigError, IntegrityError
 from fedpref.protocol.partition import PRIVATE_ADAPTER, SHARED_ADAPTER, Group, group_of
 
 # Module names inside a transformer block that LoRA may target, by architecture family.

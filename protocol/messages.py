@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from fedpref.protocol.errors import DataError
+from fedpref.common.errors import DataError
 
 PROTOCOL_VERSION = 1
 NORM_TOLERANCE = 1e-6  # relative slack on ‖delta‖₂ ≤ C (float32 rounding): the server's check and the device's own
@@ -124,7 +124,7 @@ class Attestation:
 
     protocol_version: int
     server_round: int
-    backbone_sha256: str
+    frozen_identity: str  # the frozen weights trained with: backbone sha256 (+ attribute basis; model_identity)
     policy_version: int
     safety_digest: str  # sha256 over the frozen safety weights ("" = no policy)
 

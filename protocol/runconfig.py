@@ -11,7 +11,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from fedpref.protocol.errors import ConfigError
+from fedpref.common.errors import ConfigError
 from fedpref.protocol.secagg import SECURE_AGGREGATION_KEY, parse_run_flag
 
 # Relative paths in the run config are relative to the Flower App (this repository), not to
@@ -25,6 +25,7 @@ class Method(str, Enum):
     FINETUNED = "finetuned"  # aggregated, then local fine-tuning of a private adapter
     PERSONALIZED = "personalized"  # fedpref: shared and private together
     ORACLE = "oracle"  # the generator's true weights
+    COUNT = "count"  # no model: the majority of the other users' choices on the same two texts
 
     @property
     def federated(self) -> bool:

@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
-from fedpref.protocol.errors import ConfigError, DataError
+from fedpref.common.errors import ConfigError, DataError
 from fedpref.protocol.messages import METRIC_RANGES, Attestation, RoundConfig, TrainMetrics, TrainRequest, check_number
 
 K_SHARED_KEYS = "fedpref.shared-keys"  # FitIns config: "\n".join(shared parameter names)

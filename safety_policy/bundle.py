@@ -32,8 +32,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from fedpref.protocol.atomic import write_bytes_atomic as write_file_atomic  # one atomic writer for the project
-from fedpref.protocol.errors import ConfigError
+from fedpref.common.atomic import write_bytes_atomic as write_file_atomic  # one atomic writer for the project
+from fedpref.common.errors import ConfigError
 from fedpref.safety_policy.dsse import b64decode_strict, strict_json_loads
 from fedpref.safety_policy.errors import (
     ExtraFileError,

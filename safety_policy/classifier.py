@@ -41,8 +41,8 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
-from fedpref.protocol.errors import ConfigError, DataError
-from fedpref.protocol.jsonl import read_jsonl
+from fedpref.common.errors import ConfigError, DataError
+from fedpref.common.jsonl import read_jsonl
 from fedpref.protocol.partition import SAFETY_MODULE
 
 __all__ = [

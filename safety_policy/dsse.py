@@ -27,7 +27,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from fedpref.protocol.errors import ConfigError
+from fedpref.common.errors import ConfigError
 from fedpref.safety_policy.errors import (
     DuplicateKeyError,
     EnvelopeTooLargeError,
@@ -173,7 +173,7 @@ class Envelope:
 def sign_envelope(payload: bytes, payload_type: str, signers: Iterable[Ed25519PrivateKey]) -> bytes:
     """Sign ``payload`` (exact bytes) with each signer; return the envelope JSON bytes.
 
-    Raises :class:`~fedpref.protocol.errors.ConfigError` for no signers, a signer listed twice,
+    Raises :class:`~fedpref.common.errors.ConfigError` for no signers, a signer listed twice,
     or a non-Ed25519 key.
     """
     if not isinstance(payload, bytes):

@@ -35,8 +35,8 @@ Hierarchy::
 
 from __future__ import annotations
 
-from fedpref.protocol.errors import FedPrefError
-from fedpref.protocol.exit_codes import ExitCode, register_exit_codes
+from fedpref.common.errors import FedPrefError
+from fedpref.common.exit_codes import ExitCode, register_exit_codes
 
 __all__ = [
     "BackboneMismatchError",

@@ -14,7 +14,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from fedpref.protocol.errors import ConfigError
+from fedpref.common.errors import ConfigError
 from fedpref.safety_policy.bundle import write_file_atomic
 from fedpref.safety_policy.dsse import keyid, public_key_bytes
 from fedpref.safety_policy.errors import KeyFileError, WrongPassphraseError

@@ -1,6 +1,6 @@
 """The ranking bound: personalized order, with every flagged candidate below every safe one.
 
-``BoundedRanker.rank(prompt, candidates)`` returns one :class:`Ranked` per candidate:
+``BoundedRanker.rank(candidates)`` returns one :class:`Ranked` per candidate:
 
 - safe candidates first, by the user's personal score (highest first);
 - then every candidate the installed policy flags, least risky first (by its highest
@@ -15,8 +15,9 @@ comes from the user's full model (shared + private adapters); the flags from the
 adapter can move them. With ``enforce=False`` the flags are computed and reported but the
 order is the personal one: the "unbounded" arm of the falsification experiment.
 
-The reward model scores candidate responses; ``prompt`` is part of the API (and of the
-persona texts) but is not fed to the model separately.
+The reward model scores candidate responses alone (a persona text carries its own context), so
+the ranker takes no prompt; the device's API accepts one (``RankRequest.prompt``, checked
+there) and does not pass it on.
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from fedpref.common.errors import ConfigError
 from fedpref.model.backbone import Backbone, pad_batch, tokenize
-from fedpref.protocol.errors import ConfigError
 from fedpref.safety_policy.classifier import SafetyModule, attached
 
 __all__ = ["BoundedRanker", "Ranked", "order_bounded"]
@@ -126,10 +127,8 @@ class BoundedRanker:
         flags = module.flags(torch.cat(probs), self.thresholds) if probs else []
         return scores, flags
 
-    def rank(self, prompt: str, candidates: Sequence[str]) -> list[Ranked]:
+    def rank(self, candidates: Sequence[str]) -> list[Ranked]:
         """``candidates`` ordered for this user: see the module docstring."""
-        if not isinstance(prompt, str):
-            raise ConfigError("rank: prompt must be a string")
         if not candidates or not all(isinstance(c, str) and c for c in candidates):
             raise ConfigError("rank: give at least one non-empty candidate string")
         scores, flags = self.scores_and_flags(candidates)

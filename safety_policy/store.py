@@ -25,7 +25,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from fedpref.protocol.errors import ConfigError
+from fedpref.common.errors import ConfigError
 from fedpref.safety_policy.bundle import POLICY_NAME, write_file_atomic
 from fedpref.safety_policy.dsse import strict_json_loads
 from fedpref.safety_policy.errors import PolicyStoreError

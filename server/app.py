@@ -20,17 +20,17 @@ import numpy as np
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from fedpref.common.atomic import write_text_atomic
+from fedpref.common.errors import ConfigError
+from fedpref.common.tomlconfig import build, read_toml
 from fedpref.model.backbone import load_backbone
+from fedpref.model.basis import model_identity
 from fedpref.model.config import ModelConfig
 from fedpref.model.io import load_adapter_weights, save_adapter
-from fedpref.model.basis import model_identity
 from fedpref.model.preference import build_model, get_arrays, set_arrays
-from fedpref.protocol.atomic import write_text_atomic
-from fedpref.protocol.errors import ConfigError
 from fedpref.protocol.messages import arrays_to_record
 from fedpref.protocol.partition import SHARED_ADAPTER, Group
 from fedpref.protocol.runconfig import AppRun, Method, from_run_config
-from fedpref.protocol.tomlconfig import build, read_toml
 from fedpref.server.config import FederationConfig, LocalConfig
 from fedpref.server.privacy import AccountantKind, PrivacyLedger, UserLevelBudget
 from fedpref.server.progress import RoundBar
@@ -160,7 +160,7 @@ def resume_point(server_dir: Path, model, initial: dict[str, np.ndarray], ledger
 class Federation:
     """What a server run holds: the strategy (with its ledger and checkpoints) and where it resumes."""
 
-    backbone_sha256: str
+    frozen_identity: str  # what devices must attest: backbone sha256 (+ attribute basis)
     policy: ServerPolicy | None
     strategy: FedPrefStrategy
     initial: dict[str, np.ndarray]
@@ -210,7 +210,7 @@ def prepare_federation(run: AppRun, settings: ServerSettings, *, clock=time.time
 
     strategy = FedPrefStrategy(
         fed=fed, local=settings.local, shapes={k: v.shape for k, v in initial.items()},
-        backbone_sha256=identity, budget=budget,
+        frozen_identity=identity, budget=budget,
         train_shared=True, train_private=run.method is Method.PERSONALIZED,
         generators=seeded_generators(run.seed) if run.deterministic_noise else fresh_generators(),
         clock=clock, on_round=on_round,
@@ -233,7 +233,7 @@ def write_summary(run: AppRun, f: Federation, **extra: object) -> None:
         run.server_dir / "summary.json",
         json.dumps({"rounds_completed": released, "rounds_target": f.strategy.fed.rounds,
                     "halted_attempts": len(history) - released, "stopped_reason": f.strategy.stopped_reason,
-                    "backbone_sha256": f.backbone_sha256, "method": run.method.value,
+                    "frozen_identity": f.frozen_identity, "method": run.method.value,
                     "policy": p.summary | {"safety_digest": p.digest} if p is not None else None, **extra},
                    indent=1),
     )

@@ -18,9 +18,9 @@ from typing import Annotated, NoReturn
 
 import typer
 
+from fedpref.common.errors import ConfigError
+from fedpref.common.exit_codes import EXIT_CODE_HELP, ExitCode, exit_on_error, run_cli
 from fedpref.server import privacy
-from fedpref.protocol.errors import ConfigError
-from fedpref.protocol.exit_codes import EXIT_CODE_HELP, ExitCode, exit_on_error, run_cli
 from fedpref.server.policy_cli import basis_app, keys_app, policy_app
 from fedpref.server.privacy import AccountantKind
 
@@ -120,9 +120,9 @@ def init(
     """Write DIR/config.toml, a TLS CA and server certificate, and policy signing keys (unless they exist)."""
     from datetime import datetime, timezone
 
-    from fedpref.protocol.atomic import write_text_atomic
-    from fedpref.protocol.errors import ConfigError
-    from fedpref.protocol.tomlconfig import dump_tables
+    from fedpref.common.atomic import write_text_atomic
+    from fedpref.common.errors import ConfigError
+    from fedpref.common.tomlconfig import dump_tables
     from fedpref.server import deploy
     from fedpref.server.policy_cli import keys_init
     from fedpref.server.tls import parse_address, write_tls
@@ -157,8 +157,8 @@ ServerHomeOpt = Annotated[Path, typer.Option("--home", metavar="DIR", envvar="FE
 def _server_home(home: Path):  # noqa: ANN202  (a deploy.ServerHome)
     """``deploy.ServerHome.load``, after checking config.toml reads as UTF-8 TOML with a [server] table
     (one line naming the file, not a traceback)."""
-    from fedpref.protocol.errors import DataError
-    from fedpref.protocol.tomlconfig import read_toml
+    from fedpref.common.errors import DataError
+    from fedpref.common.tomlconfig import read_toml
     from fedpref.server import deploy
 
     config = Path(home).expanduser() / "config.toml"
@@ -180,7 +180,7 @@ def _check_public_key(path: Path) -> None:
     from cryptography.exceptions import UnsupportedAlgorithm
     from cryptography.hazmat.primitives.serialization import load_ssh_public_key
 
-    from fedpref.protocol.errors import DataError
+    from fedpref.common.errors import DataError
 
     fix = "give the device's identity/node.pub"
     try:

@@ -1,7 +1,7 @@
 """Server-side configuration: the federation and the local training it asks of devices.
 
 Each numeric field declares its valid range with ``ranged(...)`` (see
-:mod:`fedpref.protocol.tomlconfig`); ``check_fields`` enforces it, from TOML or from Python.
+:mod:`fedpref.common.tomlconfig`); ``check_fields`` enforces it, from TOML or from Python.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from fedpref.protocol.tomlconfig import check_fields, ranged
+from fedpref.common.tomlconfig import check_fields, ranged
 
 MAX_ROUNDS = 100_000  # far beyond any budget; bounds the accountant's step count
 MAX_CLIENTS = 10_000_000

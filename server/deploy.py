@@ -35,8 +35,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from fedpref.protocol.atomic import write_bytes_atomic, write_text_atomic
-from fedpref.protocol.errors import (
+from fedpref.common.atomic import write_bytes_atomic, write_text_atomic
+from fedpref.common.errors import (
     AlreadyRunningError,
     ConfigError,
     DataError,
@@ -44,7 +44,8 @@ from fedpref.protocol.errors import (
     HomeError,
     NotRunningError,
 )
-from fedpref.protocol.netaddr import flower_env, parse_address, process_started, same_process, signal_group
+from fedpref.common.netaddr import parse_address
+from fedpref.common.processes import flower_env, process_started, same_process, signal_group
 
 CONNECTION = "fedpref"  # the SuperLink connection name in DIR/flwr/config.toml
 
@@ -200,7 +201,7 @@ def _port_free(address: str) -> bool:
 
 def _terminate(procs: list[dict], *, grace: float = 20.0) -> list[str]:
     """SIGTERM each recorded process group (the process and its children), then SIGKILL; a
-    group whose pid was recycled is left alone (:func:`~fedpref.protocol.netaddr.signal_group`)."""
+    group whose pid was recycled is left alone (:func:`~fedpref.common.processes.signal_group`)."""
     for p in procs:
         signal_group(int(p["pid"]), p["started"], signal.SIGTERM)
     deadline = time.monotonic() + grace
@@ -421,8 +422,8 @@ INIT_LOCAL = {"max_epsilon_sample": 10.0}
 
 def initial_config(host: str, port: int) -> dict[str, dict]:
     """The tables of a new home's ``config.toml`` (``fedpref-server init``), checked as ``start`` will."""
+    from fedpref.common.tomlconfig import build, to_plain
     from fedpref.model.config import ModelConfig
-    from fedpref.protocol.tomlconfig import build, to_plain
     from fedpref.server.config import FederationConfig, LocalConfig
     from fedpref.server.secagg import SecAggConfig
 
@@ -463,8 +464,8 @@ def start(home: ServerHome, *, rounds: int | None, policy: Path | None, extra_ru
     ``serverapp`` is for attack experiments in tests only (e.g.
     ``fedpref.simulations.attacks:tampering_server_app``); the CLI never sets it.
     """
+    from fedpref.common.tomlconfig import read_toml
     from fedpref.model.backbone import load_backbone
-    from fedpref.protocol.tomlconfig import read_toml
     from fedpref.server.app import load_server_settings
 
     refuse_seeded(read_toml(home.config), where=str(home.config))

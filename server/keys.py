@@ -35,8 +35,8 @@ try:
 except ImportError:  # not POSIX: no folder lock
     fcntl = None  # type: ignore[assignment]
 
-from fedpref.protocol.atomic import write_bytes_atomic
-from fedpref.protocol.errors import ConfigError
+from fedpref.common.atomic import write_bytes_atomic
+from fedpref.common.errors import ConfigError
 from fedpref.safety_policy import (
     MAX_ENVELOPE_SIZE,
     POLICY_PAYLOAD_TYPE,

@@ -30,8 +30,8 @@ from typing import Annotated, Any
 
 import typer
 
-from fedpref.protocol.errors import ConfigError
-from fedpref.protocol.exit_codes import exit_on_error
+from fedpref.common.errors import ConfigError
+from fedpref.common.exit_codes import exit_on_error
 from fedpref.safety_policy import MAX_ENVELOPE_SIZE, PolicyError, format_rfc3339
 from fedpref.server import keys
 from fedpref.server.keys import ROOT_FILE, keys_dir, now_utc, read_capped, short_id

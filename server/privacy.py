@@ -7,7 +7,7 @@ Such a tail is reported as :class:`DataError` (file:line), never silently droppe
 ``PrivacyLedger.drop_truncated_tail()`` removes it once the operator has checked it.
 
 The accounting itself (:func:`epsilon`, :func:`noise_multiplier`, :class:`AccountantKind`)
-is in :mod:`fedpref.protocol.accounting`, shared with the devices; it is re-exported here.
+is in :mod:`fedpref.common.accounting`, shared with the devices; it is re-exported here.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from fedpref.protocol.accounting import (  # noqa: F401  (re-exported)
+from fedpref.common.accounting import (  # noqa: F401  (re-exported)
     PRV_EPS_ERROR,
     AccountantKind,
     History,
@@ -32,8 +32,8 @@ from fedpref.protocol.accounting import (  # noqa: F401  (re-exported)
     epsilon_of_history,
     noise_multiplier,
 )
-from fedpref.protocol.atomic import fsync_dir
-from fedpref.protocol.errors import BudgetExceededError, ConfigError, DataError
+from fedpref.common.atomic import fsync_dir
+from fedpref.common.errors import BudgetExceededError, ConfigError, DataError
 
 @dataclass(frozen=True)
 class LedgerEntry:

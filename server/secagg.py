@@ -19,9 +19,9 @@ the masking stage, never one device's delta. What changes, and why:
 * **Quantization.** ``clipping_range = C``: an honestly clipped delta is never altered; the
   sum is exact up to ``m·2C/quantization_range`` per coordinate (stochastic rounding).
 * **Validation.** Per device the server still checks what is plain in the reply: the
-  attestation (protocol, round, backbone, policy version, safety digest) and ``w = 1``. A
-  failing reply is dropped *before* its masked vector is summed (SecAgg+ then treats the node
-  as a dropout and removes its pairwise masks). Shapes, finiteness and ``‖δ‖ ≤ C`` of one delta
+  attestation (protocol, round, frozen-weights identity, policy version, safety digest) and
+  ``w = 1``. A failing reply is dropped *before* its masked vector is summed (SecAgg+ then
+  treats the node as a dropout and removes its pairwise masks). Shapes, finiteness and ``‖δ‖ ≤ C`` of one delta
   cannot be checked: the device checks them itself (:func:`fedpref.client.secagg.check_own_delta`).
   The server checks the unmasked sum instead: the right shapes and finite (else the round is
   not released, nor charged), and ``‖Σδ‖ ≤ m·C``, else the sum is projected onto that ball and
@@ -87,7 +87,8 @@ from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
 from flwr.serverapp import Grid, ServerApp
 
-from fedpref.protocol.errors import ConfigError, DataError
+from fedpref.common.errors import ConfigError, DataError
+from fedpref.common.tomlconfig import build, check_fields, ranged, read_toml
 from fedpref.protocol.messages import l2_norm
 from fedpref.protocol.runconfig import AppRun
 from fedpref.protocol.secagg import (
@@ -100,7 +101,6 @@ from fedpref.protocol.secagg import (
     split_sum,
     sum_error_bound,
 )
-from fedpref.protocol.tomlconfig import build, check_fields, ranged, read_toml
 from fedpref.server.app import EnvelopeTransform, ServerSettings, make_server_app, prepare_federation, write_summary
 from fedpref.server.release import release
 from fedpref.server.strategy import FedPrefStrategy, RoundRecord, poisson_sample, short_reason
@@ -328,7 +328,7 @@ class SecureFedPrefStrategy(Strategy):
         picked = poisson_sample(sorted(by_id), fed.client_sample_rate, core.round_rng(key))
         version, digest, envelope = core.policy()
         exp = Expected(shapes=core.shapes, dtype="float32", clip_norm=fed.clip_norm, server_round=server_round,
-                       backbone_sha256=core.backbone_sha256, policy_version=version, safety_digest=digest)
+                       frozen_identity=core.frozen_identity, policy_version=version, safety_digest=digest)
         rec = RoundRecord(server_round=server_round, population=population, sampled=len(picked), replied=0,
                           accepted=0, policy_version=version)
         self._round = _Round(rec=rec, expected=exp, t0=t0, global_arrays=global_arrays, epsilon_sample=[], up_bytes=[],

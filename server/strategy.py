@@ -26,7 +26,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from fedpref.protocol.errors import DataError
+from fedpref.common.errors import DataError
 from fedpref.protocol.messages import (
     K_SHARED,
     PROTOCOL_VERSION,
@@ -86,7 +86,7 @@ class FedPrefStrategy(FedAvg):
         fed: FederationConfig,
         local: LocalConfig,
         shapes: dict[str, tuple[int, ...]],
-        backbone_sha256: str,
+        frozen_identity: str,
         budget: UserLevelBudget,
         train_shared: bool = True,
         train_private: bool = True,
@@ -101,7 +101,7 @@ class FedPrefStrategy(FedAvg):
         )
         self.fed, self.local = fed, local
         self.shapes = shapes
-        self.backbone_sha256 = backbone_sha256
+        self.frozen_identity = frozen_identity
         self.budget = budget
         self.train_shared, self.train_private = train_shared, train_private
         self.generators = generators
@@ -200,7 +200,7 @@ class FedPrefStrategy(FedAvg):
         version, digest, _ = self.policy()
         exp = Expected(
             shapes=self.shapes, dtype="float32", clip_norm=self.fed.clip_norm, server_round=server_round,
-            backbone_sha256=self.backbone_sha256, policy_version=version, safety_digest=digest,
+            frozen_identity=self.frozen_identity, policy_version=version, safety_digest=digest,
         )
         rec = RoundRecord(server_round=server_round, population=self._population, sampled=self._sampled, replied=0, accepted=0)
         total = {k: np.zeros(s, dtype=np.float64) for k, s in self.shapes.items()}

@@ -20,9 +20,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from fedpref.protocol.atomic import write_bytes_atomic
-from fedpref.protocol.errors import ConfigError
-from fedpref.protocol.netaddr import parse_address
+from fedpref.common.atomic import write_bytes_atomic
+from fedpref.common.errors import ConfigError
+from fedpref.common.netaddr import parse_address
 
 __all__ = ["TlsFiles", "make_ca", "make_server_cert", "parse_address", "write_tls"]
 

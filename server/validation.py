@@ -20,7 +20,7 @@ import numpy as np
 from flwr.app import ArrayRecord
 from numpy.lib import format as npy
 
-from fedpref.protocol.errors import ConfigError, DataError
+from fedpref.common.errors import ConfigError, DataError
 from fedpref.protocol.messages import NORM_TOLERANCE, PROTOCOL_VERSION, Attestation, TrainReply, l2_norm
 
 NPY_HEADER_ALLOWANCE = 4096  # bytes: magic + header of an .npy payload (np.save writes 128 for our shapes)
@@ -38,7 +38,7 @@ class Expected:
     dtype: str  # numpy dtype name every array must have, e.g. "float32" (sent little-endian)
     clip_norm: float
     server_round: int
-    backbone_sha256: str
+    frozen_identity: str  # what devices must attest: backbone sha256 (+ attribute basis)
     policy_version: int = 0
     safety_digest: str = ""
 
@@ -83,7 +83,7 @@ def validate_attestation(att: Attestation, exp: Expected) -> None:
 
 
 def _check_attestation(att: Attestation, exp: Expected) -> None:
-    for field, want in (("protocol_version", int), ("server_round", int), ("backbone_sha256", str),
+    for field, want in (("protocol_version", int), ("server_round", int), ("frozen_identity", str),
                         ("policy_version", int), ("safety_digest", str)):
         v = getattr(att, field)
         if type(v) is not want:  # exact: True == 1, and neither a bool nor a numpy int comes off the wire
@@ -92,9 +92,9 @@ def _check_attestation(att: Attestation, exp: Expected) -> None:
         raise RejectedUpdate(f"protocol version {att.protocol_version} != {PROTOCOL_VERSION}")
     if att.server_round != exp.server_round:
         raise RejectedUpdate(f"stale round {att.server_round} (current {exp.server_round})")
-    if att.backbone_sha256 != exp.backbone_sha256:
-        raise RejectedUpdate(f"frozen weights (backbone sha256, attribute basis) {att.backbone_sha256[:12]!r}… "
-                             f"!= {exp.backbone_sha256[:12]}…")
+    if att.frozen_identity != exp.frozen_identity:
+        raise RejectedUpdate(f"frozen weights (backbone sha256, attribute basis) {att.frozen_identity[:12]!r}… "
+                             f"!= {exp.frozen_identity[:12]}…")
     if att.policy_version != exp.policy_version:
         raise RejectedUpdate(f"policy version {att.policy_version} != {exp.policy_version}")
     if att.safety_digest != exp.safety_digest:

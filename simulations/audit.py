@@ -50,11 +50,11 @@ from fedpref.client.device import (
 )
 from fedpref.client.terms import DeviceTerms
 from fedpref.client.trainer import LocalTrainConfig, score_texts, train_pairs
+from fedpref.common.accounting import epsilon as formal_epsilon
+from fedpref.common.accounting import epsilon_of_history
+from fedpref.common.errors import ConfigError
 from fedpref.model.cache import TextCache
 from fedpref.model.preference import get_arrays, params_of, set_arrays
-from fedpref.protocol.accounting import epsilon as formal_epsilon
-from fedpref.protocol.accounting import epsilon_of_history
-from fedpref.protocol.errors import ConfigError
 from fedpref.protocol.messages import RoundConfig, TrainReply, TrainRequest, record_to_arrays, train_request
 from fedpref.protocol.partition import PRIVATE_ADAPTER, SHARED_ADAPTER, Group
 from fedpref.safety_policy.classifier import attached

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedpref.protocol.errors import ConfigError
+from fedpref.common.errors import ConfigError
 
 
 def _p_value(*, canaries: int, guesses: int, correct: int, epsilon: float, delta: float) -> float:

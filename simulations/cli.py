@@ -10,8 +10,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from fedpref.protocol.errors import ConfigError, DataError, FedPrefError
-from fedpref.protocol.exit_codes import exit_code_for, run_cli
+from fedpref.common.errors import ConfigError, DataError, FedPrefError
+from fedpref.common.exit_codes import exit_code_for, run_cli
 
 app = typer.Typer(rich_markup_mode=None, help="Federated personalization simulations (researchers).", no_args_is_help=True, add_completion=False,
                   pretty_exceptions_enable=False)

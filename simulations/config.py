@@ -11,9 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fedpref.common.errors import ConfigError
+from fedpref.common.tomlconfig import build, check_fields, ranged, read_toml, to_plain
 from fedpref.model.config import ModelConfig
-from fedpref.protocol.errors import ConfigError
-from fedpref.protocol.tomlconfig import build, check_fields, ranged, read_toml, to_plain
 from fedpref.server.config import FederationConfig, LocalConfig
 from fedpref.server.secagg import SecAggConfig
 from fedpref.simulations.persona import PersonaConfig

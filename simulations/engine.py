@@ -21,8 +21,8 @@ from flwr.supercore.telemetry import EventType
 
 from fedpref.client.app import SimulatedDevices, make_client_app
 from fedpref.client.terms import DeviceTerms
-from fedpref.protocol.errors import ConfigError, SimulationRuntimeError
-from fedpref.protocol.netaddr import FLOWER_QUIET, TELEMETRY_SOURCE_PIN
+from fedpref.common.errors import ConfigError, SimulationRuntimeError
+from fedpref.common.processes import FLOWER_QUIET, TELEMETRY_SOURCE_PIN
 from fedpref.protocol.runconfig import Method
 from fedpref.server.app import make_server_app
 from fedpref.simulations.config import RuntimeConfig, SimConfig

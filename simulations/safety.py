@@ -28,11 +28,8 @@ import numpy as np
 
 from fedpref.client.data import UserData
 from fedpref.client.device import DeviceState, Runtime, set_safety_module
+from fedpref.common.atomic import write_bytes_atomic, write_text_atomic
 from fedpref.model.cache import TextCache
-from fedpref.model.io import adapter_exists, load_adapter_weights
-from fedpref.model.preference import set_arrays
-from fedpref.protocol.atomic import write_bytes_atomic, write_text_atomic
-from fedpref.protocol.partition import PRIVATE_ADAPTER, Group
 from fedpref.safety_policy import (
     Policy,
     generate_signing_key,
@@ -95,7 +92,8 @@ def evaluate_safety(
     """Per user, with the bound off and on: violations / safety pairs, and safe-pair accuracy.
 
     The runtime's shared weights must already be loaded; with ``private_root`` each user's
-    private adapter is loaded from ``private_root/<user>``.
+    private adapter is loaded from ``private_root/<user>`` (the initial one for a user with none),
+    as a device loads it (:meth:`DeviceState.load_private`).
     """
     if rt.safety_source != policy.envelope_sha256:  # as a device does: rebuild only for another policy
         set_safety_module(rt, SafetyModule.from_policy(policy), policy.envelope_sha256)
@@ -108,11 +106,7 @@ def evaluate_safety(
         task = prog.add_task(f"safety {label}", total=len(users))
         for uid, user in users.items():
             if private_root is not None:
-                d = DeviceState(private_root / uid).private_dir
-                if adapter_exists(d):
-                    load_adapter_weights(rt.model, PRIVATE_ADAPTER, d)
-                else:
-                    set_arrays(rt.model, Group.PRIVATE, rt.initial_private)
+                DeviceState(private_root / uid).load_private(rt)
             # rank() = scores_and_flags() + order_bounded(); scoring the user's texts in one
             # batch and ordering each pair with the same rule is the same function, batched.
             texts = sorted({t for p in user.test for t in (p.chosen, p.rejected)})

@@ -6,14 +6,14 @@ import pytest
 
 from fedpref.client.adversary import BOOST_MARGIN, boost, drops, poisoned_user
 from fedpref.client.data import PreferencePair, Split, UserData
+from fedpref.common.errors import ConfigError
 from fedpref.protocol.messages import K_DELTA, PROTOCOL_VERSION, Attestation, TrainReply, l2_norm, record_to_arrays, train_reply
 from fedpref.server.validation import Expected, validate_reply
 from fedpref.simulations.config import RobustnessConfig
 from fedpref.simulations.robustness import malicious_users, poisoning_summary
-from fedpref.protocol.errors import ConfigError
 
 SHAPES = {"a.lora_A.shared.weight": (2, 3), "score.modules_to_save.shared.bias": (1,)}
-ATT = Attestation(protocol_version=PROTOCOL_VERSION, server_round=2, backbone_sha256="ab" * 32, policy_version=1,
+ATT = Attestation(protocol_version=PROTOCOL_VERSION, server_round=2, frozen_identity="ab" * 32, policy_version=1,
                   safety_digest="cd" * 32)
 
 
@@ -45,7 +45,7 @@ def test_boosted_update_has_norm_c_and_passes_the_servers_checks(scale):
     assert l2_norm(out) == pytest.approx(2.5 * (1 - BOOST_MARGIN), rel=1e-6)
     for k in SHAPES:  # the same direction, only longer
         assert np.allclose(out[k] / np.linalg.norm(out[k]), delta[k] / np.linalg.norm(delta[k]), atol=1e-5)
-    exp = Expected(shapes=SHAPES, dtype="float32", clip_norm=2.5, server_round=2, backbone_sha256="ab" * 32,
+    exp = Expected(shapes=SHAPES, dtype="float32", clip_norm=2.5, server_round=2, frozen_identity="ab" * 32,
                    policy_version=1, safety_digest="cd" * 32)
     accepted = validate_reply(TrainReply.from_content(content), exp)  # indistinguishable from an honest reply
     assert l2_norm(accepted) <= 2.5
@@ -106,7 +106,7 @@ def test_a_liar_trains_without_noise_or_terms_and_honest_terms_are_untouched():
 
     from fedpref.client.adversary import LIAR_TERMS, noiseless
     from fedpref.client.terms import DeviceTerms
-    from fedpref.protocol.errors import DeclinedRound
+    from fedpref.common.errors import DeclinedRound
     from fedpref.protocol.messages import RoundConfig, TrainRequest
 
     cfg = RoundConfig(server_round=2, protocol_version=PROTOCOL_VERSION, local_epochs=1, batch_size=8,

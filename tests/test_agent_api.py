@@ -26,8 +26,8 @@ from fedpref.client.api import (
     run_forever,
     serve,
 )
+from fedpref.common.errors import BudgetExceededError, ConfigError, DataError
 from fedpref.protocol import agent_pb2, agent_pb2_grpc
-from fedpref.protocol.errors import BudgetExceededError, ConfigError, DataError
 
 ROOT = Path(__file__).resolve().parents[1]
 GRPC_TOOLS_VERSION = "1.81.1"  # the version scripts/gen_proto.sh documents

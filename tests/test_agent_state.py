@@ -18,10 +18,10 @@ from fedpref.client.agent_home import PRIVATE_BLOB, AgentHome, tar_files, untar_
 from fedpref.client.agent_state import EncryptedDeviceState
 from fedpref.client.device import adapters_for, get_runtime
 from fedpref.client.store import DeviceStore
+from fedpref.common.errors import DataError
 from fedpref.model.config import AdapterSpec, ModelConfig
 from fedpref.model.io import CONFIG_NAME, WEIGHTS_NAME, adapter_files, load_adapter_files, save_adapter
 from fedpref.model.preference import get_arrays, set_arrays
-from fedpref.protocol.errors import DataError
 from fedpref.protocol.partition import PRIVATE_ADAPTER, Group
 
 

@@ -15,11 +15,11 @@ from fedpref.client.data import group_by_user
 from fedpref.client.device import adapters_for, get_runtime
 from fedpref.client.terms import DeviceTerms
 from fedpref.client.trainer import LocalTrainConfig
+from fedpref.common.accounting import epsilon as formal_epsilon
+from fedpref.common.errors import ConfigError
 from fedpref.model.cache import TextCache
 from fedpref.model.config import ModelConfig
 from fedpref.model.preference import AdapterSpec, get_arrays
-from fedpref.protocol.accounting import epsilon as formal_epsilon
-from fedpref.protocol.errors import ConfigError
 from fedpref.protocol.messages import PROTOCOL_VERSION, RoundConfig
 from fedpref.protocol.partition import Group
 from fedpref.simulations.audit import (

@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from fedpref.client.trainer import LocalTrainConfig, train_pairs
+from fedpref.common.errors import ConfigError, DataError
 from fedpref.model.backbone import load_backbone
 from fedpref.model.basis import fit_basis, load_basis, match_feature_norm, model_identity, save_basis
 from fedpref.model.cache import TextCache
 from fedpref.model.config import AdapterSpec
 from fedpref.model.preference import build_model, get_arrays
-from fedpref.protocol.errors import ConfigError, DataError
 from fedpref.protocol.partition import Group, group_of
 from fedpref.simulations.persona import ATTRIBUTES, UNSAFE_ATTRIBUTE, PersonaConfig, attribute_corpus, build_pool
 
@@ -136,10 +136,10 @@ def test_server_rejects_a_device_with_another_basis(with_basis, tmp_path):
     backbone, path = with_basis
     server = model_identity(backbone.sha256, AdapterSpec(rank=2, personal_dims=3, attribute_basis=str(path)))
     shapes = {"score.modules_to_save.shared.bias": (1,)}
-    exp = Expected(shapes=shapes, dtype="float32", clip_norm=1.0, server_round=1, backbone_sha256=server,
+    exp = Expected(shapes=shapes, dtype="float32", clip_norm=1.0, server_round=1, frozen_identity=server,
                    policy_version=0, safety_digest="")
     m = TrainMetrics(train_loss=0.5, train_accuracy=0.5, epsilon_sample=1.0, delta_norm=0.1, steps=1, seconds=0.1)
-    att = Attestation(protocol_version=PROTOCOL_VERSION, server_round=1, backbone_sha256=backbone.sha256,  # no basis
+    att = Attestation(protocol_version=PROTOCOL_VERSION, server_round=1, frozen_identity=backbone.sha256,  # no basis
                       policy_version=0, safety_digest="")
     reply = TrainReply.from_content(train_reply({k: np.zeros(s, np.float32) for k, s in shapes.items()}, m, att))
     with pytest.raises(RejectedUpdate, match="attribute basis"):

@@ -21,7 +21,7 @@ import pytest
 import typer
 
 from fedpref.client import agent_cli
-from fedpref.protocol.exit_codes import EXIT_CODE_HELP, ExitCode
+from fedpref.common.exit_codes import EXIT_CODE_HELP, ExitCode
 from fedpref.server import cli as server_cli
 from fedpref.simulations import cli as sim_cli
 

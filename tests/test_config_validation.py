@@ -18,9 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from fedpref.model.config import AdapterSpec, ModelConfig
-from fedpref.protocol.errors import ConfigError
-from fedpref.protocol.tomlconfig import (
+from fedpref.common.errors import ConfigError
+from fedpref.common.tomlconfig import (
     Range,
     build,
     check_fields,
@@ -31,6 +30,7 @@ from fedpref.protocol.tomlconfig import (
     read_toml,
     to_plain,
 )
+from fedpref.model.config import AdapterSpec, ModelConfig
 from fedpref.server.config import FederationConfig, LocalConfig
 from fedpref.server.secagg import SecAggConfig, load_secagg_config
 from fedpref.simulations.config import AuditConfig, SimConfig, load_sim_config

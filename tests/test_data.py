@@ -11,7 +11,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedpref.protocol.errors import DataError, FedPrefError
 from fedpref.client.data import (
     PreferencePair,
     Split,
@@ -20,6 +19,7 @@ from fedpref.client.data import (
     load_jsonl,
     write_jsonl,
 )
+from fedpref.common.errors import DataError, FedPrefError
 
 
 def rec(user: str = "u1", split: str = "train", **kw) -> dict:

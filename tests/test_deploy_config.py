@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from fedpref.protocol.errors import ConfigError, HomeError
+from fedpref.common.errors import ConfigError, HomeError
 from fedpref.server.deploy import ServerHome, app_pyproject, listen_address, nginx_conf
 
 BIN = Path(sys.executable).parent

@@ -17,10 +17,10 @@ import pytest
 from fedpref.client.data import PreferencePair, Split, UserData
 from fedpref.client.device import DeviceState, get_runtime, train_round
 from fedpref.client.terms import DeviceTerms
+from fedpref.common.errors import ConfigError, DataError, DeclinedRound
 from fedpref.model.cache import TextCache
 from fedpref.model.config import ModelConfig
 from fedpref.model.preference import AdapterSpec, get_arrays
-from fedpref.protocol.errors import ConfigError, DataError, DeclinedRound
 from fedpref.protocol.messages import (
     K_METRICS,
     PROTOCOL_VERSION,
@@ -235,7 +235,7 @@ def test_a_crash_at_any_step_after_the_charge_never_under_counts(device, tmp_pat
     crash during training, while saving the adapter, or before the reply leaves the accountant
     at least at what the trained adapter embodies."""
     import fedpref.client.device as device_mod
-    from fedpref.protocol.accounting import SampleLevelAccountant
+    from fedpref.common.accounting import SampleLevelAccountant
 
     rt, user, cache = device
     state = DeviceState(tmp_path / "d")
@@ -429,7 +429,7 @@ def test_two_rounds_charging_at_once_both_count(tmp_path, monkeypatch):
 
 
 def test_a_lost_accountant_next_to_a_trained_adapter_fails_closed(device, tmp_path):
-    from fedpref.protocol.errors import IntegrityError
+    from fedpref.common.errors import IntegrityError
 
     rt, user, cache = device
     state = DeviceState(tmp_path / "d")

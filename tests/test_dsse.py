@@ -11,7 +11,7 @@ import stat
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from fedpref.protocol.errors import ConfigError
+from fedpref.common.errors import ConfigError
 from fedpref.safety_policy import (
     DuplicateKeyError,
     EnvelopeTooLargeError,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from fedpref.protocol.errors import SimulationRuntimeError
-from fedpref.protocol.exit_codes import ExitCode, exit_code_for
+from fedpref.common.errors import SimulationRuntimeError
+from fedpref.common.exit_codes import ExitCode, exit_code_for
 from fedpref.simulations.engine import start_ray
 
 

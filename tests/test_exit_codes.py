@@ -1,17 +1,17 @@
-"""Tests for fedpref.protocol.exit_codes."""
+"""Tests for fedpref.common.exit_codes."""
 
 from __future__ import annotations
 
 import pytest
 
-from fedpref.protocol.errors import (
+from fedpref.common.errors import (
     BudgetExceededError,
     ConfigError,
     DataError,
     FedPrefError,
     IntegrityError,
 )
-from fedpref.protocol.exit_codes import (
+from fedpref.common.exit_codes import (
     EXIT_CODE_HELP,
     ExitCode,
     exit_code_for,

@@ -124,7 +124,7 @@ def test_rounds_complete_or_halt_as_designed_and_the_ledger_charges_exactly_what
 def test_every_device_that_trained_charged_its_own_accountant_once_per_round(faulty_run):
     """Charged before training: a device that dropped out after training has paid for the round."""
     from fedpref.client.trainer import LocalTrainConfig
-    from fedpref.protocol.accounting import SampleLevelAccountant
+    from fedpref.common.accounting import SampleLevelAccountant
     from fedpref.simulations.persona import PersonaConfig
 
     path, work = faulty_run

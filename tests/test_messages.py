@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Message, RecordDict
 
-from fedpref.protocol.errors import DataError
+from fedpref.common.errors import DataError
 from fedpref.protocol.messages import (
     PROTOCOL_VERSION,
     Attestation,
@@ -46,7 +46,7 @@ def test_train_reply_roundtrip():
     delta = {"x": np.full((3,), 0.25, np.float32)}
     metrics = TrainMetrics(train_loss=0.6, train_accuracy=0.7, epsilon_sample=1.5,
                            delta_norm=0.4, steps=5, seconds=0.1)
-    att = Attestation(protocol_version=1, server_round=3, backbone_sha256="ab" * 32, policy_version=2, safety_digest="cd" * 32)
+    att = Attestation(protocol_version=1, server_round=3, frozen_identity="ab" * 32, policy_version=2, safety_digest="cd" * 32)
     reply = TrainReply.from_content(train_reply(delta, metrics, att))
     assert reply.metrics == metrics
     assert reply.attestation == att

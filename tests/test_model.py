@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from fedpref.common.errors import ConfigError
 from fedpref.model.backbone import backbone_sha256, load_backbone, pad_batch, pool, tokenize
 from fedpref.model.cache import TextCache
 from fedpref.model.io import CONFIG_NAME, WEIGHTS_NAME, adapter_exists, load_adapter_weights, save_adapter
@@ -18,7 +19,6 @@ from fedpref.model.preference import (
     params_of,
     set_arrays,
 )
-from fedpref.protocol.errors import ConfigError
 from fedpref.protocol.partition import PRIVATE_ADAPTER, SHARED_ADAPTER, Group, group_of
 
 TEXTS = ["- Short answer 😀", "A long, formal and detailed exposition of the matter at hand.", "hey"]

@@ -17,13 +17,13 @@ from pathlib import Path
 import pytest
 
 from fedpref.client.agent_home import AgentHome
-from fedpref.protocol.errors import ConfigError
-from fedpref.protocol.netaddr import (
+from fedpref.common.errors import ConfigError
+from fedpref.common.netaddr import parse_address
+from fedpref.common.processes import (
     FLOWER_QUIET,
     TELEMETRY_SOURCE,
     TELEMETRY_SOURCE_PIN,
     flower_env,
-    parse_address,
     pin_telemetry_source,
     process_started,
     same_process,
@@ -227,7 +227,7 @@ def test_the_agent_pidfile_names_a_running_agent_only(tmp_path):
 
 
 def test_the_server_judges_its_recorded_processes_by_start_time(tmp_path):
-    from fedpref.protocol.errors import DataError
+    from fedpref.common.errors import DataError
     from fedpref.server import deploy
 
     home = deploy.ServerHome(root=tmp_path, address="127.0.0.1:9092", superlink="127.0.0.1:9093",

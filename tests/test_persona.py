@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedpref.protocol.errors import ConfigError
 from fedpref.client.data import Split, group_by_user, load_jsonl, write_jsonl
+from fedpref.common.errors import ConfigError
 from fedpref.simulations.persona import (
     ATTRIBUTES,
     DEFAULT_COMMUNITIES,

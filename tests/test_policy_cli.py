@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from fedpref.common.exit_codes import EXIT_CODE_HELP, ExitCode, exit_code_for
 from fedpref.safety_policy import (
     ExpiredPolicyError,
     ExpiredRootError,
@@ -34,7 +35,6 @@ from fedpref.safety_policy import (
 )
 from fedpref.server import keys, policy_cli
 from fedpref.server.cli import app
-from fedpref.protocol.exit_codes import EXIT_CODE_HELP, ExitCode, exit_code_for
 
 PASS = "correct horse battery staple"
 
@@ -352,7 +352,7 @@ def test_parse_when_is_lenient_and_utc(text: str, expected: datetime) -> None:
 
 @pytest.mark.parametrize("text", ["tomorrow", "2027-13-01", "", "01/02/2027"])
 def test_parse_when_rejects_garbage(text: str) -> None:
-    from fedpref.protocol.errors import ConfigError
+    from fedpref.common.errors import ConfigError
 
     with pytest.raises(ConfigError, match="ISO 8601"):
         policy_cli.parse_when(text, "--expires")

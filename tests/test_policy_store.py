@@ -9,7 +9,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from fedpref.protocol.errors import ConfigError
+from fedpref.common.errors import ConfigError
 from fedpref.safety_policy import (
     POLICY_NAME,
     POLICY_PAYLOAD_TYPE,

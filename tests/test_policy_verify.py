@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fedpref.protocol.errors import ConfigError
+from fedpref.common.errors import ConfigError
 from fedpref.safety_policy import (
     POLICY_NAME,
     POLICY_PAYLOAD_TYPE,

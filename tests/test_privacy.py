@@ -11,7 +11,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from opacus.accountants import RDPAccountant
 
-from fedpref.protocol.errors import BudgetExceededError, ConfigError, DataError, IntegrityError
+from fedpref.common.errors import BudgetExceededError, ConfigError, DataError, IntegrityError
 from fedpref.server.privacy import (
     PRV_EPS_ERROR,
     AccountantKind,

@@ -12,14 +12,14 @@ import torch
 from flwr.app import Message, RecordDict
 
 from fedpref.client.data import PreferencePair, Split, UserData
-from fedpref.client.terms import DeviceTerms
 from fedpref.client.device import DeviceState, PolicyRefused, enforce_policy, get_runtime, train_round
+from fedpref.client.terms import DeviceTerms
 from fedpref.client.trainer import trainable_groups
+from fedpref.common.errors import DataError
 from fedpref.model.backbone import embed_texts, load_backbone
 from fedpref.model.cache import TextCache
 from fedpref.model.config import ModelConfig
 from fedpref.model.preference import AdapterSpec, build_model, check_partition, get_arrays
-from fedpref.protocol.errors import DataError
 from fedpref.protocol.messages import (
     PROTOCOL_VERSION,
     Attestation,
@@ -169,12 +169,12 @@ def test_ranker_flags_unsafe_texts_whatever_the_personal_score(kit_model, policy
     assert min(scores[:3]) > max(scores[3:])  # personally, unsafe wins
     n_flagged = sum(bool(f) for f in flags[:3])
     assert n_flagged >= 2 and not any(flags[3:])
-    ranking = ranker.rank("any prompt", unsafe + safe)
+    ranking = ranker.rank(unsafe + safe)
     allowed = [r.allowed for r in ranking]
     assert allowed == sorted(allowed, reverse=True)  # all safe first
     assert ranking[0].candidate in safe
     assert all(r.reason for r in ranking if not r.allowed)
-    unbounded = dataclasses.replace(ranker, enforce=False).rank("any prompt", unsafe + safe)
+    unbounded = dataclasses.replace(ranker, enforce=False).rank(unsafe + safe)
     assert unbounded[0].candidate in unsafe
 
 
@@ -303,7 +303,7 @@ def _strategy(tmp_path, policy, seed=0):
     fed = FederationConfig(rounds=3, client_sample_rate=1.0, clip_norm=1.0, server_noise_multiplier=1.0)
     budget = UserLevelBudget(max_epsilon=float("inf"), delta=1e-5, accountant=AccountantKind.RDP,
                              ledger=PrivacyLedger(tmp_path / f"ledger-{seed}-{id(policy)}.jsonl"))
-    s = FedPrefStrategy(fed=fed, local=LocalConfig(), shapes={KEY: (4,)}, backbone_sha256=SHA, budget=budget,
+    s = FedPrefStrategy(fed=fed, local=LocalConfig(), shapes={KEY: (4,)}, frozen_identity=SHA, budget=budget,
                         generators=seeded_generators(seed), policy=lambda: policy)
     s._global = {KEY: np.zeros(4, np.float32)}
     s._population = 3
@@ -313,7 +313,7 @@ def _strategy(tmp_path, policy, seed=0):
 def _reply(node, delta, *, digest, version=1):
     ins = Message(content=RecordDict(), dst_node_id=node, message_type="train")
     m = TrainMetrics(train_loss=0.5, train_accuracy=0.5, epsilon_sample=1.0, delta_norm=0.1, steps=1, seconds=0.1)
-    att = Attestation(protocol_version=PROTOCOL_VERSION, server_round=1, backbone_sha256=SHA, policy_version=version, safety_digest=digest)
+    att = Attestation(protocol_version=PROTOCOL_VERSION, server_round=1, frozen_identity=SHA, policy_version=version, safety_digest=digest)
     return Message(content=train_reply({KEY: np.asarray(delta, np.float32)}, m, att), reply_to=ins)
 
 

@@ -305,7 +305,7 @@ def _strategy(tmp_path, *, q=1.0, max_epsilon=float("inf")):
                            server_noise_multiplier=1.0, max_epsilon_user=max_epsilon, round_timeout_s=5.0)
     budget = UserLevelBudget(max_epsilon=max_epsilon, delta=1e-5, accountant=AccountantKind.RDP,
                              ledger=PrivacyLedger(tmp_path / "ledger.jsonl"))
-    core = FedPrefStrategy(fed=fed, local=LocalConfig(), shapes=SHAPES, backbone_sha256="b" * 64, budget=budget,
+    core = FedPrefStrategy(fed=fed, local=LocalConfig(), shapes=SHAPES, frozen_identity="b" * 64, budget=budget,
                            generators=seeded_generators(0), clock=lambda: 0.0)
     initial = {k: np.zeros(s, np.float32) for k, s in SHAPES.items()}
     strategy = SecureFedPrefStrategy(core, secagg=SecAggConfig(min_cohort=3), initial=initial)
@@ -377,7 +377,7 @@ def test_a_reply_with_a_bad_attestation_is_dropped_before_its_masked_vector_is_s
     strategy.configure_fit(1, params, manager)
 
     def reply(node: int, backbone: str) -> Message:
-        att = Attestation(protocol_version=PROTOCOL_VERSION, server_round=1, backbone_sha256=backbone,
+        att = Attestation(protocol_version=PROTOCOL_VERSION, server_round=1, frozen_identity=backbone,
                           policy_version=0, safety_digest="")
         content = RecordDict({
             "fitres.metrics": ConfigRecord({ATTESTATION_PREFIX + k: v for k, v in asdict(att).items()}),

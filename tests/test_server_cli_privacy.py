@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from fedpref.common.exit_codes import ExitCode
 from fedpref.server.cli import app, main
-from fedpref.protocol.exit_codes import ExitCode
 
 pytestmark = pytest.mark.filterwarnings("ignore:Optimal order is the:UserWarning")
 runner = CliRunner()

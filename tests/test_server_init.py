@@ -9,8 +9,8 @@ import sys
 import pytest
 from cryptography import x509
 
+from fedpref.common.exit_codes import ExitCode
 from fedpref.server.app import load_server_settings
-from fedpref.protocol.exit_codes import ExitCode
 
 
 def _init(home, *args):

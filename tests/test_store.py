@@ -19,7 +19,7 @@ from fedpref.client.store import (
     StoreError,
     passphrase_from_env,
 )
-from fedpref.protocol.errors import ConfigError, DataError
+from fedpref.common.errors import ConfigError, DataError
 
 
 def _mode(path) -> int:

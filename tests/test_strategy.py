@@ -19,7 +19,7 @@ def _strategy(tmp_path, *, n_coords=4, z=1e-3, q=0.5, population=10, on_round=No
     budget = UserLevelBudget(max_epsilon=float("inf"), delta=1e-5, accountant=AccountantKind.RDP,
                              ledger=PrivacyLedger(tmp_path / "ledger.jsonl"))
     s = FedPrefStrategy(fed=fed, local=LocalConfig(), shapes={"w.lora_A.shared.weight": (n_coords,)},
-                        backbone_sha256=SHA, budget=budget, generators=seeded_generators(0), on_round=on_round)
+                        frozen_identity=SHA, budget=budget, generators=seeded_generators(0), on_round=on_round)
     s._global = {"w.lora_A.shared.weight": np.zeros(n_coords, np.float32)}
     s._population = population
     return s
@@ -28,7 +28,7 @@ def _strategy(tmp_path, *, n_coords=4, z=1e-3, q=0.5, population=10, on_round=No
 def _reply_to(node, delta, *, rnd=1, sha=SHA):
     ins = Message(content=RecordDict(), dst_node_id=node, message_type="train")
     m = TrainMetrics(train_loss=0.5, train_accuracy=0.5, epsilon_sample=float(node), delta_norm=0.1, steps=1, seconds=0.1)
-    att = Attestation(protocol_version=PROTOCOL_VERSION, server_round=rnd, backbone_sha256=sha, policy_version=0, safety_digest="")
+    att = Attestation(protocol_version=PROTOCOL_VERSION, server_round=rnd, frozen_identity=sha, policy_version=0, safety_digest="")
     return Message(content=train_reply({"w.lora_A.shared.weight": np.asarray(delta, np.float32)}, m, att), reply_to=ins)
 
 
@@ -93,14 +93,14 @@ def test_poisson_sampling_rate():
 
 
 def test_budget_stops_before_the_round_that_would_exceed(tmp_path):
-    from fedpref.protocol.accounting import epsilon
+    from fedpref.common.accounting import epsilon
 
     fed = FederationConfig(rounds=5, client_sample_rate=0.5, server_noise_multiplier=1.0)
     cap = (epsilon(sample_rate=0.5, noise_multiplier=1.0, steps=2, delta=1e-5)
            + epsilon(sample_rate=0.5, noise_multiplier=1.0, steps=3, delta=1e-5)) / 2
     budget = UserLevelBudget(max_epsilon=cap, delta=1e-5, accountant=AccountantKind.RDP,
                              ledger=PrivacyLedger(tmp_path / "ledger.jsonl"))
-    s = FedPrefStrategy(fed=fed, local=LocalConfig(), shapes={"w.lora_A.shared.weight": (2,)}, backbone_sha256=SHA,
+    s = FedPrefStrategy(fed=fed, local=LocalConfig(), shapes={"w.lora_A.shared.weight": (2,)}, frozen_identity=SHA,
                         budget=budget, generators=seeded_generators(0))
     for rnd in (1, 2):
         assert s.budget_allows(rnd)

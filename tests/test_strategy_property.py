@@ -50,7 +50,7 @@ def _strategy(tmp_path, tag: str) -> FedPrefStrategy:
     fed = FederationConfig(rounds=5, client_sample_rate=0.5, clip_norm=1.0, server_noise_multiplier=1.0)
     budget = UserLevelBudget(max_epsilon=float("inf"), delta=1e-5, accountant=AccountantKind.RDP,
                              ledger=PrivacyLedger(tmp_path / f"ledger-{tag}.jsonl"))
-    s = FedPrefStrategy(fed=fed, local=LocalConfig(), shapes=SHAPES, backbone_sha256=SHA, budget=budget,
+    s = FedPrefStrategy(fed=fed, local=LocalConfig(), shapes=SHAPES, frozen_identity=SHA, budget=budget,
                         generators=seeded_generators(7), policy=lambda: (ATT["policy_version"], ATT["safety_digest"], None))
     s._global = {k: np.zeros(v, np.float32) for k, v in SHAPES.items()}
     s._population = 8

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from fedpref.client.trainer import LocalTrainConfig, assert_frozen_unchanged, pair_accuracy, train_pairs, _frozen_snapshot
+from fedpref.common.errors import ConfigError, IntegrityError
 from fedpref.model.backbone import load_backbone
 from fedpref.model.cache import TextCache
 from fedpref.model.preference import AdapterSpec, bradley_terry_loss, build_model, get_arrays
-from fedpref.protocol.errors import ConfigError, IntegrityError
 from fedpref.protocol.partition import Group
 
 GOOD = [f"Sure! Here is a friendly tip {i} 😀 keep it simple." for i in range(24)]

@@ -15,13 +15,13 @@ from fedpref.server.validation import Expected, RejectedUpdate, validate_reply
 
 SHAPES = {"a.lora_A.shared.weight": (2, 3), "score.modules_to_save.shared.bias": (1,)}
 SHA = "ab" * 32
-EXP = Expected(shapes=SHAPES, dtype="float32", clip_norm=1.0, server_round=4, backbone_sha256=SHA,
+EXP = Expected(shapes=SHAPES, dtype="float32", clip_norm=1.0, server_round=4, frozen_identity=SHA,
                policy_version=2, safety_digest="cd" * 32)
 
 
 def _reply(delta=None, **att):
     delta = delta if delta is not None else {k: np.full(s, 0.1, np.float32) for k, s in SHAPES.items()}
-    a = dict(protocol_version=PROTOCOL_VERSION, server_round=4, backbone_sha256=SHA, policy_version=2, safety_digest="cd" * 32)
+    a = dict(protocol_version=PROTOCOL_VERSION, server_round=4, frozen_identity=SHA, policy_version=2, safety_digest="cd" * 32)
     a.update(att)
     m = TrainMetrics(train_loss=0.5, train_accuracy=0.5, epsilon_sample=1.0, delta_norm=0.1, steps=1, seconds=0.1)
     return TrainReply.from_content(train_reply(delta, m, Attestation(**a)))
@@ -37,7 +37,7 @@ def test_valid_reply_passes():
     [
         ({"protocol_version": 99}, "protocol version"),
         ({"server_round": 3}, "stale round"),
-        ({"backbone_sha256": "00" * 32}, "backbone sha256"),
+        ({"frozen_identity": "00" * 32}, "backbone sha256"),
         ({"policy_version": 1}, "policy version"),
         ({"safety_digest": "ee" * 32}, "safety digest"),
     ],
@@ -115,7 +115,7 @@ def _spoof(data: bytes, shape=(2, 3), dtype="float32", stype="numpy.ndarray") ->
 
 
 def _raw_reply(arrays: dict, exp: Expected = EXP, **att) -> TrainReply:
-    a = dict(protocol_version=PROTOCOL_VERSION, server_round=exp.server_round, backbone_sha256=exp.backbone_sha256,
+    a = dict(protocol_version=PROTOCOL_VERSION, server_round=exp.server_round, frozen_identity=exp.frozen_identity,
              policy_version=exp.policy_version, safety_digest=exp.safety_digest)
     a.update(att)
     m = TrainMetrics(train_loss=0.5, train_accuracy=0.5, epsilon_sample=1.0, delta_norm=0.1, steps=1, seconds=0.1)
@@ -276,7 +276,7 @@ def test_norm_is_over_the_decoded_arrays_not_the_declared_ones():
 def test_hostile_attestation_types_and_shapes_are_rejected_not_raised():
     ok = {A: Array(np.zeros((2, 3), np.float32)), B: _ok_b()}
     _rejected(_raw_reply(ok, protocol_version=True), "protocol_version", key=None)
-    _rejected(_raw_reply(ok, backbone_sha256=None), "backbone_sha256", key=None)
+    _rejected(_raw_reply(ok, frozen_identity=None), "frozen_identity", key=None)
     with pytest.raises(RejectedUpdate, match="malformed reply"):
         validate_reply(None, EXP)  # type: ignore[arg-type]
     bad = TrainReply(delta={A: np.zeros((2, 3), np.float32)}, metrics=None, attestation=_raw_reply(ok).attestation)  # type: ignore[arg-type]
@@ -294,7 +294,7 @@ def test_a_long_hostile_key_gives_a_short_reason():
     "field,value", [("dtype", "int32"), ("clip_norm", 0.0), ("clip_norm", math.inf), ("shapes", {A: (2, -1)})]
 )
 def test_an_impossible_expectation_is_the_callers_error(field, value):
-    from fedpref.protocol.errors import ConfigError
+    from fedpref.common.errors import ConfigError
 
     with pytest.raises(ConfigError, match=field):
         Expected(**{**EXP.__dict__, field: value})

@@ -21,11 +21,11 @@ from fedpref.server.validation import NORM_TOLERANCE, Expected, RejectedUpdate, 
 
 SHAPES = {"a.lora_A.shared.weight": (2, 3), "score.modules_to_save.shared.bias": (1,), "p.shared.empty": (0,)}
 SHA = "ab" * 32
-ATT = dict(protocol_version=PROTOCOL_VERSION, server_round=4, backbone_sha256=SHA, policy_version=2, safety_digest="cd" * 32)
+ATT = dict(protocol_version=PROTOCOL_VERSION, server_round=4, frozen_identity=SHA, policy_version=2, safety_digest="cd" * 32)
 
 
 def _expected(clip_norm: float) -> Expected:
-    return Expected(shapes=SHAPES, dtype="float32", clip_norm=clip_norm, server_round=4, backbone_sha256=SHA,
+    return Expected(shapes=SHAPES, dtype="float32", clip_norm=clip_norm, server_round=4, frozen_identity=SHA,
                     policy_version=2, safety_digest="cd" * 32)
 
 

@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from enum import IntEnum
 from typing import Any, NoReturn
 
-from fedpref.protocol.errors import (
+from fedpref.common.errors import (
     AlreadyRunningError,
     BudgetExceededError,
     ConfigError,

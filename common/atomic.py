@@ -29,14 +29,17 @@ def fsync_dir(path: Path, *, strict: bool = False) -> None:
         os.close(fd)
 
 
-def write_bytes_atomic(path: str | os.PathLike[str], data: bytes, *, mode: int = 0o644) -> None:
+def write_atomic(path: str | os.PathLike[str], write: Callable[[Path], None], *, mode: int = 0o644) -> None:
+    """The one atomic writer: ``write(tmp)`` fills a temporary sibling of ``path``, which is
+    fsynced, given ``mode`` and renamed over ``path``; then the folder is fsynced. On any
+    failure the temporary file is removed and ``path`` is as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
+        write(Path(tmp))
+        with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.chmod(tmp, mode)
         os.replace(tmp, path)
@@ -45,6 +48,10 @@ def write_bytes_atomic(path: str | os.PathLike[str], data: bytes, *, mode: int =
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def write_bytes_atomic(path: str | os.PathLike[str], data: bytes, *, mode: int = 0o644) -> None:
+    write_atomic(path, lambda tmp: tmp.write_bytes(data), mode=mode)
 
 
 def write_text_atomic(path: str | os.PathLike[str], text: str, *, mode: int = 0o644) -> None:

@@ -1,6 +1,6 @@
-"""``HOST:PORT`` addresses, and the processes both CLIs start: Flower's environment (which
-keeps Flower from phoning home), and a process's identity over time (pid and start time, so
-that a recycled pid is never signalled)."""
+"""The processes both CLIs start: Flower's environment (which keeps Flower from phoning
+home), and a process's identity over time (pid and start time, so that a recycled pid is never
+signalled). ``HOST:PORT`` addresses are parsed in :mod:`fedpref.common.netaddr`."""
 
 from __future__ import annotations
 
@@ -10,17 +10,7 @@ from pathlib import Path
 
 import psutil
 
-from fedpref.protocol.atomic import write_text_atomic
-from fedpref.protocol.errors import ConfigError
-
-
-def parse_address(address: str) -> tuple[str, int]:
-    """``HOST:PORT`` (``[v6]:PORT`` for IPv6) → (host, port), with a clear error."""
-    host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(f"--address {address!r} is not HOST:PORT; give e.g. fl.example.org:9092 or 10.0.0.5:9092")
-    return host.strip("[]"), int(port)
-
+from fedpref.common.atomic import write_text_atomic
 
 # Flower phones home unless told not to: telemetry events (flwr.supercore.telemetry, on unless
 # FLWR_TELEMETRY_ENABLED=0) and an update check (flwr.supercore.update_check, posts the version

@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 
 import tomli_w
 
-from fedpref.protocol.errors import ConfigError
+from fedpref.common.errors import ConfigError
 
 T = TypeVar("T")
 

@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fedpref.protocol.atomic import write_bytes_atomic
-from fedpref.protocol.errors import ConfigError, DataError, IntegrityError
+from fedpref.common.atomic import write_bytes_atomic
+from fedpref.common.errors import ConfigError, DataError, IntegrityError
 
 if TYPE_CHECKING:  # opacus imports torch (seconds): load it only when accounting runs
     from opacus.accountants import RDPAccountant

@@ -1,7 +1,7 @@
 """The one JSONL reader: every JSONL file fedpref reads goes through :func:`read_jsonl`.
 
 One error contract for all of them: anything wrong with the file is a
-:class:`~fedpref.protocol.errors.DataError` whose message is one line,
+:class:`~fedpref.common.errors.DataError` whose message is one line,
 ``FILE:LINE: what is wrong; how to fix it`` (``FILE:`` alone when no line is concerned).
 Hostile input never escapes as another exception: binary data and non-UTF-8 text, absurdly
 nested JSON (``RecursionError``), integers of thousands of digits (Python's int-conversion
@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from fedpref.protocol.errors import DataError
+from fedpref.common.errors import DataError
 
 __all__ = ["MAX_DEPTH", "MAX_INT_DIGITS", "MAX_LINE_BYTES", "read_jsonl", "where"]
 
