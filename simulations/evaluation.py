@@ -72,7 +72,8 @@ def summarize(*, cfg, users: dict[str, UserData], results: dict, rounds: dict[st
                 "noise_multiplier": cfg.local.dp_noise_multiplier,
                 "max_grad_norm": cfg.local.dp_max_grad_norm,
                 "batch_size": cfg.local.batch_size,
-                "epsilon_sample_max_by_method": {m: r["epsilon_sample_max"] for m, r in methods.items() if m != "oracle"},
+                "epsilon_sample_max_by_method": {m: r["epsilon_sample_max"] for m, r in methods.items()
+                                                 if m not in ("oracle", "count")},  # no DP there
             },
             "epsilon_user_by_round": [r["epsilon_user"] for r in pers],
             "epsilon_sample_max_by_round": [r["epsilon_sample_max"] for r in pers],

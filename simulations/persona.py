@@ -14,14 +14,15 @@ byte-identical output.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from fedpref.protocol.errors import ConfigError
-from fedpref.protocol.tomlconfig import check_fields, ranged
 from fedpref.client.data import PreferencePair, Split
+from fedpref.common.errors import ConfigError
+from fedpref.common.tomlconfig import check_fields, ranged
 from fedpref.simulations.persona_text import (
     ADVICE,
     BODIES,
@@ -35,6 +36,7 @@ from fedpref.simulations.persona_text import (
     JOKES,
     LAUGHS,
     LEADS,
+    LOW_QUALITY,
     SERIOUS,
     TOPICS,
     UNSAFE,
@@ -50,7 +52,7 @@ ELABORATIONS = 2  # extra sentences in a detailed answer (a concise one has a br
 A = len(ATTRIBUTES)
 
 # Independent random streams: default_rng([seed, STREAM, ...]).
-_POOL_STREAM, _USER_STREAM, _PAIR_STREAM, _CORPUS_STREAM, _ATTRIBUTE_STREAM = 1, 2, 3, 4, 5
+_POOL_STREAM, _USER_STREAM, _PAIR_STREAM, _CORPUS_STREAM, _ATTRIBUTE_STREAM, _QUALITY_STREAM = 1, 2, 3, 4, 5, 6
 UNSAFE_ATTRIBUTE = "unsafe"  # the attribute corpus's last label: +1 for an unsafe text, -1 for a safe one
 
 
@@ -107,6 +109,11 @@ class PersonaConfig:
     unsafe_per_prompt: int = ranged(2, ge=0, le=8)  # unsafe candidates per prompt
     # Bradley-Terry inverse temperature: scales weights and unsafe affinity
     beta: float = ranged(1.0, gt=0)
+    # Population agreement: half of the safe candidates give unhelpful advice instead of the
+    # topic's fact, and every user's utility adds quality_weight (± individual_noise) × quality
+    # (+1 helpful, −1 not): a preference most users share, outside the attribute basis. 0 = off
+    # (and then the data is byte-identical to a generator without it).
+    quality_weight: float = ranged(0.0, ge=0, le=100, example=2.5, note="(0 = off)")
 
     def __post_init__(self) -> None:
         def bad(name: str, fix: str) -> ConfigError:
@@ -150,6 +157,7 @@ class UserTruth:
     community: str
     weights: tuple[float, ...]  # (A,)
     unsafe_affinity: float
+    quality_weight: float = 0.0  # utility per unit of a text's quality (population agreement)
 
 
 @dataclass(frozen=True)
@@ -159,6 +167,7 @@ class Candidate:
     text: str
     style: tuple[int, ...]  # (A,) in {-1, +1}
     category: str  # SAFE or an unsafe category
+    quality: int = 1  # +1 helpful advice, -1 unhelpful (PersonaConfig.quality_weight)
 
 
 @dataclass(frozen=True)
@@ -180,10 +189,11 @@ class PersonaData:
     styles: dict[str, tuple[int, ...]]  # text -> style vector (A,)
     categories: dict[str, str]  # text -> SAFE or unsafe category
     pool: tuple[PromptItem, ...] = field(repr=False, default=())
+    qualities: dict[str, int] = field(repr=False, default_factory=dict)  # text -> ±1 (absent: +1)
 
     def utility(self, user_id: str, text: str) -> float:
-        """The user's true utility of a pool text: w . s (+ unsafe affinity if unsafe)."""
-        return _utility(self.users[user_id], self.styles[text], self.categories[text])
+        """The user's true utility of a pool text: w . s (+ γ·quality, + unsafe affinity if unsafe)."""
+        return _utility(self.users[user_id], self.styles[text], self.categories[text], self.qualities.get(text, 1))
 
     def oracle_accuracy(self, split: Split | str = Split.TEST, *, expected: bool = False) -> dict[str, float]:
         """Per-user accuracy of the true utility on ``split``.
@@ -209,8 +219,8 @@ def _sigmoid(x: float) -> float:
     return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
 
 
-def _utility(user: UserTruth, style: tuple[int, ...], category: str) -> float:
-    u = float(np.dot(user.weights, style))
+def _utility(user: UserTruth, style: tuple[int, ...], category: str, quality: int = 1) -> float:
+    u = float(np.dot(user.weights, style)) + (user.quality_weight * quality if user.quality_weight else 0.0)
     return u + (user.unsafe_affinity if category != SAFE else 0.0)
 
 
@@ -246,10 +256,12 @@ def render(
     topic: int,
     style: tuple[int, ...],
     unsafe: tuple[str, str] | None = None,
+    *,
+    phrase: tuple[str, str] | None = None,
 ) -> str:
     """Write one response for topic index ``topic`` from its style vector (A,).
 
-    One short piece of topic advice (``unsafe``, a (plain, technical) phrase pair, replaces it)
+    One short piece of topic advice (``unsafe`` or ``phrase``, a (plain, technical) phrase pair, replaces it)
     carries the content; the style markers recur throughout so that style dominates, and both
     levels of each attribute write about as much text. Layout, one "- " line per part under a
     list header when bulleted: warm/cold opener, framed advice (behind a brevity marker when concise),
@@ -260,7 +272,7 @@ def render(
     detailed, bullets, formal, technical, warm, hedged, emoji, humor = (int(v) > 0 for v in style)
     fo, he, te = (1 if formal else -1), (1 if hedged else -1), (1 if technical else -1)
     name, _, facts = TOPICS[topic]
-    phrase = unsafe if unsafe is not None else facts[int(rng.integers(len(facts)))]
+    phrase = unsafe if unsafe is not None else phrase if phrase is not None else facts[int(rng.integers(len(facts)))]
     advice = f"{_pick(rng, FRAMES[te])} {_pick(rng, ADVICE[(fo, he)]).format(f=phrase[int(technical)])}"
     if not detailed:
         advice = f"{_pick(rng, BRIEF[fo])} {_lower_first(advice)}"
@@ -292,11 +304,12 @@ def _random_style(rng: np.random.Generator) -> tuple[int, ...]:
 
 
 def _unique_render(
-    rng: np.random.Generator, topic: int, style: tuple[int, ...], used: set[str], unsafe: tuple[str, str] | None
+    rng: np.random.Generator, topic: int, style: tuple[int, ...], used: set[str], unsafe: tuple[str, str] | None,
+    phrase: tuple[str, str] | None = None,
 ) -> str:
     """Render until the text is new (styles stay fixed; only wording changes)."""
     for _ in range(200):
-        text = render(rng, topic, style, unsafe)
+        text = render(rng, topic, style, unsafe, phrase=phrase)
         if text not in used:
             used.add(text)
             return text
@@ -306,15 +319,19 @@ def _unique_render(
 def build_pool(config: PersonaConfig) -> tuple[PromptItem, ...]:
     """The shared pool: for each prompt, ``candidates_per_prompt`` safe and ``unsafe_per_prompt`` unsafe texts."""
     rng = np.random.default_rng([config.seed, _POOL_STREAM])
+    qrng = np.random.default_rng([config.seed, _QUALITY_STREAM]) if config.quality_weight else None
     used: set[str] = set()
     items = []
     for t in range(config.topics):
         name, prompts, _ = TOPICS[t]
         for prompt in prompts[: config.prompts_per_topic]:
             cands = []
-            for _ in range(config.candidates_per_prompt):
+            for i in range(config.candidates_per_prompt):
                 style = _random_style(rng)
-                cands.append(Candidate(_unique_render(rng, t, style, used, None), style, SAFE))
+                # with quality on, every other safe candidate (in a random order) gives unhelpful advice
+                low = qrng is not None and i % 2 == 1
+                phrase = LOW_QUALITY[int(qrng.integers(len(LOW_QUALITY)))] if low and qrng is not None else None
+                cands.append(Candidate(_unique_render(rng, t, style, used, None, phrase), style, SAFE, -1 if low else 1))
             for _ in range(config.unsafe_per_prompt):
                 cat = UNSAFE_CATEGORIES[int(rng.integers(len(UNSAFE_CATEGORIES)))]
                 phrase = UNSAFE[cat][int(rng.integers(len(UNSAFE[cat])))]
@@ -339,6 +356,11 @@ def make_users(config: PersonaConfig) -> dict[str, UserTruth]:
         aff = config.beta * (c.unsafe_affinity + config.individual_noise * rng.standard_normal())
         uid = f"u{i:0{width}d}"
         users[uid] = UserTruth(uid, c.name, tuple(float(x) for x in w), float(aff))
+    if config.quality_weight:  # a separate stream: the users' other weights stay as without it
+        qrng = np.random.default_rng([config.seed, _QUALITY_STREAM, 1])
+        for uid in sorted(users):
+            g = config.beta * (config.quality_weight + config.individual_noise * qrng.standard_normal())
+            users[uid] = dataclasses.replace(users[uid], quality_weight=float(g))
     return users
 
 
@@ -366,7 +388,7 @@ def _label_pairs(
             a, b = pool[p].candidates[i], pool[p].candidates[j]
             if rng.random() < 0.5:
                 a, b = b, a
-            ua, ub = _utility(user, a.style, a.category), _utility(user, b.style, b.category)
+            ua, ub = _utility(user, a.style, a.category, a.quality), _utility(user, b.style, b.category, b.quality)
             if rng.random() >= _sigmoid(ua - ub):
                 a, b, ua, ub = b, a, ub, ua
             out.append(
@@ -404,6 +426,7 @@ def generate(config: PersonaConfig | None = None) -> PersonaData:
         styles={x.text: x.style for x in cands},
         categories={x.text: x.category for x in cands},
         pool=pool,
+        qualities={x.text: x.quality for x in cands if x.quality != 1},
     )
 
 

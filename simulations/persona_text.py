@@ -343,3 +343,15 @@ UNSAFE: dict[str, tuple[tuple[str, str], ...]] = {
         ("sell the broken one as new", "misrepresent defective goods as new to buyers"),
     ),
 }
+
+
+# Unhelpful advice (plain, technical), any topic: what a low-quality candidate says instead of
+# the topic's fact (``PersonaConfig.quality_weight``). Bad, but not unsafe: no category flags it.
+LOW_QUALITY: tuple[tuple[str, str], ...] = (
+    ("not bother with a plan, it sorts itself out", "skip any structured approach, outcomes converge regardless"),
+    ("do whatever feels easiest today", "always select the lowest-effort option available"),
+    ("just wing it every time", "improvise without any preparation"),
+    ("copy whatever you saw online once", "replicate a single unverified anecdote"),
+    ("give up if it does not work the first time", "abandon the approach after one failed trial"),
+    ("wait and see what happens", "defer every decision indefinitely"),
+)

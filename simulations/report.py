@@ -10,10 +10,11 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from fedpref.protocol.atomic import write_text_atomic  # noqa: E402
+from fedpref.common.atomic import write_text_atomic  # noqa: E402
 
-ORDER = ("aggregated", "local", "finetuned", "personalized", "oracle")
-COLORS = {"aggregated": "#d62728", "local": "#7f7f7f", "finetuned": "#ff7f0e", "personalized": "#2ca02c", "oracle": "#1f77b4"}
+ORDER = ("count", "aggregated", "local", "finetuned", "personalized", "oracle")
+COLORS = {"count": "#9467bd", "aggregated": "#d62728", "local": "#7f7f7f", "finetuned": "#ff7f0e",
+          "personalized": "#2ca02c", "oracle": "#1f77b4"}
 
 
 def _methods(res: dict) -> list[str]:

@@ -23,17 +23,17 @@ import numpy as np
 
 from fedpref.client.app import SimulatedDevices
 from fedpref.client.data import UserData, group_by_user, load_jsonl, write_jsonl
-from fedpref.client.terms import DeviceTerms
 from fedpref.client.device import DeviceState, Runtime, get_runtime, stable_seed, train_private_locally
+from fedpref.client.terms import DeviceTerms
 from fedpref.client.trainer import LocalTrainConfig, pair_accuracy
+from fedpref.common.atomic import write_text_atomic
+from fedpref.common.errors import ConfigError
+from fedpref.common.tomlconfig import to_plain
 from fedpref.model.cache import TextCache
-from fedpref.model.io import adapter_exists, load_adapter_weights
+from fedpref.model.io import load_adapter_weights
 from fedpref.model.preference import get_arrays, set_arrays
-from fedpref.protocol.atomic import write_text_atomic
-from fedpref.protocol.errors import ConfigError
 from fedpref.protocol.partition import PRIVATE_ADAPTER, SHARED_ADAPTER, Group
 from fedpref.protocol.runconfig import Method
-from fedpref.protocol.tomlconfig import to_plain
 from fedpref.simulations.config import SimConfig
 from fedpref.simulations.engine import device_terms, run_on_simulation_engine
 from fedpref.simulations.newusers import hold_out
@@ -105,12 +105,8 @@ def evaluate(rt: Runtime, users: dict[str, UserData], cache: TextCache, *, priva
     with progress() as prog:
         task = prog.add_task(f"evaluate {label}", total=len(users))
         for uid, user in users.items():
-            if private_root is not None:
-                d = DeviceState(private_root / uid).private_dir
-                if adapter_exists(d):
-                    load_adapter_weights(rt.model, PRIVATE_ADAPTER, d)
-                else:  # never sampled: the common initial adapter
-                    set_arrays(rt.model, Group.PRIVATE, rt.initial_private)
+            if private_root is not None:  # never sampled: the common initial adapter
+                DeviceState(private_root / uid).load_private(rt)
             out[uid] = pair_accuracy(rt.model, cache, [p.chosen for p in user.test], [p.rejected for p in user.test])
             prog.advance(task)
     return out
@@ -146,7 +142,7 @@ def train_locally(
 
 
 def _max_device_epsilon(root: Path, delta: float) -> float:
-    from fedpref.protocol.accounting import SampleLevelAccountant
+    from fedpref.common.accounting import SampleLevelAccountant
 
     eps = [SampleLevelAccountant.load(p).epsilon(delta) for p in root.glob("*/accountant.json")]
     return max(eps, default=0.0)
@@ -253,6 +249,29 @@ def _audits(cfg: SimConfig, users: dict[str, UserData], cache: TextCache, work: 
     mi["learning_rate_scale"] = scale
     seconds["membership"] = time.perf_counter() - t0
     return {"community_inference": ci, "membership": mi, "user_level": ul, "seconds": seconds}
+
+
+def count_votes(users: dict[str, UserData]) -> dict[str, float]:
+    """The ``count`` baseline: each held-out pair goes to the text more of the *other* users
+    chose, in their training pairs of the same two texts (a tie, or no vote, is a coin flip).
+    What a plain tally of everyone's choices predicts, with no model at all."""
+    from collections import Counter, defaultdict
+
+    votes: dict[frozenset[str], Counter] = defaultdict(Counter)
+    for user in users.values():
+        for p in user.train:
+            votes[frozenset((p.chosen, p.rejected))][p.chosen] += 1
+    out = {}
+    for uid, user in users.items():
+        own = Counter((frozenset((p.chosen, p.rejected)), p.chosen) for p in user.train)
+        hits = []
+        for p in user.test:
+            key = frozenset((p.chosen, p.rejected))
+            c = votes[key][p.chosen] - own[(key, p.chosen)]
+            r = votes[key][p.rejected] - own[(key, p.rejected)]
+            hits.append(1.0 if c > r else 0.5 if c == r else 0.0)
+        out[uid] = float(np.mean(hits)) if hits else float("nan")
+    return out
 
 
 def _ledger(server_dir: Path) -> list[dict]:
@@ -411,6 +430,7 @@ def run_simulation(cfg: SimConfig, *, out: Path, data: Path | None, config_file:
     }
     if len(oracle) == len(users):
         results[Method.ORACLE] = MethodResult(per_user=oracle)
+    results[Method.COUNT] = MethodResult(per_user=count_votes(users))
 
     res = summarize(
         cfg=cfg, users=users, results=results, rounds=rounds, work=work,
