@@ -27,6 +27,7 @@ from fedpref.client.device import DeviceState, Runtime, stable_seed, train_priva
 from fedpref.model.cache import TextCache
 from fedpref.model.preference import set_arrays
 from fedpref.protocol.partition import Group
+from fedpref.simulations.evaluation import method_summary
 from fedpref.simulations.progress import progress
 
 __all__ = ["hold_out", "new_user_study"]
@@ -46,15 +47,6 @@ def hold_out(users: dict[str, UserData], fraction: float, seed: int) -> tuple[di
         k = min(len(ids) - 1, max(1, round(fraction * len(ids))))
         new.update(ids[i] for i in rng.permutation(len(ids))[:k])
     return ({u: d for u, d in users.items() if u not in new}, {u: d for u, d in users.items() if u in new})
-
-
-def _summary(per_user: dict[str, float], users: dict[str, UserData]) -> dict:
-    by_comm: dict[str, list[float]] = defaultdict(list)
-    for uid, acc in per_user.items():
-        by_comm[users[uid].community or "all"].append(acc)
-    return {"mean_accuracy": float(np.mean(list(per_user.values()))),
-            "per_community": {c: float(np.mean(v)) for c, v in sorted(by_comm.items())},
-            "per_user": dict(sorted(per_user.items()))}
 
 
 def new_user_study(
@@ -90,10 +82,10 @@ def new_user_study(
                 if shared is not None:
                     set_arrays(rt.model, Group.SHARED, shared)
                 per_user = evaluate(rt, new, cache, private_root=root, label=f"new users: {method}, k={k}")
-                out[method][str(k)] = _summary(per_user, new)
-            out["aggregated"][str(k)] = _summary(aggregated, new)
+                out[method][str(k)] = method_summary(per_user, new)
+            out["aggregated"][str(k)] = method_summary(aggregated, new)
             if len(oracle) == len(new):
-                out["oracle"][str(k)] = _summary(oracle, new)
+                out["oracle"][str(k)] = method_summary(oracle, new)
     if not out["oracle"]:
         del out["oracle"]
     out["users"] = sorted(new)
