@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -29,29 +30,75 @@ def fsync_dir(path: Path, *, strict: bool = False) -> None:
         os.close(fd)
 
 
-def write_atomic(path: str | os.PathLike[str], write: Callable[[Path], None], *, mode: int = 0o644) -> None:
-    """The one atomic writer: ``write(tmp)`` fills a temporary sibling of ``path``, which is
-    fsynced, given ``mode`` and renamed over ``path``; then the folder is fsynced. On any
-    failure the temporary file is removed and ``path`` is as it was."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+def _commit(fd: int, tmp: Path, path: Path, mode: int) -> None:
+    """fsync and chmod the temporary file through its descriptor ``fd``, check that ``tmp``
+    still names that very file (not something planted in its place), rename it over ``path``
+    and fsync the folder."""
+    os.fchmod(fd, mode)
+    os.fsync(fd)
+    st, named = os.fstat(fd), os.lstat(tmp)
+    if not stat.S_ISREG(named.st_mode) or (named.st_dev, named.st_ino) != (st.st_dev, st.st_ino):
+        raise OSError(f"{tmp}: the temporary file was replaced while it was being written; "
+                      f"{path} left as it was (is {path.parent} writable by others?)")
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
 
 
 def write_bytes_atomic(path: str | os.PathLike[str], data: bytes, *, mode: int = 0o644) -> None:
-    write_atomic(path, lambda tmp: tmp.write_bytes(data), mode=mode)
+    """Write ``data`` to a temporary sibling of ``path`` created exclusively (``mkstemp``: never
+    a file or link that was already there), through its descriptor only: written, given
+    ``mode``, fsynced, renamed over ``path``; then the folder is fsynced. On any failure the
+    temporary file is removed and ``path`` is as it was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = Path(name)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        _commit(fd, tmp, path, mode)
+    except BaseException:
+        _unlink_own(tmp, fd)
+        raise
+    finally:
+        os.close(fd)
+
+
+def _unlink_own(tmp: Path, fd: int) -> None:
+    """Remove ``tmp`` if it still is the file open as ``fd`` (never what someone put in its place)."""
+    try:
+        st, named = os.fstat(fd), os.lstat(tmp)
+    except OSError:
+        return
+    if (named.st_dev, named.st_ino) == (st.st_dev, st.st_ino):
+        os.unlink(tmp)
+
+
+def write_atomic(path: str | os.PathLike[str], write: Callable[[Path], None], *, mode: int = 0o644) -> None:
+    """The atomic writer for writers that need a path (``safetensors.save_file``, ``open``):
+    ``write(tmp)`` fills ``tmp``, a file name inside a private folder (``mkdtemp``: 0700, made
+    for this write) next to ``path``, so nobody else can put a file or link there; the file is
+    then opened without following links, fsynced and given ``mode`` through its descriptor,
+    and renamed over ``path``; then the folder is fsynced. On any failure the private folder
+    is removed and ``path`` is as it was. Writers of bytes use :func:`write_bytes_atomic`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    private = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        tmp = private / path.name
+        write(tmp)
+        fd = os.open(tmp, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise OSError(f"{tmp}: the writer made something other than a plain file; {path} left as it was")
+            _commit(fd, tmp, path, mode)
+        finally:
+            os.close(fd)
+        private.rmdir()
+    except BaseException:
+        shutil.rmtree(private, ignore_errors=True)
+        raise
 
 
 def write_text_atomic(path: str | os.PathLike[str], text: str, *, mode: int = 0o644) -> None:

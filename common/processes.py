@@ -4,6 +4,7 @@ signalled). ``HOST:PORT`` addresses are parsed in :mod:`fedpref.common.netaddr`.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 import psutil
 
 from fedpref.common.atomic import write_text_atomic
+from fedpref.common.errors import FedPrefError
 
 # Flower phones home unless told not to: telemetry events (flwr.supercore.telemetry, on unless
 # FLWR_TELEMETRY_ENABLED=0) and an update check (flwr.supercore.update_check, posts the version
@@ -53,35 +55,120 @@ def pin_telemetry_source(flwr_home: Path) -> None:
     write_text_atomic(path, TELEMETRY_SOURCE_PIN, mode=0o644)
 
 
-# psutil's create time is the boot time (whole seconds, which a clock adjustment may move by
-# one) plus the start tick (10 ms): two readings of one process's start time agree to this many
-# seconds. A pid recycled this soon after its first process started is not a practical concern.
+# A process's identity is its pid and its start. psutil's create_time() is (start ticks since
+# boot) + btime, and the kernel moves btime with every step of the wall clock (an NTP step after
+# boot on a device without RTC, `date -s`, a VM resumed): a start recorded that way stops matching
+# its own process after a step. So the start recorded here is read from /proc/<pid>/stat (field
+# 22: clock ticks since boot, which no clock step moves), tagged with the boot it belongs to
+# (from /proc/sys/kernel/random/boot_id: after a reboot the same pid and tick name another
+# process), packed in one float that is exact and that older records (seconds since the epoch,
+# all below 2**_TICK_BITS) can be told apart from:  start = boot_tag · 2**_TICK_BITS + ticks.
+_TICK_BITS = 37  # ticks since boot: at 100 per second (USER_HZ), 43 years of uptime
+_BOOT_TAGS = (1 << 15) - 1  # boot tags are 1.._BOOT_TAGS: start < 2**52, an exact float
+_LINUX = sys.platform.startswith("linux") and os.path.exists("/proc/self/stat")
+
+# Records of an older fedpref, and any record off Linux, hold psutil's create time (seconds since
+# the epoch; whole seconds of btime, so two readings of one process agree to this many seconds).
 START_TOLERANCE_S = 1.5
 
 
-def process_started(pid: int | None = None) -> float | None:
-    """When process ``pid`` (default: this one) started, in seconds since the epoch (psutil's
-    create time); None if there is no such process. Record it with the pid: the two identify
-    the process over time (:func:`same_process`, :func:`signal_group`)."""
+class UnknownProcessError(FedPrefError):
+    """A pid recorded by an older fedpref runs a process whose start no longer matches the record:
+    it may be that process after a clock step, or another one under a reused pid."""
+
+
+def _boot_tag() -> int:
     try:
-        return psutil.Process(pid).create_time()
-    except psutil.Error:
+        boot_id = Path("/proc/sys/kernel/random/boot_id").read_bytes().strip()
+    except OSError:
+        return 1  # no boot id: the start ticks alone
+    return int.from_bytes(hashlib.sha256(boot_id).digest()[:4], "big") % _BOOT_TAGS + 1
+
+
+def _start_ticks(pid: int) -> int | None:
+    """Field 22 of /proc/<pid>/stat (start time, clock ticks since boot); None: no such process."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except (FileNotFoundError, ProcessLookupError, NotADirectoryError):
         return None
+    # fields after the command name, which is in parentheses and may itself hold ") "
+    return int(stat[stat.rindex(b")") + 2:].split()[19])
 
 
-def _same_start(proc: psutil.Process, started: float) -> bool:
-    return abs(proc.create_time() - started) <= START_TOLERANCE_S
+def is_legacy_start(started: float) -> bool:
+    """``started`` is a start in seconds since the epoch (a record of an older fedpref, or any
+    record off Linux), not a boot-relative one (:func:`process_started`)."""
+    return started < float(1 << _TICK_BITS)
+
+
+def process_started(pid: int | None = None) -> float | None:
+    """The start of process ``pid`` (default: this one); None if there is no such process.
+    Record it with the pid: the two identify the process over time (:func:`same_process`,
+    :func:`signal_group`). On Linux a boot-relative start that no clock step moves (see
+    above); elsewhere psutil's create time, in seconds since the epoch."""
+    if not _LINUX:
+        try:
+            return psutil.Process(pid).create_time()
+        except psutil.Error:
+            return None
+    try:
+        ticks = _start_ticks(os.getpid() if pid is None else pid)
+    except (OSError, ValueError, IndexError):
+        return None
+    return None if ticks is None else float((_boot_tag() << _TICK_BITS) + ticks)
+
+
+def _starts_match(pid: int, started: float) -> bool | None:
+    """Whether process ``pid`` started at ``started``; None if there is no process ``pid``.
+    Raises psutil.Error or OSError when it cannot be inspected."""
+    if not _LINUX or is_legacy_start(started):
+        try:
+            return abs(psutil.Process(pid).create_time() - started) <= START_TOLERANCE_S
+        except psutil.NoSuchProcess:
+            return None
+    now = process_started(pid)
+    return None if now is None else now == started
+
+
+def upgrade_legacy_start(pid: int, started: float) -> float:
+    """A start recorded by an older fedpref (seconds since the epoch) in today's format, on Linux.
+
+    If process ``pid`` still matches it by the old rule (within :data:`START_TOLERANCE_S`), it is
+    that process: its boot-relative start is returned. If there is no process ``pid`` (or a
+    zombie), ``started`` is returned as it is (nothing runs under that pid; what is left of its
+    group is still the recorded one's). Any other process under ``pid`` is an
+    :class:`UnknownProcessError`: that process after a clock step, or another one under a
+    reused pid, cannot be told apart. Off Linux, or for a start of today's format, ``started``
+    is returned as it is.
+    """
+    if not _LINUX or not is_legacy_start(started):
+        return started
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return started
+        if abs(proc.create_time() - started) <= START_TOLERANCE_S:
+            return process_started(pid) or started
+    except psutil.NoSuchProcess:
+        return started
+    except psutil.Error:
+        pass
+    raise UnknownProcessError(
+        f"pid {pid} was recorded by an older fedpref with a wall-clock start time it no longer matches: it may be "
+        f"the same process after a clock step, or another one under a reused pid; check `ps -o pid,lstart,args -p "
+        f"{pid}`, stop it by hand if it is fedpref's")
 
 
 def same_process(pid: int, started: float | None) -> bool:
     """Process ``pid`` runs (a zombie does not) and is the one that started at ``started``, not
-    a later process that was given the same pid."""
+    a later process that was given the same pid. A start of an older fedpref is compared as it
+    was then (psutil's create time, which a clock step moves): see :func:`upgrade_legacy_start`."""
     if started is None:
         return False
     try:
-        proc = psutil.Process(pid)
-        return _same_start(proc, started) and proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
+        return bool(_starts_match(pid, started)) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except (psutil.Error, OSError, ValueError, IndexError):
         return False
 
 
@@ -98,12 +185,11 @@ def signal_group(pid: int, started: float | None, sig: int) -> bool:
     if started is None:
         return False
     try:
-        leader = psutil.Process(pid)
-        if os.getpgid(pid) == pid and not _same_start(leader, started):
+        if os.getpgid(pid) == pid and _starts_match(pid, started) is False:
             return False  # a new group under a recycled pid
-    except (psutil.NoSuchProcess, ProcessLookupError):
+    except ProcessLookupError:
         pass  # the leader is gone; what is left of its group is ours
-    except (psutil.Error, OSError):
+    except (psutil.Error, OSError, ValueError, IndexError):
         return False
     try:
         os.killpg(pid, sig)

@@ -25,7 +25,10 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedpref.common.errors import DataError
 
-PROTOCOL_VERSION = 1
+# Bump on every change of the wire format (a field added, removed, renamed or retyped), so that a
+# peer on another release is told "protocol version" before anything is charged or trained:
+# 2 = the attestation's backbone_sha256 renamed frozen_identity (backbone sha256 + attribute basis).
+PROTOCOL_VERSION = 2
 NORM_TOLERANCE = 1e-6  # relative slack on ‖delta‖₂ ≤ C (float32 rounding): the server's check and the device's own
 
 # RecordDict keys
@@ -67,6 +70,7 @@ class RoundConfig:
 
     @classmethod
     def from_record(cls, record: ConfigRecord) -> RoundConfig:
+        check_protocol_version(cls, record)
         return cls(**_typed_fields(cls, record))
 
 
@@ -133,6 +137,7 @@ class Attestation:
 
     @classmethod
     def from_record(cls, record: ConfigRecord) -> Attestation:
+        check_protocol_version(cls, record)
         return cls(**_typed_fields(cls, record))
 
 
@@ -170,6 +175,22 @@ class TrainMetrics:
         if ev is not None and (isinstance(ev, bool) or not isinstance(ev, (int, float))):
             raise DataError(f"TrainMetrics: field 'eval_accuracy' has {type(ev).__name__} {ev!r}, expected float")
         return cls(**_typed_fields(cls, rec, skip=("eval_accuracy",)), eval_accuracy=None if ev is None else float(ev))
+
+
+class ProtocolVersionError(DataError):
+    """A message of another protocol version (a peer on another fedpref release)."""
+
+
+def check_protocol_version(cls: type, record: object) -> None:
+    """Before any other field is read (another version may name, add or drop fields): a record
+    whose integer ``protocol_version`` is not :data:`PROTOCOL_VERSION` is a
+    :class:`ProtocolVersionError` that says so. A missing or non-integer one is left to the
+    field checks."""
+    v = dict(record).get("protocol_version")  # type: ignore[call-overload]
+    if isinstance(v, int) and not isinstance(v, bool) and v != PROTOCOL_VERSION:
+        raise ProtocolVersionError(f"{cls.__name__}: protocol version {v} != {PROTOCOL_VERSION} (the sender runs "
+                                   f"an {'older' if v < PROTOCOL_VERSION else 'newer'} fedpref release than this side; "
+                                   "update the older one)")
 
 
 def _typed_fields(cls: type, record: object, *, skip: tuple[str, ...] = ()) -> dict:

@@ -45,7 +45,14 @@ from fedpref.common.errors import (
     NotRunningError,
 )
 from fedpref.common.netaddr import parse_address
-from fedpref.common.processes import flower_env, process_started, same_process, signal_group
+from fedpref.common.processes import (
+    UnknownProcessError,
+    flower_env,
+    process_started,
+    same_process,
+    signal_group,
+    upgrade_legacy_start,
+)
 
 CONNECTION = "fedpref"  # the SuperLink connection name in DIR/flwr/config.toml
 
@@ -145,10 +152,24 @@ def recorded(home: ServerHome) -> dict:
     except ValueError as e:
         raise DataError(f"{home.processes_file}: not valid JSON ({e}); check for stray fedpref processes, "
                         "then delete the file") from None
-    if undated := [p for p in rec.get("processes", []) if "started" not in p]:
+    procs = rec.get("processes", []) if isinstance(rec, dict) else None
+    if not isinstance(procs, list) or not all(isinstance(p, dict) for p in procs):
+        raise DataError(f"{home.processes_file}: not a record of processes; check for stray fedpref processes, "
+                        "then delete the file")
+    if undated := [p for p in procs if "started" not in p]:
         pids = ", ".join(f"{p.get('name')} (pid {p.get('pid')})" for p in undated)
         raise DataError(f"{home.processes_file}: no start time for {pids} (written by an older fedpref); stop "
                         "those processes by hand, then delete the file")
+    for p in procs:
+        pid, started = p.get("pid"), p["started"]
+        if not (type(pid) is int and pid > 0 and (started is None or type(started) in (int, float))):
+            raise DataError(f"{home.processes_file}: {p.get('name')}: pid {pid!r}, start {started!r} are not a "
+                            "process id and a start time; check for stray fedpref processes, then delete the file")
+        if started is not None:
+            try:  # a wall-clock start of an older fedpref: in today's clock-step-proof form, if it still matches
+                p["started"] = upgrade_legacy_start(pid, float(started))
+            except UnknownProcessError as e:
+                raise DataError(f"{home.processes_file}: {p.get('name')}: {e}, then delete the file") from None
     return rec
 
 

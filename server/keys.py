@@ -6,9 +6,10 @@ parses the command line, calls one of them and prints.
 Layout of ``DIR/keys`` (the folder is 0700, the key files 0600)::
 
     signer-<i>.pem       current signing keys, passphrase-encrypted PKCS#8 (i = 1..n)
-    root.json            the current trust root (what clients are given)
+    root.json            the current trust root (what clients are given); the commit point
     root-v<N>.json       every root ever issued, so a client that trusts v1 can follow
-                         root-v2.json, root-v3.json, ... (each signed by old and new keys)
+                         root-v2.json, root-v3.json, ... (each signed by old and new keys);
+                         never one newer than root.json (:func:`reconcile_root_copies`)
     retired-v<N>/        the signing keys of root vN, archived by a rotation
     .next-v<N>/          a rotation in progress (:func:`finish_rotation`)
 
@@ -72,6 +73,7 @@ ROOT_FILE = "root.json"
 _MAX_SIGNERS = 16  # the trust root's own limit
 _SIGNER = re.compile(r"signer-([1-9][0-9]{0,2})\.pem")
 _STAGE = re.compile(r"\.next-v([1-9][0-9]*)")
+_ROOT_COPY = re.compile(r"root-v([1-9][0-9]{0,8})\.json")
 _HEX64 = re.compile(r"[0-9a-fA-F]{64}")
 
 Passphrase = Callable[[], bytes]  # asked for when needed (from the environment, or a prompt)
@@ -175,9 +177,91 @@ def _read_root_chain(paths: list[Path]) -> TrustRoot:
 
 
 def _write_root_copies(kdir: Path, root_bytes: bytes, version: int) -> None:
-    """``root-v<version>.json`` (kept for the chain), then ``root.json`` (the commit point)."""
-    write_bytes_atomic(kdir / f"root-v{version}.json", root_bytes)
+    """``root.json`` (the commit point), then its copy ``root-v<version>.json`` (kept for the
+    chain; :func:`reconcile_root_copies` writes it again if a crash came in between)."""
     write_bytes_atomic(kdir / ROOT_FILE, root_bytes)
+    write_bytes_atomic(kdir / f"root-v{version}.json", root_bytes)
+
+
+def _root_copies(folder: Path) -> dict[int, Path]:
+    """``root-v<N>.json`` files in ``folder``, by ``N``."""
+    if not folder.is_dir():
+        return {}
+    return {int(m.group(1)): folder / name for name in os.listdir(folder) if (m := _ROOT_COPY.fullmatch(name))}
+
+
+def reconcile_root_copies(kdir: Path) -> None:
+    """Make the ``root-v<N>.json`` copies agree with ``root.json``, the commit point.
+
+    A copy newer than ``root.json`` is what a rotation that failed before its commit left
+    behind: signed for keys that were never moved in (they are deleted with the staged
+    rotation), it must never reach a device, and is removed. One is kept, and refused, only
+    where ``retired-v<N-1>/`` shows that rotation was committed (``root.json`` was then put
+    back from an older copy). ``root-v<version>.json`` of ``root.json`` itself is written
+    again from it when missing or different (a crash after the commit).
+    """
+    current_path = kdir / ROOT_FILE
+    if not current_path.exists():
+        return
+    current_bytes = _read_root_bytes(current_path)
+    current = _read_root(current_path)
+    for n, path in sorted(_root_copies(kdir).items()):
+        if n <= current.version:
+            continue
+        if (kdir / f"retired-v{n - 1}").exists():
+            raise KeyFileError(f"{path} is newer than {current_path} (v{current.version}), and that rotation was "
+                               f"committed ({kdir / f'retired-v{n - 1}'} exists): {current_path} was replaced by an "
+                               "older root; restore the newest root.json and its signing keys from a backup")
+        path.unlink()  # never committed
+    copy = kdir / f"root-v{current.version}.json"
+    try:
+        same = read_capped(copy, MAX_ROOT_SIZE) == current_bytes
+    except FileNotFoundError:
+        same = False
+    if not same:
+        write_bytes_atomic(copy, current_bytes)
+
+
+def root_chain(root_path: Path, root_bytes: bytes | None = None) -> tuple[bytes, ...]:
+    """The trust roots a server sends with its policy, oldest first: the ``root-v<N>.json``
+    copies next to ``root_path`` that lead, without a gap, to ``root_path``'s version, then
+    ``root_path`` itself. Each is checked to follow from the one before (signed by a threshold
+    of its keys and of its own), as a device will.
+
+    A copy newer than ``root_path`` (a rotation that was never committed) is never sent. A gap
+    (a missing version below which older copies remain), a copy that does not follow, or a
+    ``root-v<N>.json`` of the current version that differs from ``root_path`` is refused with
+    one line: devices pinned below the break could not follow to the current root.
+    """
+    current_bytes = _read_root_bytes(root_path) if root_bytes is None else root_bytes
+    try:
+        current = load_root(current_bytes)
+    except PolicyError as e:
+        raise MalformedRootError(f"{root_path} is not a valid trust root: {e}") from None
+    folder = root_path.parent
+    copies = _root_copies(folder)
+    if (same := copies.get(current.version)) is not None and _read_root_bytes(same) != current_bytes:
+        raise MalformedRootError(f"{same} differs from {root_path} (both should be trust root v{current.version}); "
+                                 f"copy {root_path.name} over it if {root_path.name} is the root in force")
+    older: list[Path] = []
+    v = current.version - 1
+    while v in copies:
+        older.insert(0, copies[v])
+        v -= 1
+    if stranded := sorted(n for n in copies if n < v):
+        raise KeyFileError(f"trust-root chain in {folder} is broken: root-v{v}.json is missing, so devices that "
+                           f"trust root-v{stranded[-1]}.json or older cannot follow to {root_path.name} "
+                           f"(v{current.version}); restore root-v{v}.json from the key folder or a backup")
+    if not older:
+        return (current_bytes,)
+    trust = _read_root(older[0])
+    for path, data in [*((p, _read_root_bytes(p)) for p in older[1:]), (root_path, current_bytes)]:
+        try:
+            trust = update_root(trust, data)
+        except PolicyError as e:
+            raise MalformedRootError(f"trust-root chain in {folder} is broken: {path.name} does not follow from "
+                                     f"root v{trust.version}: {e}") from None
+    return (*(_read_root_bytes(p) for p in older), current_bytes)
 
 
 def _load_signers(kdir: Path, root: TrustRoot, passphrase: bytes, *, need: int | None) -> dict[str, Any]:
@@ -218,7 +302,9 @@ def finish_rotation(kdir: Path) -> None:
     ``keys rotate`` writes the new keys to ``.next-v<W>/`` with a ``root.json`` marker, then
     commits by replacing ``root.json``; only then does it archive the old keys in
     ``retired-v<W-1>/`` (and drop the marker) and move the new keys in. Rerunning these steps
-    is safe; a staged rotation whose root was never committed is deleted.
+    is safe; a staged rotation whose root was never committed is deleted, with any
+    ``root-v<N>.json`` it left that is newer than ``root.json``
+    (:func:`reconcile_root_copies`).
     """
     if not kdir.is_dir():
         return
@@ -241,6 +327,7 @@ def finish_rotation(kdir: Path) -> None:
         for path in _signer_files(stage):  # phase 2: move the new keys in
             os.replace(path, kdir / path.name)
         stage.rmdir()
+    reconcile_root_copies(kdir)
 
 
 def _check_signers_threshold(signers: int, threshold: int) -> None:

@@ -101,7 +101,14 @@ from fedpref.protocol.secagg import (
     split_sum,
     sum_error_bound,
 )
-from fedpref.server.app import EnvelopeTransform, ServerSettings, make_server_app, prepare_federation, write_summary
+from fedpref.server.app import (
+    EnvelopeTransform,
+    ServerSettings,
+    make_server_app,
+    prepare_federation,
+    send_and_receive,
+    write_summary,
+)
 from fedpref.server.release import release
 from fedpref.server.strategy import FedPrefStrategy, RoundRecord, poisson_sample, short_reason
 from fedpref.server.validation import Expected, RejectedUpdate, validate_attestation
@@ -116,8 +123,9 @@ ATTEMPT_STRIDE = 1_000_003  # > MAX_ROUNDS: the DP generator key of a retry, rou
 class SecAggConfig:
     """``[secagg]``: Flower SecAgg+ parameters. Fractions are of the round's sampled nodes."""
 
-    # each node secret-shares with this fraction of the sampled nodes (1 = all)
-    share_fraction: float = ranged(1.0, gt=0, le=1)
+    # each node secret-shares with this fraction of the sampled nodes (1 = all); at least
+    # 0.01, which also bounds the search of cohort_without_majority (~50k sizes)
+    share_fraction: float = ranged(1.0, ge=0.01, le=1, note="(a share per 100 sampled devices at least)")
     # shares needed to rebuild a key, of those made; keep > 0.5 (a server that claims a node both
     # dropped and alive must not collect enough shares of both its secrets)
     reconstruction_fraction: float = ranged(0.67, gt=0, le=1)
@@ -526,7 +534,7 @@ class _StageGrid:
         return getattr(self._grid, name)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        return self._admit(self._grid.send_and_receive(messages, timeout=timeout))
+        return self._admit(send_and_receive(self._grid, messages, timeout=timeout))
 
 
 class FedPrefSecAggWorkflow(SecAggPlusWorkflow):

@@ -327,3 +327,21 @@ def test_secagg_thresholds_that_are_no_majority_are_refused(fraction, min_cohort
     for n in range(min_cohort, 500):  # the default and every cohort size: a strict majority
         shares = flower_shares(ok.share_fraction, n)
         assert 2 * flower_threshold(ok.reconstruction_fraction, shares) > shares
+
+
+@pytest.mark.parametrize("fraction", [1e-6, 1e-300, 0.0099])
+def test_a_tiny_share_fraction_is_refused_at_once_in_both_config_paths(tmp_path: Path, fraction: float) -> None:
+    """``cohort_without_majority`` searches ~(1/(2r−1)+2)/share_fraction cohort sizes: a valid but
+    tiny share_fraction made config loading spin. The range starts at 0.01 (≤ ~50k sizes)."""
+    import time
+
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f"[secagg]\nshare_fraction = {fraction!r}\n")
+    for load in (load_secagg_config, load_sim_config):  # fedpref-server, fedpref-sim
+        t0 = time.perf_counter()
+        with pytest.raises(ConfigError, match=r"share_fraction = .*; use a number in \[0\.01, 1\]") as info:
+            load(str(cfg) if load is load_secagg_config else cfg)
+        assert "\n" not in str(info.value) and time.perf_counter() - t0 < 1.0
+    t0 = time.perf_counter()  # the slowest search the range allows: r just above 1/2, the smallest fraction
+    SecAggConfig(share_fraction=0.01, reconstruction_fraction=0.5011, min_cohort=1000)
+    assert time.perf_counter() - t0 < 1.0

@@ -187,6 +187,26 @@ def test_a_round_config_with_nan_inf_or_out_of_range_numbers_is_refused_on_recei
         parse_request(content)
 
 
+@pytest.mark.parametrize("version", [PROTOCOL_VERSION - 1, PROTOCOL_VERSION + 1])
+def test_a_round_of_another_protocol_version_is_declined_before_anything_is_charged(device, tmp_path, version):
+    """The version is checked first: on receipt (whatever other fields that version has) and
+    again by train_round, before the policy, the terms and the charge."""
+    from fedpref.client.app import parse_request
+
+    rt, user, cache = device
+    content = train_request(get_arrays(rt.model, Group.SHARED), _round_config(), None)
+    content.config_records["config"]["protocol_version"] = version
+    del content.config_records["config"]["policy_version"]
+    with pytest.raises(DeclinedRound, match=f"protocol version {version} != {PROTOCOL_VERSION}"):
+        parse_request(content)
+    state = DeviceState(tmp_path / "d")
+    req = TrainRequest(shared=get_arrays(rt.model, Group.SHARED), config=_round_config(protocol_version=version),
+                       envelope=None)
+    with pytest.raises(DeclinedRound, match=f"protocol version {version} unsupported"):
+        train_round(rt, user, state, req, cache=cache, terms=DeviceTerms())
+    assert not state.accountant_path.exists() and not (state.root / "adapters" / PRIVATE_ADAPTER).exists()
+
+
 @pytest.mark.parametrize("bad", [dict(min_noise_multiplier=0.0), dict(min_noise_multiplier=float("nan")),
                                  dict(max_grad_norm=float("inf")), dict(max_epsilon_sample=float("nan")),
                                  dict(delta=0.0), dict(delta=float("nan"))])

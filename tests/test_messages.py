@@ -46,11 +46,30 @@ def test_train_reply_roundtrip():
     delta = {"x": np.full((3,), 0.25, np.float32)}
     metrics = TrainMetrics(train_loss=0.6, train_accuracy=0.7, epsilon_sample=1.5,
                            delta_norm=0.4, steps=5, seconds=0.1)
-    att = Attestation(protocol_version=1, server_round=3, frozen_identity="ab" * 32, policy_version=2, safety_digest="cd" * 32)
+    att = Attestation(protocol_version=PROTOCOL_VERSION, server_round=3, frozen_identity="ab" * 32, policy_version=2, safety_digest="cd" * 32)
     reply = TrainReply.from_content(train_reply(delta, metrics, att))
     assert reply.metrics == metrics
     assert reply.attestation == att
     np.testing.assert_array_equal(record_to_arrays(reply.delta)["x"], delta["x"])
+
+
+def test_a_reply_of_the_previous_wire_format_is_refused_for_its_protocol_version():
+    """Protocol 1 sent the attestation's frozen weights as ``backbone_sha256``; renaming it to
+    ``frozen_identity`` bumped the version, so a device of that release declines the round
+    (its own version check, before it charges anything) and a reply of it is refused as another
+    protocol version, not as a malformed attestation."""
+    assert PROTOCOL_VERSION > 1 and _cfg().protocol_version == PROTOCOL_VERSION  # what a v1 device refuses
+    old = ConfigRecord({"protocol_version": 1, "server_round": 3, "backbone_sha256": "b" * 64,
+                        "policy_version": 1, "safety_digest": "d" * 64})
+    content = RecordDict({"delta": train_reply({"x": np.zeros(2, np.float32)}, None, Attestation(
+        PROTOCOL_VERSION, 3, "a" * 64, 1, "d" * 64)).array_records["delta"], "attestation": old})
+    with pytest.raises(DataError, match=r"^Attestation: protocol version 1 != 2 \(the sender runs an older fedpref"):
+        TrainReply.from_content(content)
+    newer = _cfg().to_record()
+    newer["protocol_version"] = PROTOCOL_VERSION + 1
+    del newer["policy_version"]  # another version may add, drop or rename fields: the version is named first
+    with pytest.raises(DataError, match="protocol version 3 != 2"):
+        RoundConfig.from_record(newer)
 
 
 def test_reply_missing_record_is_a_data_error():

@@ -241,3 +241,88 @@ def test_the_server_judges_its_recorded_processes_by_start_time(tmp_path):
     home.processes_file.write_text(json.dumps({"processes": [me]}))  # written before start times were kept
     with pytest.raises(DataError, match="no start time for superlink"):
         deploy.running(home)
+
+
+# --- a step of the wall clock is no new process; a reboot is -----------------------------------
+
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="boot-relative starts: /proc")
+
+
+def _step_the_clock(monkeypatch, seconds: float) -> None:
+    """What a step of the wall clock does to psutil: btime (/proc/stat), and with it every
+    create_time(), moves by the step."""
+    import psutil._pslinux as L
+
+    real = L.boot_time
+    monkeypatch.setattr(L, "boot_time", lambda: real() + seconds)
+
+
+@linux_only
+@pytest.mark.parametrize("step", [60.0, -3600.0])
+def test_a_clock_step_changes_no_process_identity(monkeypatch, step):
+    import psutil
+
+    proc = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        started = process_started(proc.pid)
+        created = psutil.Process(proc.pid).create_time()
+        _step_the_clock(monkeypatch, step)
+        assert abs(psutil.Process(proc.pid).create_time() - created - step) < 1  # the step is real to psutil
+        assert process_started(proc.pid) == started
+        assert same_process(proc.pid, started) and signal_group(proc.pid, started, 0)
+        assert signal_group(proc.pid, started, signal.SIGTERM)  # `fedpref-server stop` still stops it
+        assert proc.wait(timeout=20) == -signal.SIGTERM
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@linux_only
+def test_the_same_pid_and_start_tick_after_a_reboot_is_another_process(monkeypatch):
+    from fedpref.common import processes
+
+    proc = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        started = process_started(proc.pid)
+        assert same_process(proc.pid, started)
+        real = processes._boot_tag
+        monkeypatch.setattr(processes, "_boot_tag", lambda: real() % processes._BOOT_TAGS + 1)  # another boot_id
+        assert not same_process(proc.pid, started)  # the record is of a process of the last boot
+        assert not signal_group(proc.pid, started, signal.SIGTERM) and proc.poll() is None
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@linux_only
+def test_a_record_of_an_older_release_is_judged_as_then_or_refused_as_unknown(tmp_path, monkeypatch):
+    """Records written before (psutil's create time, seconds since the epoch) still name their
+    process while it matches by the old rule; the server then keeps to its clock-step-proof start.
+    A live pid that no longer matches is 'unknown' (clock step or reused pid): one clear line."""
+    import psutil
+
+    from fedpref.common.errors import DataError
+    from fedpref.server import deploy
+
+    legacy = psutil.Process().create_time()  # what an older fedpref recorded for this process
+    assert same_process(os.getpid(), legacy)  # an agent pidfile of the older release still works
+    home = deploy.ServerHome(root=tmp_path, address="127.0.0.1:9092", superlink="127.0.0.1:9093",
+                             ca=tmp_path / "ca.pem", certificate=tmp_path / "s.pem", private_key=tmp_path / "s.key",
+                             trust_root=tmp_path / "root.json")
+    home.run_dir.mkdir()
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    me = {"name": "superlink", "pid": os.getpid(), "cmd": ["flower-superlink"], "log": "x.log", "started": legacy}
+    dead = {**me, "name": "nginx", "pid": gone.pid, "started": legacy - 5}
+    home.processes_file.write_text(json.dumps({"processes": [me, dead]}))
+    rec = deploy.recorded(home)
+    assert [p["started"] for p in rec["processes"]] == [process_started(), legacy - 5]
+    _step_the_clock(monkeypatch, 120.0)
+    assert [p["name"] for p in rec["processes"] if deploy._alive(p)] == ["superlink"]  # read before, judged after
+    # read after the step, the older release's record is 120 s off its process: unknown
+    for call in (deploy.running, deploy.stop):
+        with pytest.raises(DataError, match=r"superlink: pid \d+ was recorded by an older fedpref .* clock step") as e:
+            call(home)
+        assert "\n" not in str(e.value)
+    assert home.processes_file.exists()  # nothing stopped, nothing forgotten

@@ -9,9 +9,10 @@ from flwr.app import Array, ArrayRecord
 from hypothesis import given, settings, strategies as st
 
 from fedpref.client.device import clip
+from fedpref.common.errors import DataError
 from fedpref.protocol.messages import PROTOCOL_VERSION, Attestation, TrainMetrics, TrainReply, train_reply
 from fedpref.protocol.messages import l2_norm
-from fedpref.server.validation import Expected, RejectedUpdate, validate_reply
+from fedpref.server.validation import Expected, RejectedUpdate, validate_attestation, validate_reply
 
 SHAPES = {"a.lora_A.shared.weight": (2, 3), "score.modules_to_save.shared.bias": (1,)}
 SHA = "ab" * 32
@@ -35,7 +36,6 @@ def test_valid_reply_passes():
 @pytest.mark.parametrize(
     "att,reason",
     [
-        ({"protocol_version": 99}, "protocol version"),
         ({"server_round": 3}, "stale round"),
         ({"frozen_identity": "00" * 32}, "backbone sha256"),
         ({"policy_version": 1}, "policy version"),
@@ -45,6 +45,15 @@ def test_valid_reply_passes():
 def test_attestation_mismatch_is_rejected(att, reason):
     with pytest.raises(RejectedUpdate, match=reason):
         validate_reply(_reply(**att), EXP)
+
+
+def test_another_protocol_version_is_rejected_on_receipt_and_by_validation():
+    """Parsing names the version before any field (another release may have other fields)."""
+    with pytest.raises(DataError, match=r"^Attestation: protocol version 99 != "):
+        _reply(protocol_version=99)
+    att = Attestation(protocol_version=99, server_round=4, frozen_identity=SHA, policy_version=2, safety_digest="cd" * 32)
+    with pytest.raises(RejectedUpdate, match="protocol version 99 != "):
+        validate_attestation(att, EXP)
 
 
 def test_extra_and_missing_keys_are_rejected():
