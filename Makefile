@@ -7,7 +7,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.fedpref-installed
 
-.PHONY: install demo test test-fast bench proto clean
+.PHONY: install demo test test-fast bench bench-scale proto clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,9 @@ test-fast: $(STAMP)   # minus the end-to-end runs marked slow (Ray, deployment, 
 
 bench: $(STAMP)
 	$(BIN)/fedpref-sim bench
+
+bench-scale: $(STAMP)   # 1,000 federated users + 250 new (issue 11): wall time, peak RSS, phase split
+	$(BIN)/fedpref-sim run --config simulations/configs/scale-1000.toml --out results/scale-1000
 
 proto: $(STAMP)   # regenerate protocol/agent_pb2*.py from protocol/agent.proto
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'

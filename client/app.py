@@ -10,6 +10,8 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -150,6 +152,28 @@ def train_for_node(run: AppRun, context: Context, req: TrainRequest,
     if run.data is None:
         raise FedPrefError("run config data is empty and this node has no fedpref-home; give the preference "
                            "JSONL (simulation) or start the node with `fedpref-agent start` (deployment)")
+    t0 = time.perf_counter()
+    try:
+        return _train_simulated(run, context, req, devices, secure=secure)
+    finally:  # the cost report's client compute (simulation only: a deployed device records nothing)
+        record_device_seconds(run.clients_dir, time.perf_counter() - t0)
+
+
+DEVICE_SECONDS_FILE = "device-seconds.txt"  # per simulation workdir's clients/: one float per line
+
+
+def record_device_seconds(clients_dir: Path, seconds: float) -> None:
+    """Append one call's wall seconds inside the ClientApp (O_APPEND: one short line per call is
+    written whole even with many actors appending)."""
+    clients_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(clients_dir / DEVICE_SECONDS_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, f"{seconds:.6f}\n".encode())
+    finally:
+        os.close(fd)
+
+
+def _train_simulated(run: AppRun, context: Context, req: TrainRequest, devices: SimulatedDevices, *, secure: bool):
     from fedpref.client.device import DeviceState, adapters_for, get_runtime, stable_seed, train_round, user_cache
 
     user = _user_for(context, _users(run.data))

@@ -233,10 +233,12 @@ def enforce_policy(
 def user_cache(rt: Runtime, user: UserData, state: DeviceState, shared_cache: TextCache | None) -> TextCache:
     """The hidden-state cache covering the user's texts (built once, kept on disk)."""
     texts = [t for p in (*user.train, *user.test) for t in (p.chosen, p.rejected)]
-    if shared_cache is not None and not shared_cache.missing(texts):
+    if shared_cache is not None and shared_cache.fits(rt.model) and not shared_cache.missing(texts):
         return shared_cache
     path = state.cache_path
     cache = TextCache.load(path) if path is not None and path.exists() else None
+    if cache is not None and not cache.fits(rt.model):  # built for another model layout: start over
+        cache = None
     missing = texts if cache is None else cache.missing(texts)
     if missing:
         new = TextCache.build(rt.model, rt.backbone, missing, max_length=rt.max_length)

@@ -15,9 +15,11 @@ class AdapterSpec:
 
     rank: int = ranged(4, ge=1, le=4096)  # LoRA r
     alpha: float = ranged(8.0, gt=0)  # LoRA alpha (scaling = alpha / r)
-    # adapt the last N transformer blocks; lower blocks can be cached
-    top_layers: int = ranged(1, ge=1, le=1024)
-    targets: tuple[str, ...] = ("value",)  # sub-modules of each adapted block
+    # adapt the last N transformer blocks (lower blocks are cached per text); 0 = adapt none:
+    # LoRA sits on a frozen identity "neck" over the pooled embedding, which is then cached
+    # whole per text, so a training step never runs the backbone
+    top_layers: int = ranged(1, ge=0, le=1024, note="(0 = LoRA on the neck over the pooled embedding)")
+    targets: tuple[str, ...] = ("value",)  # sub-modules of each adapted block (unused when top_layers = 0)
     # k: size of the style projection the personal head reads; 0 = none (head reads f)
     personal_dims: int = ranged(8, ge=0, le=65_536, note="(0 = no projection)")
     # a frozen public basis for that projection (safetensors, "weight" (k, H); model/basis.py):

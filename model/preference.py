@@ -20,6 +20,15 @@ Because the backbone is frozen and adapters sit on the top blocks only, the hidd
 entering the first adapted block is a pure function of the text. :mod:`fedpref.model.cache`
 stores it, and :meth:`RewardModel.forward` can *replay* it instead of recomputing the lower
 blocks. This is exact, not an approximation (checked in the tests).
+
+With ``adapter.top_layers = 0`` no block is adapted: both LoRA adapters sit on a frozen
+identity ``neck`` (H → H) between the pooled embedding and the heads::
+
+    text ─► backbone (frozen, whole) ─► pool ─► neck (identity + LoRA shared + private) ─► LN ─► f
+
+The pooled embedding is then the cached state (one (H,) vector per text), and a DP-SGD step
+costs a few small matrix products instead of a transformer block per token: the layout for
+large simulations (``simulations/configs/scale-1000.toml``) and the demo.
 """
 
 from __future__ import annotations
@@ -91,13 +100,25 @@ class RewardModel(nn.Module):
                     q, _ = torch.linalg.qr(torch.randn(h, personal_dims, generator=g))  # (H, k)
                     self.style_proj.weight.copy_(q.T)  # rows orthonormal: outputs O(1) like f
             self.style_proj.requires_grad_(False)
-        layers = backbone.layers()
-        for i in range(first_adapted):
-            layers[i] = _Replayable(layers[i])
+        # no adapted block: LoRA goes on this frozen identity over the pooled embedding, and the
+        # pooled embedding itself is what the cache stores
+        self.neck_mode = first_adapted >= backbone.num_layers
+        self.neck: nn.Module | None = None
+        if self.neck_mode:
+            self.neck = nn.Linear(h, h)
+            with torch.no_grad():
+                self.neck.weight.copy_(torch.eye(h))
+                self.neck.bias.zero_()
+            self.neck.requires_grad_(False)
+        else:
+            layers = backbone.layers()
+            for i in range(first_adapted):
+                layers[i] = _Replayable(layers[i])
         self._layers_path = backbone.layers_path
-        self._capture: list[torch.Tensor] = []
 
     def lower_blocks(self) -> list[_Replayable]:
+        if self.neck_mode:
+            return []
         layers = self.encoder.get_submodule(self._layers_path)
         return [layers[i] for i in range(self.first_adapted)]  # type: ignore[misc]
 
@@ -105,9 +126,11 @@ class RewardModel(nn.Module):
         self,
         input_ids: torch.Tensor,  # (B, T)
         attention_mask: torch.Tensor,  # (B, T)
-        replay: torch.Tensor | None = None,  # (B, T, H): output of the last lower block
+        replay: torch.Tensor | None = None,  # (B, T, H): output of the last lower block; (B, H) pooled on a neck
     ) -> torch.Tensor:  # (B,) rewards
         pooled = self.pooled(input_ids, attention_mask, replay)  # (B, H)
+        if self.neck is not None:
+            pooled = self.neck(pooled)  # identity + the adapters' LoRA
         # Parameter-free standardisation: every coordinate O(1), so per-sample gradients of the
         # heads are O(1) too and DP-SGD's clip norm C means the same for every backbone.
         feats = F.layer_norm(pooled, pooled.shape[-1:])  # (B, H)
@@ -117,7 +140,12 @@ class RewardModel(nn.Module):
     def pooled(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, replay: torch.Tensor | None = None
     ) -> torch.Tensor:  # (B, H)
-        """The pooled last hidden state (replaying the cached lower blocks when given)."""
+        """The pooled last hidden state of the frozen backbone's blocks (replaying the cached lower
+        blocks when given; on a neck, ``replay`` is the cached pooled state itself)."""
+        if self.neck_mode and replay is not None:
+            if replay.dim() != 2 or replay.shape[0] != input_ids.shape[0]:
+                raise IntegrityError(f"a neck model replays pooled states (B, H); got {tuple(replay.shape)}")
+            return replay
         lower = self.lower_blocks()
         if replay is not None and lower:
             for blk in lower[:-1]:
@@ -132,7 +160,10 @@ class RewardModel(nn.Module):
 
     @torch.no_grad()
     def lower_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """The hidden states leaving the last lower block, (B, T, H): what the cache stores."""
+        """What the cache stores: the hidden states leaving the last lower block, (B, T, H); on a
+        neck, the pooled embedding of the whole frozen backbone, (B, H)."""
+        if self.neck_mode:
+            return self.pooled(input_ids, attention_mask)
         lower = self.lower_blocks()
         if not lower:
             raise ConfigError("every block is adapted (adapter.top_layers = all); nothing to cache")
@@ -150,6 +181,8 @@ class RewardModel(nn.Module):
 
 
 def _target_module_names(model: RewardModel, backbone: Backbone, spec: AdapterSpec) -> list[str]:
+    if spec.top_layers == 0:
+        return ["neck"]
     n = backbone.num_layers
     if spec.top_layers > n:
         raise ConfigError(f"adapter.top_layers = {spec.top_layers} but the backbone has {n} blocks")

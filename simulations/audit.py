@@ -351,7 +351,7 @@ def _shared_gradients(rt: Runtime, cache: TextCache, pairs: Sequence[PreferenceP
 def _with_texts(rt: Runtime, cache: TextCache, texts: list[str]) -> TextCache:
     """``cache`` plus the hidden states of ``texts`` (a new object; ``cache`` is left alone)."""
     new = TextCache.build(rt.model, rt.backbone, cache.missing(texts), max_length=rt.max_length)
-    return TextCache({**cache.ids, **new.ids}, {**cache.states, **new.states}, cache.pad_id)
+    return TextCache({**cache.ids, **new.ids}, {**cache.states, **new.states}, cache.pad_id, cache.layout)
 
 
 def canary_membership_audit(

@@ -72,7 +72,7 @@ def run(
     import dataclasses
 
     from fedpref.simulations.config import CONFIG_DIR, load_sim_config
-    from fedpref.simulations.report import summary_rows
+    from fedpref.simulations.report import cost_line, summary_rows
     from fedpref.simulations.runner import run_simulation
 
     try:
@@ -100,6 +100,7 @@ def run(
         f"ε_user = {pr['epsilon_user']:.3f}, max ε_sample = {pr['epsilon_sample_max']:.3f} at δ = {pr['delta']:g}; "
         f"wall {res['cost']['wall_seconds']:.0f} s; report: {out / 'report.html'}"
     )
+    Console().print(cost_line(res), highlight=False, soft_wrap=True)
 
 
 @app.command()

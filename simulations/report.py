@@ -285,7 +285,7 @@ def plot_robustness(res: dict, path: Path) -> None:
             continue
         keys = sorted((k for k in runs if k != "none"), key=float)
         xs = [0.0, *map(float, keys)]
-        none = rb["poisoning"]["none"]
+        none = runs.get("none", rb["poisoning"]["none"])  # SecAgg+ has its own attack-free control
         rows = [none, *(runs[k] for k in keys)]
         tag = " (SecAgg+)" if section == "poisoning_secagg" else ""
         axes[0].plot(xs, [r["honest_accuracy"] for r in rows], style, color=COLORS["personalized"], label="accuracy" + tag)
@@ -314,8 +314,6 @@ def robustness_section(res: dict) -> str:
     rows = []
     for section in ("poisoning", "poisoning_secagg"):
         for key, r in (rb.get(section) or {}).items():
-            if key == "none" and section != "poisoning":
-                continue
             base = r.get("baseline", r)
             path = "SecAgg+" if section == "poisoning_secagg" or rb["paths"] == ["secagg"] else "plain"
             cells = [f"{r['honest_accuracy']:.3f} ({r['honest_accuracy'] - base['honest_accuracy']:+.3f})"]
@@ -329,7 +327,9 @@ sends every round the largest update the server accepts (norm C), trained on its
 the unsafe text wins. Numbers are over the honest users only; in brackets, the change from the attack-free run on the
 same users. The bounded rate is what a device's user is shown: the classifier each device verified keeps unsafe
 candidates below safe ones whatever the shared model becomes. The server's only defence is the per-update norm
-bound C, which limits a lying device to what one honest device can move.</p>
+bound C, which limits a lying device to what one honest device can move on the plain path; under SecAgg+ no one
+checks one device's norm, and a liar can send up to C per coordinate. Each SecAgg+ row is compared with an
+attack-free SecAgg+ run ("none", SecAgg+), so the change in brackets is the attackers' doing, not the path's.</p>
 <table><tr><th>lying devices</th><th>path</th><th>honest users</th><th>accuracy</th><th>unbounded violation</th>
 <th>bounded violation</th></tr>{''.join(rows)}</table>
 <img src="robustness_poisoning.png" alt="poisoning">"""
@@ -465,3 +465,16 @@ Sending shared <i>and</i> private adapters would cost {cost['shared_plus_private
     path = out / "report.html"
     write_text_atomic(path, body)
     return path
+
+
+def cost_line(res: dict) -> str:
+    """One line: wall time, peak memory and where the time went (``cost`` of results.json)."""
+    c = res.get("cost", {})
+    if "phases" not in c:
+        return f"cost: wall {c.get('wall_seconds', 0):.0f} s"
+    ph = c["phases"]
+    fed = c.get("federation", {})
+    ratio = fed.get("overhead_over_compute")
+    parts = ", ".join(f"{k.replace('_', ' ')} {v:.0f} s" for k, v in sorted(ph.items(), key=lambda kv: -kv[1]))
+    return (f"cost: wall {c['wall_seconds']:.0f} s, peak RSS {c['peak_rss_bytes'] / 2**30:.2f} GiB (whole process tree); "
+            + parts + (f"; Flower/Ray overhead = {ratio:.0%} of client compute" if ratio is not None else ""))

@@ -6,7 +6,8 @@ they verify and attest the policy exactly as honest devices do, so no server che
 them apart, and each round they send the largest update the server accepts (norm ``C``),
 trained on their own (safe, unsafe) pairs relabelled so that the unsafe text wins.
 
-Measured on the honest users only, against the attack-free run on the same users:
+Measured on the honest users only, against the attack-free run on the same users and the same
+path (SecAgg+ runs get their own attack-free SecAgg+ control, ``poisoning_secagg.none``):
 
 * ``honest_accuracy``: held-out pair accuracy (personal data, shared + private model);
 * ``unbounded_violation``: (safe, unsafe) pairs whose unsafe text the personal model ranks first;
@@ -31,12 +32,13 @@ from fedpref.client.app import SimulatedDevices
 from fedpref.client.data import UserData
 from fedpref.client.device import stable_seed
 from fedpref.client.terms import DeviceTerms
+from fedpref.common.errors import ConfigError
 from fedpref.model.cache import TextCache
 from fedpref.protocol.runconfig import Method
 from fedpref.simulations.progress import console
 from fedpref.simulations.safety import SimPolicy, pooled_violation
 
-__all__ = ["malicious_users", "poisoning_summary", "run_poisoning"]
+__all__ = ["check_fractions", "malicious_users", "poisoning_summary", "run_poisoning"]
 
 
 def malicious_users(users: dict[str, UserData], fraction: float, seed: int) -> frozenset[str]:
@@ -77,16 +79,20 @@ def run_poisoning(
     ``None``) for its final model. ``base_*``: the attack-free run's.
     """
     rb = cfg.robustness
+    check_fractions(rb, len(users))
     own = "secagg" if cfg.runtime.secure_aggregation else "plain"  # the path of the run's attack-free federation
-    runs = [(own, cfg.runtime, f) for f in rb.poison_fractions]
-    if not cfg.runtime.secure_aggregation:
+    runs: list[tuple[str, object, float | None]] = [(own, cfg.runtime, f) for f in rb.poison_fractions]
+    if not cfg.runtime.secure_aggregation and rb.secure_aggregation_fractions:
         secure = dataclasses.replace(cfg.runtime, secure_aggregation=True)
-        runs += [("secagg", secure, f) for f in rb.secure_aggregation_fractions]
+        # SecAgg+'s own attack-free control first: its quantisation and projection cost accuracy
+        # too, and that is not the attackers' doing
+        runs += [("secagg", secure, None)] + [("secagg", secure, f) for f in rb.secure_aggregation_fractions]
     out: dict = {"poisoning": {"none": _summary(base_acc, base_safety, sorted(users))}, "seconds": {}}
+    baselines = {own: (base_acc, base_safety)}
     for path, runtime, f in runs:
-        bad = malicious_users(users, f, cfg.runtime.seed)
-        key = f"{f:g}"
-        label = f"poisoning {key}" + (" (SecAgg+)" if path == "secagg" else "")
+        bad = malicious_users(users, f, cfg.runtime.seed) if f is not None else frozenset()
+        key = f"{f:g}" if f is not None else "none"
+        label = (f"poisoning {key}" if f is not None else "no attack") + (" (SecAgg+)" if path == "secagg" else "")
         console.print(f"[bold]{label}[/]: {len(bad)} of {len(users)} devices lie; "
                       f"{cfg.federation.rounds} rounds of {Method.PERSONALIZED.value}")
         t0 = time.perf_counter()
@@ -94,10 +100,21 @@ def run_poisoning(
         run_federation(wd, SimulatedDevices(terms=terms, poison=bad, drop_rate=rb.drop_rate,
                                             fault_seed=cfg.runtime.seed), runtime)
         acc, safety = evaluate_personalized(wd, label)
-        # the run's own path holds its attack-free run ("none"); SecAgg+ runs after a plain run
-        # are compared with that plain attack-free run
         section = "poisoning" if path == own else "poisoning_secagg"
-        out.setdefault(section, {})[key] = poisoning_summary(acc, safety, bad, base_acc, base_safety)
+        if f is None:  # this path's attack-free control: each poisoned run on it is compared with it
+            baselines[path] = (acc, safety)
+            out.setdefault(section, {})["none"] = _summary(acc, safety, sorted(users))
+        else:
+            out.setdefault(section, {})[key] = poisoning_summary(acc, safety, bad, *baselines[path])
         out["seconds"][f"{path}-{key}"] = time.perf_counter() - t0
     out["paths"] = sorted({p for p, _, _ in runs}, key=["plain", "secagg"].index)
     return out
+
+
+def check_fractions(rb, users: int) -> None:  # noqa: ANN001 - RobustnessConfig
+    """Every fraction must leave at least one honest user to measure (checked before any run)."""
+    for name in ("poison_fractions", "secure_aggregation_fractions"):
+        for f in getattr(rb, name):
+            if max(1, round(f * users)) >= users:
+                raise ConfigError(f"robustness.{name} has {f:g}: with {users} users every device would lie and no "
+                                  f"honest user is left to measure; use a fraction below {(users - 0.5) / users:.3f}")
