@@ -114,6 +114,53 @@ def bench(
     bench_dp_overhead(steps=steps, batch_size=batch_size)
 
 
+@app.command()
+def curve(
+    runs: Annotated[list[Path], typer.Argument(help="--out folders of runs that differ in the number of users only")],
+    out: Annotated[Path, typer.Option("--out", help="folder for scale_curve.json and scale_curve.png")],
+) -> None:
+    """The scale curve: accuracy per method against the number of federated users."""
+    from fedpref.simulations.tables import plot_scale_curve, scale_curve, write_table
+
+    try:
+        doc = scale_curve(runs)
+        path = write_table(doc, out, "scale_curve.json")
+        plot_scale_curve(doc, out / "scale_curve.png")
+    except FedPrefError as e:
+        _fail(e)
+    for p in doc["points"]:
+        Console().print(f"{p['users']:>5} users: " + ", ".join(
+            f"{m} {p[m]:.3f}" for m in ("personalized", "local", "aggregated", "oracle") if p.get(m) is not None)
+            + (f"; new users k=10: personalized {p['new_users_k10_personalized']:.3f}"
+               if p.get("new_users_k10_personalized") is not None else ""), highlight=False)
+    Console().print(f"wrote {path} and {out / 'scale_curve.png'}", highlight=False)
+
+
+@app.command()
+def seeds(
+    runs: Annotated[list[Path], typer.Argument(help="--out folders of one config run with different --seed")],
+    out: Annotated[Path, typer.Option("--out", help="folder for seeds.json")],
+) -> None:
+    """Mean ± sd over seeds, and issue 11's targets checked on them."""
+    from fedpref.simulations.tables import seed_table, write_table
+
+    try:
+        doc = seed_table(runs)
+        path = write_table(doc, out, "seeds.json")
+    except FedPrefError as e:
+        _fail(e)
+    mean, sd = doc["mean"], doc["sd"]
+    for m in ("personalized", "local", "aggregated", "finetuned", "count", "oracle"):
+        if m in mean:
+            Console().print(f"{m:>13}: {mean[m]:.3f} ± {sd[m]:.3f}", highlight=False)
+    for t in doc["targets"].values():
+        verdict = "n/a" if t["met"] is None else "met" if t["met"] else "MISSED"
+        val = "–" if t["value"] is None else f"{t['value']:.3f}"
+        bound = "–" if t["bound"] is None else f"{t['bound']:.3f}"
+        Console().print(f"{verdict:>6}  {t['what']}: {val} vs {bound}", highlight=False)
+    Console().print(f"wrote {path}", highlight=False)
+
+
 def main(argv: Sequence[str] | None = None) -> NoReturn:
     """Console entry point: errors are one line with their exit code (2 for the command line)."""
     run_cli(app, argv, "fedpref-sim")

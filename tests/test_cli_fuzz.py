@@ -107,6 +107,8 @@ FILE_COMMANDS = {
         "--ca", str(k["server"] / "tls" / "ca.pem"), "--root", f]),
     "sim run --config": lambda k, f: (sim_cli.main, ["run", "--out", str(k["tmp"] / "sim-out"), "--config", f]),
     "sim run --data": lambda k, f: (sim_cli.main, ["run", "--out", str(k["tmp"] / "sim-out"), "--data", f]),
+    "sim curve": lambda k, f: (sim_cli.main, ["curve", f, "--out", str(k["tmp"] / "curve-out")]),
+    "sim seeds": lambda k, f: (sim_cli.main, ["seeds", f, "--out", str(k["tmp"] / "seeds-out")]),
 }
 
 
