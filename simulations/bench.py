@@ -40,3 +40,26 @@ def bench_dp_overhead(*, steps: int = 20, batch_size: int = 16, spec: AdapterSpe
     }
     print(json.dumps(result, indent=1))
     return result
+
+
+def bench_neck(*, steps: int = 20, batch_size: int = 16) -> dict:
+    """A DP-SGD step with LoRA on the last block (``top_layers = 1``) over one with LoRA on the
+    neck (``top_layers = 0``), same data, one run: what caching the whole backbone buys."""
+    data = generate(PersonaConfig(users=1, pairs_per_user=steps * batch_size + 4, seed=1))
+    train = [p for p in data.pairs if p.split.value == "train"]
+    chosen, rejected = [p.chosen for p in train], [p.rejected for p in train]
+    out: dict[str, float] = {}
+    for label, top in (("block", 1), ("neck", 0), ("block_2", 1), ("neck_2", 0)):
+        backbone = load_backbone()
+        model = build_model(backbone, AdapterSpec(top_layers=top))
+        cache = TextCache.build(model, backbone, chosen + rejected, max_length=96)
+        cfg = LocalTrainConfig(epochs=1, batch_size=batch_size, learning_rate=0.05, head_learning_rate=0.5,
+                               projection_learning_rate=0.05, noise_multiplier=1.0, max_grad_norm=1.0, seed=0)
+        t0 = time.perf_counter()
+        res = train_pairs(model, cache, chosen, rejected, cfg)
+        out[label] = (time.perf_counter() - t0) / max(res.steps, 1)
+    block, neck = (out["block"] + out["block_2"]) / 2, (out["neck"] + out["neck_2"]) / 2
+    result = {"threads": torch.get_num_threads(), "batch_size": batch_size, "block_step_s": block, "neck_step_s": neck,
+              "block_over_neck": block / neck}
+    print(json.dumps(result, indent=1))
+    return result

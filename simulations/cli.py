@@ -108,10 +108,11 @@ def bench(
     steps: Annotated[int, typer.Option(help="timed steps per mode")] = 20,
     batch_size: Annotated[int, typer.Option("--batch-size")] = 16,
 ) -> None:
-    """DP-SGD step time over non-DP step time, on the default backbone, in one run."""
-    from fedpref.simulations.bench import bench_dp_overhead
+    """DP-SGD step time over non-DP step time, and LoRA on the last block over LoRA on the neck, in one run."""
+    from fedpref.simulations.bench import bench_dp_overhead, bench_neck
 
     bench_dp_overhead(steps=steps, batch_size=batch_size)
+    bench_neck(steps=steps, batch_size=batch_size)
 
 
 @app.command()
