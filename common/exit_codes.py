@@ -131,7 +131,9 @@ EXIT_CODE_HELP: dict[ExitCode, str] = {
     ),
     ExitCode.NODE_REJECTED: (
         "The server refused this device: its public key is not registered. Give the device's "
-        "identity/node.pub to the operator, who runs `fedpref-server nodes add`."
+        "identity/node.pub to the operator, who runs `fedpref-server nodes add`. (A device the "
+        "server accepted before and that crashed ends its earlier session itself and retries for "
+        "75 s before this code.)"
     ),
     ExitCode.SIMULATION_RUNTIME: (
         "The Simulation Engine's Ray runtime did not start (or could not join --ray-address) "

@@ -15,15 +15,17 @@ What it runs, with the product's own command lines only (``fedpref-server``,
   A restarted server resumes from its ledger and latest checkpoint (``fedpref-server start``
   continues the round count). With q < 1 a halted round keeps its number, so each start asks for
   enough round numbers to release the rounds still missing, and the soak stops the server
-  (``fedpref-server stop``) once they are. A device restarted within about a minute of its kill
-  is refused by the SuperLink (its killed session still counts as online until two heartbeats
-  are missed; ``fedpref-agent start`` exits 35): it is started again 30 s later, as a service
-  manager would.
+  (``fedpref-server stop``) once they are. A restarted device ends its killed session itself
+  (``fedpref-agent start`` deactivates its earlier node session, signed with its key, and retries
+  while the SuperLink still counts it online); should an agent still exit (35, 31), it is started
+  again 5 s later, as a service manager would.
 
 Settings (``fedpref-server init``'s config, edited): q = 0.3 and min_available_clients =
 agents - 1, so a released round has about 4 devices (every device and round costs four Flower
-ClientApp processes under SecAgg+); 12 pairs per device, batch 8; round_timeout_s = 40 (a stage
-waits at most that long for a killed device); budgets high enough not to stop the soak.
+ClientApp processes under SecAgg+); 8 pairs per device, batch 8 (one DP-SGD step a round); one
+torch thread per ClientApp (OMP_NUM_THREADS=1: ten devices share the machine's cores);
+round_timeout_s = 40 (a stage waits for a killed device until its restart ends the killed
+session, at most that long); budgets high enough not to stop the soak.
 
 Afterwards every store is checked (``fedpref-agent status`` exits 0, SQLite ``integrity_check``
 on each device store and on the SuperLink's database, every sealed blob decrypts, the accountant
@@ -57,8 +59,10 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+import psutil
+
 BIN = Path(sys.executable).parent
-CHECK_RESERVE_S = 150.0  # kept at the end of --minutes for stopping everything and the checks
+CHECK_RESERVE_S = 100.0  # kept at the end of --minutes for stopping everything and the checks (70-80 s measured)
 
 
 class Deadline(Exception):
@@ -75,35 +79,19 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-# --- process trees ------------------------------------------------------------------------------
+# --- process trees (psutil) --------------------------------------------------------------------
 
 
-def _proc_table() -> dict[int, tuple[int, int, str]]:
-    """pid -> (ppid, pgid, state) for every process."""
-    table: dict[int, tuple[int, int, str]] = {}
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
+def _descendants(roots: set[int]) -> dict[int, psutil.Process]:
+    """``roots`` and all their descendants that still run, by pid."""
+    out: dict[int, psutil.Process] = {}
+    for pid in roots:
         try:
-            stat = Path(f"/proc/{d}/stat").read_text()
-        except OSError:
-            continue
-        rest = stat[stat.rindex(")") + 2:].split()
-        table[int(d)] = (int(rest[1]), int(rest[2]), rest[0])
-    return table
-
-
-def _tree(roots: set[int], table: dict[int, tuple[int, int, str]]) -> set[int]:
-    children: dict[int, list[int]] = {}
-    for pid, (ppid, _, _) in table.items():
-        children.setdefault(ppid, []).append(pid)
-    out: set[int] = set()
-    stack = [r for r in roots if r in table]
-    while stack:
-        p = stack.pop()
-        if p not in out:
-            out.add(p)
-            stack.extend(children.get(p, []))
+            proc = psutil.Process(pid)
+            out[pid] = proc
+            out.update((c.pid, c) for c in proc.children(recursive=True))
+        except psutil.Error:
+            pass
     return out
 
 
@@ -113,46 +101,57 @@ def kill_tree(roots: set[int]) -> set[int]:
     The tree is frozen first (SIGSTOP, so nothing forks or reparents meanwhile), then each of
     its process groups and each process is sent SIGKILL: the Flower children that fedpref and
     Flower start in sessions of their own (SuperNode, the SuperLink's SuperExec) die too.
+    psutil checks each process's identity (pid and start time) before it signals it.
     """
-    mine = {os.getpgrp(), os.getpid()}
-    seen: set[int] = set()
-    table = _proc_table()
+    me = os.getpid()
+    mine = {os.getpgrp(), me}
+    seen: dict[int, psutil.Process] = {}
     for _ in range(6):
-        pids = _tree(roots | seen, table) - {os.getpid()}
-        new = pids - seen
-        for p in new:
+        new = {pid: p for pid, p in _descendants(roots | set(seen)).items() if pid not in seen and pid != me}
+        for p in new.values():
             try:
-                os.kill(p, signal.SIGSTOP)
-            except OSError:
+                p.suspend()
+            except psutil.Error:
                 pass
-        seen |= pids
+        seen.update(new)
         if not new:
             break
-        table = _proc_table()
-    groups = {table[p][1] for p in seen if p in table} - mine
-    for g in groups:
+    groups = set()
+    for p in seen.values():
+        try:
+            groups.add(os.getpgid(p.pid))
+        except OSError:
+            pass
+    for g in groups - mine:
         try:
             os.killpg(g, signal.SIGKILL)
         except OSError:
             pass
-    for p in seen:
+    for p in seen.values():
         try:
-            os.kill(p, signal.SIGKILL)
-        except OSError:
+            p.kill()
+        except psutil.Error:
             pass
-    return seen
+    return set(seen)
+
+
+def alive(pids: set[int]) -> bool:
+    """Whether any of ``pids`` runs (a zombie does not)."""
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.Error:
+            pass
+    return False
 
 
 def pids_mentioning(text: str) -> set[int]:
     """Processes whose command line names ``text`` (this soak's own work folder)."""
     out = set()
-    for d in os.listdir("/proc"):
-        if d.isdigit() and int(d) != os.getpid():
-            try:
-                if text.encode() in Path(f"/proc/{d}/cmdline").read_bytes():
-                    out.add(int(d))
-            except OSError:
-                pass
+    for p in psutil.process_iter(["cmdline"]):
+        if p.pid != os.getpid() and any(text in arg for arg in p.info["cmdline"] or ()):
+            out.add(p.pid)
     return out
 
 
@@ -168,6 +167,7 @@ class Agent:
     proc: subprocess.Popen | None = None
     restart_at: float | None = None
     killed_at: float = -1e9
+    log_mark: int = 0  # size of its supernode.log at its last start
     kills: int = 0
     restarts: int = 0
     starts: int = 0
@@ -176,6 +176,17 @@ class Agent:
     @property
     def name(self) -> str:
         return f"device{self.index}"
+
+    def online(self) -> bool:
+        """Its agent runs and the server activated its SuperNode since its last start."""
+        if self.proc is None or self.proc.poll() is not None:
+            return False
+        try:
+            with open(self.home / "logs" / "supernode.log", "rb") as f:
+                f.seek(self.log_mark)
+                return b"SuperNode ID:" in f.read()
+        except OSError:
+            return False
 
 
 @dataclass
@@ -202,6 +213,11 @@ class Soak:
         self.srv = Server(self.work / "server")
         self.agents: list[Agent] = []
         self.env = dict(os.environ, FEDPREF_KEY_PASSPHRASE="soak-" + str(args.seed), PYTHONUNBUFFERED="1")
+        # ten devices share this machine's cores: each of their ClientApps trains on --device-threads
+        # threads (torch would start one per core in each, and several train at once)
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            self.env.setdefault(var, str(args.device_threads))
+        self.env.setdefault("TOKENIZERS_PARALLELISM", "false")
         self.env.pop("FEDPREF_HOME", None)
         self.env.pop("FEDPREF_AGENT_HOME", None)
         self.events: list[str] = []
@@ -387,8 +403,7 @@ class Soak:
         return {int(p["pid"]) for p in rec.get("processes", [])} & pids_mentioning(str(self.work))
 
     def server_alive(self) -> bool:
-        table = _proc_table()
-        return any(p in table and table[p][2] != "Z" for p in self.server_pids())
+        return alive(self.server_pids())
 
     def kill_server(self) -> None:
         pids = kill_tree(self.server_pids())
@@ -407,6 +422,10 @@ class Soak:
 
     # -- agents -------------------------------------------------------------------------------
     def start_agent(self, ag: Agent) -> None:
+        try:
+            ag.log_mark = (ag.home / "logs" / "supernode.log").stat().st_size
+        except OSError:
+            ag.log_mark = 0
         out = open(self.work / "devices" / f"{ag.name}.out", "ab")  # noqa: SIM115
         ag.proc = subprocess.Popen([str(BIN / "fedpref-agent"), "start", "--home", str(ag.home)], env=self.env,
                                    stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -482,12 +501,12 @@ class Soak:
                     rc = ag.proc.returncode
                     ag.proc = None
                     # as a service manager would: again after a pause. 35: the server refused to activate
-                    # the node (its earlier, killed session still counts as online until its heartbeat
-                    # expires, about a minute); 31: the server is unreachable (killed, restarting)
-                    pause = 30 if rc == 35 else 5
+                    # the node (fedpref-agent start retries a killed session itself for ~75 s first);
+                    # 31: the server is unreachable (killed, restarting)
+                    pause = 5
                     ag.exits.append(f"exit {rc}")
                     ag.restart_at = now + pause
-                    why = {35: "refused: its killed session still counts as online", 31: "server unreachable"}
+                    why = {35: "refused by the server", 31: "server unreachable"}
                     self.event(f"{ag.name} exited (exit {rc}: {why.get(rc, 'unexpected')}): again in {pause} s")
                 if ag.proc is None and ag.restart_at is not None and now >= ag.restart_at:
                     if self.srv.up:
@@ -529,8 +548,8 @@ class Soak:
             agent_kills = sum(ag.kills for ag in self.agents)
             owed = self.srv.kills < a.server_kills or agent_kills < a.agent_kills  # the faults every soak makes
             if a.kills and now >= next_kill and self.srv.up and released < target - 1 and (owed or room > a.kill_quiet):
-                # down: not running, or killed in the last 90 s (refused until its killed session expires)
-                down = [ag for ag in self.agents if ag.proc is None or now - ag.killed_at < 90]
+                # down: not running, or not activated again since its restart
+                down = [ag for ag in self.agents if not ag.online()]
                 running = [ag for ag in self.agents if ag not in down]
                 want_server = (self.srv.kills < a.server_kills
                                and released >= target * (self.srv.kills + 1) / (a.server_kills + 1))
@@ -783,7 +802,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--check-only", action="store_true", help="only check the stores and ledgers of --workdir")
     p.add_argument("--keep", action="store_true", help="keep the work folder (always kept on failure)")
     p.add_argument("--backbone", default="", help="backbone folder (default: the packaged MiniLM)")
-    p.add_argument("--pairs", type=int, default=12, help="preference pairs per device (default 12)")
+    p.add_argument("--pairs", type=int, default=8, help="preference pairs per device (default 8: one DP-SGD step a round)")
+    p.add_argument("--device-threads", type=int, default=1,
+                   help="torch threads of each device's ClientApps, unless OMP_NUM_THREADS is set (default 1)")
     p.add_argument("--batch-size", type=int, default=8, help="[local] batch_size (default 8)")
     p.add_argument("--sample-rate", type=float, default=0.3, help="[federation] client_sample_rate q (default 0.3)")
     p.add_argument("--min-available", type=int, default=0,
@@ -809,6 +830,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.check_only and not args.workdir:
         p.error("--check-only needs --workdir")
+    if args.device_threads < 1:
+        p.error("--device-threads must be at least 1")
     if args.min_available <= 0:
         args.min_available = max(3, args.agents - args.max_down)
     return args
@@ -876,7 +899,7 @@ def main(argv: list[str]) -> int:
     print(f"devices: killed {sum(ag.kills for ag in soak.agents)}× in all, `fedpref-agent start` run again "
           f"{sum(ag.restarts for ag in soak.agents)}×; agent exits the soak did not cause: "
           + (", ".join(f"{k} ×{v}" for k, v in sorted(exits.items())) or "none")
-          + (" (35: the server refused to activate a node whose killed session it still counted as online; "
+          + (" (35: the server refused to activate the node, even after the agent ended its killed session; "
              "31: server unreachable)" if exits else ""))
     faults = [e for e in soak.events if "KILL" in e or "server started" in e]
     if faults:

@@ -277,6 +277,30 @@ def test_deployment_end_to_end(deployment) -> None:  # noqa: ANN001, PLR0915
     bounded = next(r for r in ranked["ranked"] if r["candidate"] == unsafe)
     assert not bounded["allowed"] and "violence" in bounded["unsafe_categories"]
 
+    # --- a device crashes (SIGKILL: agent, SuperNode and its session) and is started again at once:
+    # it ends its killed session on the server itself and rejoins (Flower alone refuses it ~60 s) ---
+    home1 = d.agents[1][0]
+    agent_pid, _, node_pid, _ = (home1 / "run" / "agent.pid").read_text().split()
+    crashed = next(p for p in d.procs if p.pid == int(agent_pid))
+    os.killpg(int(node_pid), signal.SIGKILL)
+    crashed.kill()
+    crashed.wait()
+    d.procs.remove(crashed)
+    mark = (home1 / "logs" / "supernode.log").stat().st_size
+    restarted = time.monotonic()
+    d.procs.append(subprocess.Popen([str(BIN / "fedpref-agent"), "start", "--home", str(home1)], env=ENV,
+                                    stdout=open(home1.parent / f"{home1.name}.out", "ab"),  # noqa: SIM115
+                                    stderr=subprocess.STDOUT))
+
+    def rejoined() -> bool:
+        with open(home1 / "logs" / "supernode.log", "rb") as f:
+            f.seek(mark)
+            return b"SuperNode ID:" in f.read()
+
+    wait_for(rejoined, "the crashed device to rejoin", d.procs, timeout=60)
+    assert time.monotonic() - restarted < 45
+    assert f"Deactivated node_id={node_ids[1]}" in (srv / "logs" / "superlink.log").read_text()
+
     # --- policy v2: signed, started; the devices move to it ---------------------------------------
     cli("fedpref-server", "stop", "--home", srv)
     cli("fedpref-server", "start", "--home", srv, "--policy", d.base / "policy-v2.dsse.json", "--rounds", 1, "--detach")
