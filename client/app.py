@@ -156,17 +156,17 @@ def train_for_node(run: AppRun, context: Context, req: TrainRequest,
     try:
         return _train_simulated(run, context, req, devices, secure=secure)
     finally:  # the cost report's client compute (simulation only: a deployed device records nothing)
-        record_device_seconds(run.clients_dir, time.perf_counter() - t0)
+        record_device_seconds(run.workdir, time.perf_counter() - t0)
 
 
-DEVICE_SECONDS_FILE = "device-seconds.txt"  # per simulation workdir's clients/: one float per line
+DEVICE_SECONDS_FILE = "device-seconds.txt"  # in a simulation's workdir (beside clients/, server/): one float per line
 
 
-def record_device_seconds(clients_dir: Path, seconds: float) -> None:
+def record_device_seconds(workdir: Path, seconds: float) -> None:
     """Append one call's wall seconds inside the ClientApp (O_APPEND: one short line per call is
     written whole even with many actors appending)."""
-    clients_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(clients_dir / DEVICE_SECONDS_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    workdir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(workdir / DEVICE_SECONDS_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     try:
         os.write(fd, f"{seconds:.6f}\n".encode())
     finally:

@@ -508,7 +508,7 @@ def cost_summary(phases: Phases, peak: PeakRSS, federations: list[Path], runtime
     device_seconds = 0.0
     calls = 0
     for wd in federations:
-        f = wd / "clients" / DEVICE_SECONDS_FILE
+        f = wd / DEVICE_SECONDS_FILE
         if f.exists():
             vals = [float(x) for x in f.read_text().split()]
             device_seconds += sum(vals)

@@ -58,8 +58,8 @@ def test_cost_summary_splits_the_federation(tmp_path: Path):
     ph.seconds.update({"federation": 10.0, "evaluation": 2.0})
     fed = tmp_path / "fed"
     for s in (1.0, 2.0, 3.0):  # three ClientApp calls
-        record_device_seconds(fed / "clients", s)
-    assert (fed / "clients" / DEVICE_SECONDS_FILE).read_text().split() == ["1.000000", "2.000000", "3.000000"]
+        record_device_seconds(fed, s)
+    assert (fed / DEVICE_SECONDS_FILE).read_text().split() == ["1.000000", "2.000000", "3.000000"]
     peak = PeakRSS()
     out = cost_summary(ph, peak, [fed, tmp_path / "never-ran"], RuntimeConfig(client_cpus=1.0))
     actors = out["federation"]["actors"]
