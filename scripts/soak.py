@@ -461,10 +461,9 @@ class Soak:
             if ag.proc is not None:
                 try:
                     ag.proc.wait(timeout=max(0.1, end - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    pass
-                kill_tree({ag.proc.pid})
-                ag.proc.wait()
+                except subprocess.TimeoutExpired:  # still ours (not reaped): its pid cannot be reused yet
+                    kill_tree({ag.proc.pid})
+                    ag.proc.wait()
         left = pids_mentioning(str(self.work))
         if left:
             kill_tree(left)
