@@ -66,6 +66,25 @@ _NODE_ID = re.compile(rb"SuperNode ID: (\d+)")
 _NODE_ID_SCAN_BYTES = 16 << 20  # how far back supernode.log is searched for the node id
 
 
+def hold_agent_lock(h: AgentHome) -> BinaryIO:
+    """An exclusive ``flock`` on ``<pidfile>.lock``, or AlreadyRunningError. The caller keeps the
+    returned file open for as long as its agent runs; the kernel releases the lock when the
+    process ends, however it ends (SIGKILL included), so a crash never leaves it behind. Two
+    concurrent ``start`` runs can no longer both pass the pidfile check (each used to check, spend
+    up to 10 s in the TLS preflight, then write)."""
+    import fcntl
+
+    h.pid_file.parent.mkdir(parents=True, exist_ok=True)
+    lock = open(h.pid_file.with_name(h.pid_file.name + ".lock"), "ab", buffering=0)  # noqa: SIM115 - held for the agent's life
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise AlreadyRunningError(f"another fedpref-agent is starting or running on {h.root}; "
+                                  "stop it first (fedpref-agent status shows it)") from None
+    return lock
+
+
 def running_pid(h: AgentHome) -> int | None:
     """The pid of the agent that runs the SuperNode of ``h``, or None (no pidfile, a stale
     one, or one whose pid now belongs to another process)."""
@@ -220,6 +239,7 @@ class SuperNode:
     env: dict[str, str] = field(default_factory=dict)
     log_offset: int = 0  # where this SuperNode's output starts in the log
     stopping: threading.Event = field(default_factory=threading.Event)
+    lock: BinaryIO | None = None  # the agent lock (hold_agent_lock), held for this agent's lifetime
 
     @property
     def pid(self) -> int:
@@ -236,7 +256,9 @@ class SuperNode:
         """
         from fedpref.common.atomic import write_text_atomic
 
-        if (pid := running_pid(h)) is not None:
+        lock = hold_agent_lock(h)  # held until this process exits: a second start cannot slip in
+        if (pid := running_pid(h)) is not None:  # an agent of an older release holds no lock
+            lock.close()
             raise AlreadyRunningError(f"the agent of {h.root} is already running (pid {pid})")
         preflight(h.server, h.ca)
         cmd = supernode_command(h, max_wait=max_wait)
@@ -251,7 +273,7 @@ class SuperNode:
             if (node_id := last_node_id(h.log_file)) is not None:
                 end_stale_session(h, node_id)
         log = open(h.log_file, "ab", buffering=0)
-        node = cls(h, None, None, log, cmd=cmd, env=env)  # type: ignore[arg-type]
+        node = cls(h, None, None, log, cmd=cmd, env=env, lock=lock)  # type: ignore[arg-type]
         node._spawn()
         return node
 

@@ -143,3 +143,30 @@ def test_an_older_agents_wall_clock_pidfile(home) -> None:  # noqa: ANN001
     with pytest.raises(UnknownProcessError, match="clock step"):
         running_pid(home)
     assert orphaned_supernode(home) is None  # and nothing is signalled on such a record
+
+
+def test_two_starts_on_one_home_cannot_both_pass(home) -> None:  # noqa: ANN001
+    """Red-team finding: two concurrent `fedpref-agent start` both passed the pidfile check (the
+    TLS preflight sat between check and write). The agent lock is taken first, by a real second
+    process here, and the kernel drops it when its holder dies, SIGKILL included."""
+    from fedpref.client.supervisor import SuperNode, hold_agent_lock
+    from fedpref.common.errors import AlreadyRunningError
+
+    code = ("import sys, time\nfrom pathlib import Path\n"
+            "from fedpref.client.agent_home import AgentHome\nfrom fedpref.model.config import ModelConfig\n"
+            "from fedpref.client.supervisor import hold_agent_lock\n"
+            f"h = AgentHome(root=Path({str(home.root)!r}), server='127.0.0.1:1', ca=Path('x'), model=ModelConfig())\n"
+            "lock = hold_agent_lock(h)\nprint('held', flush=True)\ntime.sleep(60)\n")
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(AlreadyRunningError, match="another fedpref-agent"):
+            hold_agent_lock(home)
+        with pytest.raises(AlreadyRunningError):  # start refuses before its preflight: no pidfile written
+            SuperNode.start(home)
+        assert not home.pid_file.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    lock = hold_agent_lock(home)  # the killed holder's lock is gone with it
+    lock.close()
