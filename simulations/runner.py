@@ -302,12 +302,11 @@ def run_simulation(cfg: SimConfig, *, out: Path, data: Path | None, config_file:
 
     phases = Phases()
     threads = torch.get_num_threads()
-    peak = PeakRSS().__enter__()  # the whole process tree's resident memory, Ray's included
     try:
-        return _run(cfg, out=out, data=data, config_file=config_file, verbose=verbose, phases=phases, peak=peak,
-                    t_start=t_start)
+        with PeakRSS() as peak:  # the whole process tree's resident memory, Ray's included
+            return _run(cfg, out=out, data=data, config_file=config_file, verbose=verbose, phases=phases, peak=peak,
+                        t_start=t_start)
     finally:
-        peak.__exit__(None, None, None)
         torch.set_num_threads(threads)
 
 
