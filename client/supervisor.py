@@ -47,6 +47,7 @@ from fedpref.common.netaddr import parse_address
 from fedpref.common.processes import (
     UnknownProcessError,
     flower_env,
+    hold_exclusive_lock,
     process_started,
     same_process,
     signal_group,
@@ -67,22 +68,14 @@ _NODE_ID_SCAN_BYTES = 16 << 20  # how far back supernode.log is searched for the
 
 
 def hold_agent_lock(h: AgentHome) -> BinaryIO:
-    """An exclusive ``flock`` on ``<pidfile>.lock``, or AlreadyRunningError. The caller keeps the
-    returned file open for as long as its agent runs; the kernel releases the lock when the
-    process ends, however it ends (SIGKILL included), so a crash never leaves it behind. Two
-    concurrent ``start`` runs can no longer both pass the pidfile check (each used to check, spend
-    up to 10 s in the TLS preflight, then write)."""
-    import fcntl
-
-    h.pid_file.parent.mkdir(parents=True, exist_ok=True)
-    lock = open(h.pid_file.with_name(h.pid_file.name + ".lock"), "ab", buffering=0)  # noqa: SIM115 - held for the agent's life
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.close()
-        raise AlreadyRunningError(f"another fedpref-agent is starting or running on {h.root}; "
-                                  "stop it first (fedpref-agent status shows it)") from None
-    return lock
+    """An exclusive ``flock`` on ``<pidfile>.lock`` (:func:`~fedpref.common.processes.hold_exclusive_lock`),
+    or AlreadyRunningError. The caller keeps the returned file open for as long as its agent runs;
+    the kernel releases the lock when the process ends, however it ends (SIGKILL included), so a
+    crash never leaves it behind. Two concurrent ``start`` runs can no longer both pass the pidfile
+    check (each used to check, spend up to 10 s in the TLS preflight, then write)."""
+    return hold_exclusive_lock(h.pid_file.with_name(h.pid_file.name + ".lock"),
+                               busy=f"another fedpref-agent is starting or running on {h.root}; "
+                                    "stop it first (fedpref-agent status shows it)")
 
 
 def running_pid(h: AgentHome) -> int | None:

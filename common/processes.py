@@ -1,18 +1,22 @@
 """The processes both CLIs start: Flower's environment (which keeps Flower from phoning
-home), and a process's identity over time (pid and start time, so that a recycled pid is never
-signalled). ``HOST:PORT`` addresses are parsed in :mod:`fedpref.common.netaddr`."""
+home), a process's identity over time (pid and start time, so that a recycled pid is never
+signalled), the process trees Flower grows under them, and the lock that lets one ``start``
+at a time run a home. ``HOST:PORT`` addresses are parsed in :mod:`fedpref.common.netaddr`."""
 
 from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import psutil
 
 from fedpref.common.atomic import write_text_atomic
-from fedpref.common.errors import FedPrefError
+from fedpref.common.errors import AlreadyRunningError, FedPrefError
 
 # Flower phones home unless told not to: telemetry events (flwr.supercore.telemetry, on unless
 # FLWR_TELEMETRY_ENABLED=0) and an update check (flwr.supercore.update_check, posts the version
@@ -196,3 +200,93 @@ def signal_group(pid: int, started: float | None, sig: int) -> bool:
     except OSError:  # no such group, or not ours to signal
         return False
     return True
+
+
+def signal_process(pid: int, started: float | None, sig: int) -> bool:
+    """Send ``sig`` to process ``pid`` alone, only if it is the one that started at ``started``
+    (not a later process under a recycled pid, nor a zombie); True if it was signalled (``sig``
+    0 only asks). On Linux the process is pinned by a pidfd before its start is checked, so the
+    pid cannot be recycled between the check and the signal."""
+    if started is None:
+        return False
+    pidfd = None
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return False
+    except (AttributeError, OSError):  # no pidfd (not Linux, or a kernel before 5.3): check, then kill
+        pidfd = None
+    try:
+        if not same_process(pid, started):
+            return False
+        if pidfd is not None:
+            signal.pidfd_send_signal(pidfd, sig)
+        else:
+            os.kill(pid, sig)
+    except OSError:
+        return False
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
+    return True
+
+
+@dataclass(frozen=True)
+class Descendant:
+    """A process started under a recorded one: its identity (pid, start: :func:`process_started`)
+    and the process group it was in when seen (``leader``: it leads that group, as a process
+    started with ``start_new_session`` does)."""
+
+    pid: int
+    started: float
+    pgid: int
+
+    @property
+    def leader(self) -> bool:
+        return self.pgid == self.pid
+
+
+def descendants(pid: int, started: float | None) -> list[Descendant]:
+    """Every process under process ``pid`` (children, theirs, ...), if ``pid`` is still the one
+    that started at ``started``; [] otherwise. Flower starts some of them in sessions of their
+    own (the SuperLink's SuperExec, with the ServerApps under it), outside the process group
+    of the process fedpref started: only this walk finds them, and only while they are still
+    attached to the tree (an orphan is reparented away), so take it before signalling."""
+    if not same_process(pid, started):
+        return []
+    try:
+        children = psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        return []
+    out = []
+    for child in children:
+        child_started = process_started(child.pid)
+        try:
+            pgid = os.getpgid(child.pid)
+        except OSError:
+            continue
+        if child_started is not None:
+            out.append(Descendant(child.pid, child_started, pgid))
+    return out
+
+
+def hold_exclusive_lock(path: Path, *, busy: str) -> BinaryIO:
+    """An exclusive, non-blocking ``flock`` on ``path`` (created if missing), or
+    :class:`AlreadyRunningError` with the one-line message ``busy``.
+
+    The caller keeps the returned file open for as long as what it guards runs; the lock goes
+    with the last open copy of that file, which the kernel closes when its process ends, however
+    it ends (SIGKILL included): a crash never leaves it behind. A child started with the file in
+    ``pass_fds`` holds it too, for its own lifetime. Taken before the "already running?" check,
+    it makes check-then-start atomic: two concurrent ``start`` runs cannot both pass the check.
+    """
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = open(path, "ab", buffering=0)  # noqa: SIM115 - held for the guarded process's lifetime
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise AlreadyRunningError(busy) from None
+    return lock

@@ -1,7 +1,7 @@
 """Running a fedpref server on Flower's Deployment Engine: ``start``, ``stop``, ``status``, ``nodes``.
 
 What ``fedpref-server start --home DIR`` runs, all of it recorded in ``DIR/run/processes.json``
-so that ``stop`` stops exactly that and nothing else:
+so that ``stop`` stops exactly that, and what it started in turn, and nothing else:
 
 - **flower-superlink** on loopback only (``[server] superlink``, default device port + 1),
   with TLS (the home's certificate), SuperNode authentication, a persistent SQLite database
@@ -18,6 +18,19 @@ so that ``stop`` stops exactly that and nothing else:
 simulation, from a generated app folder ``DIR/app``) with ``flwr run`` to the loopback
 Control API. The ServerApp keeps its ledger, checkpoints and history in ``DIR/state/server``
 across runs: a new ``start`` continues the round count and the privacy ledger.
+
+**One server per home.** ``start`` takes an exclusive ``flock`` on ``DIR/run/processes.json.lock``
+before it checks whether the home runs, and the SuperLink inherits it: the lock is held from the
+check until the SuperLink ends (the foreground ``start``, which supervises the run, holds it too),
+and the kernel drops it on any exit, SIGKILL included. A second ``start`` meanwhile is refused in
+one line (exit 33) and touches nothing.
+
+**The whole tree.** The SuperLink starts Flower's SuperExec in a session of its own, and the
+SuperExec the ``flwr-serverapp`` of each run. A ServerApp watches its SuperExec's pid only, which
+a zombie keeps (an init that does not reap orphans), and the SuperLink, waiting for the
+ServerApp's connections to close, does not stop until it does. So ``stop`` walks the recorded
+processes' trees first and stops those detached descendants before the recorded process groups
+(:func:`_terminate`).
 """
 
 from __future__ import annotations
@@ -31,9 +44,10 @@ import subprocess
 import sys
 import time
 import tomllib
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from fedpref.common.atomic import write_bytes_atomic, write_text_atomic
 from fedpref.common.errors import (
@@ -46,11 +60,15 @@ from fedpref.common.errors import (
 )
 from fedpref.common.netaddr import parse_address
 from fedpref.common.processes import (
+    Descendant,
     UnknownProcessError,
+    descendants,
     flower_env,
+    hold_exclusive_lock,
     process_started,
     same_process,
     signal_group,
+    signal_process,
     upgrade_legacy_start,
 )
 
@@ -120,6 +138,10 @@ class ServerHome:
         return self.run_dir / "processes.json"
 
     @property
+    def lock_file(self) -> Path:  # held from `start`'s check until its SuperLink ends (hold_server_lock)
+        return self.run_dir / "processes.json.lock"
+
+    @property
     def flwr_home(self) -> Path:
         return self.root / "flwr"
 
@@ -177,11 +199,13 @@ def running(home: ServerHome) -> list[dict]:
     return [p for p in recorded(home).get("processes", []) if _alive(p)]
 
 
-def _spawn(name: str, cmd: list[str], log: Path, env: dict[str, str]) -> dict:
+def _spawn(name: str, cmd: list[str], log: Path, env: dict[str, str], *, lock: BinaryIO | None = None) -> dict:
+    """Start ``cmd`` in a session of its own; ``lock`` (the home's server lock) is inherited, so
+    that the process holds it for its lifetime."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab", buffering=0) as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=env, start_new_session=True)
+                                env=env, start_new_session=True, pass_fds=(lock.fileno(),) if lock else ())
     return {"name": name, "pid": proc.pid, "started": process_started(proc.pid), "cmd": cmd, "log": str(log)}
 
 
@@ -220,16 +244,66 @@ def _port_free(address: str) -> bool:
     return True
 
 
-def _terminate(procs: list[dict], *, grace: float = 20.0) -> list[str]:
-    """SIGTERM each recorded process group (the process and its children), then SIGKILL; a
-    group whose pid was recycled is left alone (:func:`~fedpref.common.processes.signal_group`)."""
+# How long detached descendants (Flower's SuperExec and ServerApps) get to end on SIGTERM before
+# the recorded processes are signalled (a ServerApp force-exits 5 s into its graceful exit), s
+CHILDREN_GRACE_S = 10.0
+REAP_WAIT_S = 5.0  # after SIGKILL: until the kernel has taken the processes (and their locks) away
+
+
+def _terminate(procs: list[dict], *, grace: float = 20.0, children_grace: float = CHILDREN_GRACE_S) -> list[str]:
+    """Stop each recorded process and everything it started; returns the recorded names.
+
+    The recorded processes run in sessions of their own, and their process groups are signalled
+    (:func:`~fedpref.common.processes.signal_group`: not one whose pid was recycled). Flower's
+    SuperLink starts its SuperExec in yet another session, and the SuperExec the ServerApps: no
+    signal to the SuperLink's group reaches them, and a ServerApp that outlives its SuperExec can
+    run on (it watches the SuperExec's pid, which a zombie keeps), while the SuperLink waits for
+    the ServerApp's connections to close. So the trees are walked first (and again while waiting:
+    a process must be seen before it is orphaned), and:
+
+    1. the detached descendants (outside every recorded group) get SIGTERM: a ServerApp exits
+       gracefully, reporting to the SuperLink, which still runs; up to ``children_grace`` s;
+    2. the recorded groups get SIGTERM; up to ``grace`` s for them and every descendant seen;
+    3. what is left gets SIGKILL: the recorded groups, the groups led by descendants and every
+       other descendant, each only while its pid and boot-relative start still match what was
+       seen (:func:`~fedpref.common.processes.signal_process`): a recycled pid is never signalled.
+    """
+    seen: dict[int, Descendant] = {}
+
+    def look() -> None:
+        for p in procs:
+            for d in descendants(int(p["pid"]), p["started"]):
+                seen.setdefault(d.pid, d)
+
+    def alive(ds: list[Descendant]) -> list[Descendant]:
+        return [d for d in ds if same_process(d.pid, d.started)]
+
+    def wait(until: float, what: Callable[[], object]) -> None:  # until nothing is left of `what`
+        while time.monotonic() < until and what():
+            time.sleep(0.2)
+            look()
+
+    look()
+    groups = {int(p["pid"]) for p in procs}
+    for d in [d for d in seen.values() if d.pgid not in groups]:
+        signal_process(d.pid, d.started, signal.SIGTERM)
+    wait(time.monotonic() + children_grace,
+         lambda: alive([d for d in seen.values() if d.pgid not in groups]))
     for p in procs:
         signal_group(int(p["pid"]), p["started"], signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and any(_alive(p) for p in procs):
-        time.sleep(0.2)
+    wait(time.monotonic() + grace, lambda: any(_alive(p) for p in procs) or alive(list(seen.values())))
+    look()
+    left = alive(list(seen.values()))
     for p in procs:
         signal_group(int(p["pid"]), p["started"], signal.SIGKILL)  # leftovers of the group, if any
+    for d in seen.values():  # a group a descendant led: what is left of it, even after its leader
+        if d.leader:
+            signal_group(d.pid, d.started, signal.SIGKILL)
+    for d in left:
+        signal_process(d.pid, d.started, signal.SIGKILL)
+    deadline = time.monotonic() + REAP_WAIT_S
+    while time.monotonic() < deadline and (any(_alive(p) for p in procs) or alive(left)):
+        time.sleep(0.05)
     return [p["name"] for p in procs]
 
 
@@ -374,6 +448,9 @@ class Started:
     last_round: int
     policy_version: int
     processes: list[dict]
+    # the home's server lock (hold_server_lock), also held by the SuperLink: whoever supervises the
+    # run keeps it (the foreground `start`); closing it, or exiting, leaves the SuperLink's hold
+    lock: BinaryIO | None = field(default=None, repr=False, compare=False)
 
 
 def _history(home: ServerHome) -> list[dict]:
@@ -486,15 +563,10 @@ def start(home: ServerHome, *, rounds: int | None, policy: Path | None, extra_ru
     ``fedpref.simulations.attacks:tampering_server_app``); the CLI never sets it.
     """
     from fedpref.common.tomlconfig import read_toml
-    from fedpref.model.backbone import load_backbone
     from fedpref.server.app import load_server_settings
 
     refuse_seeded(read_toml(home.config), where=str(home.config))
     refuse_seeded(extra_run_config or {}, where="run config")
-
-    if alive := running(home):
-        names = ", ".join(f"{p['name']} (pid {p['pid']})" for p in alive)
-        raise AlreadyRunningError(f"{home.root} is already running: {names}; `fedpref-server stop --home {home.root}` first")
     settings = load_server_settings(str(home.config))  # fail before starting anything
     from fedpref.server.secagg import load_secagg_config
 
@@ -502,6 +574,35 @@ def start(home: ServerHome, *, rounds: int | None, policy: Path | None, extra_ru
     for f in (home.ca, home.certificate, home.private_key, home.trust_root):
         if not f.is_file():
             raise HomeError(f"{f} is missing; the home is incomplete (re-create it with `fedpref-server init`)")
+
+    lock = hold_server_lock(home)  # before the check: no second start can pass it until this server ends
+    try:
+        return _start_locked(home, lock, settings, rounds=rounds, policy=policy, extra_run_config=extra_run_config,
+                             serverapp=serverapp)
+    except BaseException:
+        lock.close()  # what was started is stopped again; nothing holds the lock after this
+        raise
+
+
+def hold_server_lock(home: ServerHome) -> BinaryIO:
+    """The home's server lock (:func:`~fedpref.common.processes.hold_exclusive_lock` on
+    ``run/processes.json.lock``), or AlreadyRunningError in one line: another ``start`` is
+    between its check and its SuperLink, or this home's SuperLink (or the foreground ``start``
+    that supervises it) runs."""
+    return hold_exclusive_lock(home.lock_file, busy=(
+        f"{home.root} is already running, or another `fedpref-server start` is starting it (it holds "
+        f"{home.lock_file}); see `fedpref-server status --home {home.root}`, stop it with "
+        f"`fedpref-server stop --home {home.root}`"))
+
+
+def _start_locked(home: ServerHome, lock: BinaryIO, settings: Any, *, rounds: int | None, policy: Path | None,  # noqa: ANN401
+                  extra_run_config: dict | None, serverapp: str) -> Started:
+    """:func:`start`, under the home's server lock: check that nothing runs, then start."""
+    from fedpref.model.backbone import load_backbone
+
+    if alive := running(home):  # a server of an older fedpref (no lock), or nginx outliving its SuperLink
+        names = ", ".join(f"{p['name']} (pid {p['pid']})" for p in alive)
+        raise AlreadyRunningError(f"{home.root} is already running: {names}; `fedpref-server stop --home {home.root}` first")
     nginx = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if os.access(p, os.X_OK)), None)
     if nginx is None:
         raise ConfigError("nginx is not installed; it is the TLS reverse proxy that exposes only the Fleet API "
@@ -531,7 +632,7 @@ def start(home: ServerHome, *, rounds: int | None, policy: Path | None, extra_ru
             superlink, "--ssl-ca-certfile", str(home.ca), "--ssl-certfile", str(home.certificate),
             "--ssl-keyfile", str(home.private_key), "--database", str(home.state / "superlink.db"),
             "--enable-supernode-auth", "--disable-runtime-dependency-installation",
-            "--host", link_host, "--port", str(link_port)], home.logs / "superlink.log", home.env()))
+            "--host", link_host, "--port", str(link_port)], home.logs / "superlink.log", home.env(), lock=lock))
         _save_processes(home, procs)
         _wait_port(home.superlink, procs[0])
         procs.append(_spawn("nginx", [nginx, "-c", str(home.run_dir / "nginx.conf"), "-e",
@@ -552,7 +653,7 @@ def start(home: ServerHome, *, rounds: int | None, policy: Path | None, extra_ru
         _terminate(procs, grace=5)
         home.processes_file.unlink(missing_ok=True)
         raise
-    return Started(run_id, done + 1, done + more, in_force["version"] if in_force else 0, procs)
+    return Started(run_id, done + 1, done + more, in_force["version"] if in_force else 0, procs, lock)
 
 
 def _save_processes(home: ServerHome, procs: list[dict], **extra: Any) -> None:
