@@ -169,6 +169,7 @@ def train_pairs(
     trained = [p for p in model.parameters() if p.requires_grad]
     before = [p.detach().clone() for p in trained]
     optimizer = _optimizer(model, cfg)
+    decoupled = is_decoupled(model)
     n = len(chosen)
     # Opacus' Poisson sampler draws from this loader's generator
     loader = DataLoader(TensorDataset(torch.arange(n)), batch_size=cfg.batch_size, shuffle=True, generator=generator(cfg.seed))
@@ -176,7 +177,7 @@ def train_pairs(
     engine, net, optimizer, loader = _make_private(model, optimizer, loader, cfg, accountant_history)
     t0 = time.perf_counter()
     try:
-        tally = _run_epochs(net, optimizer, loader, cache, chosen, rejected, cfg, trained)
+        tally = _run_epochs(net, optimizer, loader, cache, chosen, rejected, cfg, trained, decoupled=decoupled)
     finally:
         if engine is not None:
             net._close()  # type: ignore[operator]  # remove Opacus hooks: the model is reused
@@ -245,8 +246,11 @@ def _run_epochs(
     rejected: Sequence[str],
     cfg: LocalTrainConfig,
     trained: list[nn.Parameter],
+    *,
+    decoupled: bool = False,
 ) -> _Tally:
-    """The training loop: ``cfg.epochs`` passes over ``loader``'s batches, one optimizer step each."""
+    """The training loop: ``cfg.epochs`` passes over ``loader``'s batches, one optimizer step each.
+    ``decoupled``: two Bradley-Terry losses per step (:func:`is_decoupled`), one DP-SGD step on their sum."""
     tally = _Tally()
     for _ in range(cfg.epochs):
         for (idx,) in loader:
@@ -260,16 +264,31 @@ def _run_epochs(
                 continue
             ids_c, mask_c, rep_c = cache.batch([chosen[i] for i in idx.tolist()])
             ids_r, mask_r, rep_r = cache.batch([rejected[i] for i in idx.tolist()])
-            r_c = net(ids_c, mask_c, rep_c)  # (B,)
-            r_r = net(ids_r, mask_r, rep_r)  # (B,)
-            loss = bradley_terry_loss(r_c, r_r)
+            if decoupled:  # population loss on the shared score + personal loss on the private head
+                out_c, out_r = net(ids_c, mask_c, rep_c, both=True), net(ids_r, mask_r, rep_r, both=True)  # (B, 2)
+                personal_loss = bradley_terry_loss(out_c[:, 1], out_r[:, 1])
+                loss = bradley_terry_loss(out_c[:, 0], out_r[:, 0]) + personal_loss
+                r_c, r_r, reported = out_c[:, 1], out_r[:, 1], personal_loss
+            else:
+                r_c = net(ids_c, mask_c, rep_c)  # (B,)
+                r_r = net(ids_r, mask_r, rep_r)  # (B,)
+                loss = reported = bradley_terry_loss(r_c, r_r)
             loss.backward()
             optimizer.step()
             tally.steps += 1
-            tally.loss_sum += float(loss.detach()) * idx.numel()
+            tally.loss_sum += float(reported.detach()) * idx.numel()
             tally.correct += int((r_c > r_r).sum())
             tally.seen += idx.numel()
     return tally
+
+
+def is_decoupled(model: nn.Module) -> bool:
+    """``AdapterSpec.objective = "decoupled"`` and both parts train: the population loss moves the
+    shared part, the personal loss the private one. A private-only fit (shared frozen) has
+    nothing for the population loss to move: one loss, as with "joint"."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    groups = trainable_groups(model)
+    return bool(getattr(base, "decoupled", False)) and bool(groups[Group.SHARED]) and bool(groups[Group.PRIVATE])
 
 
 def _check_trained(model: nn.Module, snapshot: dict[str, torch.Tensor], trained: list[nn.Parameter],

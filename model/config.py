@@ -9,6 +9,9 @@ from fedpref.common.errors import ConfigError
 from fedpref.common.tomlconfig import check_fields, ranged
 
 
+OBJECTIVES = ("joint", "decoupled")
+
+
 @dataclass(frozen=True)
 class AdapterSpec:
     """Where and how big the LoRA adapters are (the same spec for shared and private)."""
@@ -25,9 +28,28 @@ class AdapterSpec:
     # a frozen public basis for that projection (safetensors, "weight" (k, H); model/basis.py):
     # "" = the projection is shared and learnt under user-level DP
     attribute_basis: str = ""
+    # LoRA in the private adapter too; false = the private adapter is the personal head alone
+    # (its LoRA stays at its zero start, frozen): k + 1 numbers under DP-SGD instead of k + 1
+    # plus 2·r·H, which is what a user's few pairs can pin down (RESULTS.md, "private head only")
+    private_lora: bool = True
+    # what a round optimises where both adapters train (the personalized method):
+    # "joint": one Bradley-Terry loss on score + personal head (the shared part learns only
+    #   what the user's private head leaves over);
+    # "decoupled": two losses in the same DP-SGD step, the population loss on the shared
+    #   score alone (what aggregated optimises) and the personal loss on score.detach() +
+    #   personal head, so the shared delta is the population's gradient and the private head
+    #   fits the received global model (RESULTS.md, "decoupled rounds"). Needs private_lora = false.
+    objective: str = "joint"
 
     def __post_init__(self) -> None:
         check_fields(self, "adapter")
+        if not isinstance(self.private_lora, bool):
+            raise ConfigError(f"adapter.private_lora = {self.private_lora!r}; use true or false")
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(f"adapter.objective = {self.objective!r}; use one of {', '.join(OBJECTIVES)}")
+        if self.objective == "decoupled" and self.private_lora:
+            raise ConfigError("adapter.objective = \"decoupled\" needs adapter.private_lora = false (a private LoRA "
+                              "would change the features the shared score reads); set private_lora = false")
         if not self.targets:
             raise ConfigError("adapter.targets is empty; name block sub-modules, e.g. ['query', 'value']")
         if not isinstance(self.attribute_basis, str):

@@ -82,6 +82,7 @@ class RewardModel(nn.Module):
         self.encoder = backbone.model
         self.is_decoder = backbone.is_decoder
         self.first_adapted = first_adapted
+        self.decoupled = False  # build_model sets it from AdapterSpec.objective
         h = backbone.hidden_size
         self.score = nn.Linear(h, 1)
         self.personal_head = nn.Linear(personal_dims or h, 1)
@@ -127,15 +128,23 @@ class RewardModel(nn.Module):
         input_ids: torch.Tensor,  # (B, T)
         attention_mask: torch.Tensor,  # (B, T)
         replay: torch.Tensor | None = None,  # (B, T, H): output of the last lower block; (B, H) pooled on a neck
-    ) -> torch.Tensor:  # (B,) rewards
+        both: bool = False,
+    ) -> torch.Tensor:  # (B,) rewards; with ``both``, (B, 2): [population, personal]
+        """The user's reward. ``both`` (training with ``adapter.objective = "decoupled"``) returns
+        the population reward ``score(f)`` and the personal reward ``score(f).detach() +
+        personal_head(style_proj(f.detach()))`` side by side: the same value as the default
+        output in column 1, but gradients that keep the two parts apart."""
         pooled = self.pooled(input_ids, attention_mask, replay)  # (B, H)
         if self.neck is not None:
             pooled = self.neck(pooled)  # identity + the adapters' LoRA
         # Parameter-free standardisation: every coordinate O(1), so per-sample gradients of the
         # heads are O(1) too and DP-SGD's clip norm C means the same for every backbone.
         feats = F.layer_norm(pooled, pooled.shape[-1:])  # (B, H)
-        personal = self.personal_head(self.style_proj(feats))  # (B, 1)
-        return (self.score(feats) + personal).squeeze(-1)  # (B,)
+        population = self.score(feats).squeeze(-1)  # (B,)
+        if both:
+            personal = self.personal_head(self.style_proj(feats.detach())).squeeze(-1)  # (B,)
+            return torch.stack([population, population.detach() + personal], dim=-1)  # (B, 2)
+        return population + self.personal_head(self.style_proj(feats)).squeeze(-1)  # (B,)
 
     def pooled(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, replay: torch.Tensor | None = None
@@ -233,6 +242,8 @@ def build_model(
         torch.manual_seed(seed)
         base = RewardModel(backbone, first_adapted=first_adapted, personal_dims=spec.personal_dims, basis=basis)
         model = _with_adapters(base, backbone, spec, adapters, learnt_proj=bool(spec.personal_dims and basis is None))
+    # read by the trainer: two losses per step where both adapters train (AdapterSpec.objective)
+    base.decoupled = spec.objective == "decoupled" and SHARED_ADAPTER in adapters and PRIVATE_ADAPTER in adapters
     check_partition(model)
     return model
 
@@ -256,6 +267,11 @@ def _with_adapters(base: nn.Module, backbone: Backbone, spec: AdapterSpec, adapt
     for name in adapters[1:]:
         model.add_adapter(name, cfg(name))
     model.base_model.set_adapter(list(adapters))
+    if PRIVATE_ADAPTER in adapters and not spec.private_lora:
+        # the private adapter is the personal head alone: its LoRA keeps its zero start (B = 0)
+        for n, p in model.named_parameters():
+            if f".{PRIVATE_ADAPTER}." in n and ".lora_" in n:
+                p.requires_grad_(False)
     if PRIVATE_ADAPTER not in adapters and learnt_proj:
         # without a personal head the projection gets no gradient, only DP noise: freeze it
         model.base_model.model.style_proj.requires_grad_(False)

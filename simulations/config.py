@@ -25,6 +25,10 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 class MethodsConfig:
     local_epochs: int = ranged(8, ge=1, le=1000)  # DP-SGD epochs of the local-only baseline
     finetune_epochs: int = ranged(4, ge=1, le=1000)  # DP-SGD epochs of private fine-tuning after FedAvg
+    # SGD step of the personal head where a device fits its private adapter alone (local,
+    # finetuned, new users); 0 = [local].head_learning_rate. With few pairs the DP noise per
+    # step is σ·C/(pairs), so a smaller step than the shared score's wins (RESULTS.md)
+    private_head_learning_rate: float = ranged(0.0, ge=0, le=1e4, example=0.05, note="(0 = [local].head_learning_rate)")
 
     def __post_init__(self) -> None:
         check_fields(self, "methods")

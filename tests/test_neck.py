@@ -13,7 +13,7 @@ import torch
 from fedpref.client.data import PreferencePair, Split, UserData
 from fedpref.client.device import DeviceState, user_cache
 from fedpref.client.trainer import LocalTrainConfig, train_pairs
-from fedpref.common.errors import DataError, IntegrityError
+from fedpref.common.errors import ConfigError, DataError, IntegrityError
 from fedpref.model.backbone import embed_texts, load_backbone, pad_batch, tokenize
 from fedpref.model.cache import TextCache, layout_of
 from fedpref.model.preference import AdapterSpec, build_model, get_arrays
@@ -116,3 +116,35 @@ def test_a_cache_of_another_layout_is_rebuilt_not_replayed(tiny_encoder_dir, tmp
     assert TextCache.load(path).layout == "pooled"  # rewritten for the model the device now runs
     _, _, rep = cache.batch(TEXTS)
     assert rep is not None and rep.dim() == 2
+
+
+@pytest.mark.parametrize("private_lora", [True, False])
+def test_private_lora_off_trains_the_personal_head_alone(tiny_encoder_dir, private_lora):
+    """``adapter.private_lora = false``: the private adapter's LoRA keeps its zero start through
+    DP-SGD (frozen, so it adds no noise dimensions) while the personal head and the shared
+    adapter still train; with it on, the private LoRA trains too (the test can fail both ways)."""
+    backbone = load_backbone(tiny_encoder_dir)
+    model = build_model(backbone, AdapterSpec(rank=2, top_layers=0, private_lora=private_lora))
+    priv_lora = {n for n, _ in model.named_parameters() if f".{PRIVATE_ADAPTER}." in n and ".lora_" in n}
+    assert priv_lora
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert bool(priv_lora & trainable) is private_lora
+    good, bad = ["a helpful detailed answer"] * 8, ["no"] * 8
+    cache = TextCache.build(model, backbone, good + bad, max_length=32)
+    before = get_arrays(model, Group.PRIVATE)
+    shared_before = get_arrays(model, Group.SHARED)
+    cfg = LocalTrainConfig(epochs=2, batch_size=4, learning_rate=0.5, head_learning_rate=0.5,
+                           projection_learning_rate=0.1, noise_multiplier=1.0, max_grad_norm=1.0, seed=0, noise_seed=1)
+    train_pairs(model, cache, good, bad, cfg)
+    after = get_arrays(model, Group.PRIVATE)
+    changed = {k for k in before if not np.array_equal(before[k], after[k])}
+    assert any(".personal_head." in k for k in changed)
+    assert bool(changed & priv_lora) is private_lora
+    if not private_lora:  # B stays zero: the private neck LoRA adds nothing to the features
+        assert all(not after[k].any() for k in priv_lora if ".lora_B." in k)
+    assert any(not np.array_equal(shared_before[k], v) for k, v in get_arrays(model, Group.SHARED).items())
+
+
+def test_private_lora_must_be_a_bool():
+    with pytest.raises(ConfigError, match="private_lora"):
+        AdapterSpec(private_lora="no")
