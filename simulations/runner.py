@@ -36,7 +36,7 @@ from fedpref.protocol.partition import PRIVATE_ADAPTER, SHARED_ADAPTER, Group
 from fedpref.protocol.runconfig import Method
 from fedpref.simulations.config import SimConfig
 from fedpref.simulations.cost import PeakRSS, Phases
-from fedpref.simulations.engine import device_terms, run_on_simulation_engine
+from fedpref.simulations.engine import device_terms, ray_session, run_on_simulation_engine
 from fedpref.simulations.newusers import hold_out
 from fedpref.simulations.persona import generate
 from fedpref.simulations.progress import console, progress
@@ -117,8 +117,8 @@ def _local_cfg(cfg: SimConfig, epochs: int, seed: int) -> LocalTrainConfig:
     seeded = cfg.runtime.deterministic_noise  # otherwise every draw comes from the OS CSPRNG
     return LocalTrainConfig(
         epochs=epochs, batch_size=cfg.local.batch_size, learning_rate=cfg.local.learning_rate,
-        head_learning_rate=cfg.local.head_learning_rate, projection_learning_rate=cfg.local.projection_learning_rate,
-        noise_multiplier=cfg.local.dp_noise_multiplier,
+        head_learning_rate=cfg.methods.private_head_learning_rate or cfg.local.head_learning_rate,
+        projection_learning_rate=cfg.local.projection_learning_rate, noise_multiplier=cfg.local.dp_noise_multiplier,
         max_grad_norm=cfg.local.dp_max_grad_norm, seed=seed if seeded else None,
         noise_seed=stable_seed(seed, "noise") if seeded else None,
     )
@@ -303,7 +303,8 @@ def run_simulation(cfg: SimConfig, *, out: Path, data: Path | None, config_file:
     phases = Phases()
     threads = torch.get_num_threads()
     try:
-        with PeakRSS() as peak:  # the whole process tree's resident memory, Ray's included
+        # ray_session: every federation of the run on one Ray instance and its warm actors; Ray ends here
+        with PeakRSS() as peak, ray_session():  # PeakRSS: the whole process tree's memory, Ray's included
             return _run(cfg, out=out, data=data, config_file=config_file, verbose=verbose, phases=phases, peak=peak,
                         t_start=t_start)
     finally:

@@ -1,0 +1,179 @@
+"""One Ray instance for consecutive federations (``engine.ray_session``, what ``fedpref-sim run``
+opens around its federations): the second run goes on the first run's Ray node and actor
+processes, yet computes exactly what a run on a fresh Ray does, even when a file a cache is keyed
+by (the config path) now holds something else; a failed or interrupted run, and leaving the
+session, end Ray."""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import pytest
+
+from fedpref.common.errors import SimulationRuntimeError
+from fedpref.simulations import engine
+
+CONFIG = """
+[model]
+backbone = "{backbone}"
+max_length = 96
+
+[model.adapter]
+rank = {rank}
+personal_dims = 2
+
+[federation]
+rounds = 1
+client_sample_rate = 1.0
+clip_norm = 1.0
+server_noise_multiplier = 0.5
+min_available_clients = 4
+round_timeout_s = 300
+
+[local]
+epochs = 1
+batch_size = 8
+dp_noise_multiplier = 0.5
+"""
+
+
+# -- without Ray ------------------------------------------------------------------------------------
+
+def test_another_flower_release_fails_closed_with_a_clear_error():
+    engine.check_flower_for_reuse(engine.REUSE_TESTED_FLWR)  # the pinned one passes
+    with pytest.raises(SimulationRuntimeError, match=r"flwr 1\.99\.0 is installed.*flwr==1\.42\.0"):
+        engine.check_flower_for_reuse("1.99.0")
+
+
+def test_a_new_run_in_a_reused_process_clears_every_fedpref_cache(monkeypatch):
+    from fedpref.client import app, device
+
+    monkeypatch.setattr(engine, "_WORKER_RUN", None)
+    calls = []
+
+    @functools.lru_cache(maxsize=1)
+    def keyed_by_path(path: str) -> int:
+        calls.append(path)
+        return len(calls)
+
+    monkeypatch.setattr(app, "keyed_by_path", keyed_by_path, raising=False)
+    keyed_by_path.__module__ = app.__name__
+    assert engine.enter_run("run-1") == []  # a fresh process: nothing to forget
+    assert keyed_by_path("cfg.toml") == 1
+    assert engine.enter_run("run-1") == []  # the same run: caches kept
+    assert keyed_by_path("cfg.toml") == 1
+    cleared = engine.enter_run("run-2")  # the next run in this process
+    assert {"fedpref.client.app.keyed_by_path", "fedpref.client.app._model_config", "fedpref.client.app._users",
+            "fedpref.client.app._trust_root", "fedpref.client.app._shared_cache",
+            "fedpref.client.device.get_runtime"} <= set(cleared)
+    assert device.get_runtime.cache_info().currsize == 0
+    assert keyed_by_path("cfg.toml") == 2  # read again, not the previous run's value
+
+
+def test_the_backend_swap_is_undone_whatever_happens():
+    from flwr.server.superlink.fleet.vce.backend import raybackend
+
+    original = raybackend.RayBackend
+    with pytest.raises(KeyboardInterrupt):
+        with engine._session_backend():
+            assert raybackend.RayBackend is not original and issubclass(raybackend.RayBackend, original)
+            raise KeyboardInterrupt
+    assert raybackend.RayBackend is original
+
+
+# -- on Ray -----------------------------------------------------------------------------------------
+
+def _federate(out, name, *, data, cfg, policy_kit, policy: bool):
+    from fedpref.protocol.runconfig import Method
+    from fedpref.simulations.config import RuntimeConfig
+
+    engine.run_on_simulation_engine(
+        method=Method.PERSONALIZED, num_users=4, data=data, workdir=out / name, config_file=cfg, cache=None,
+        runtime=RuntimeConfig(client_cpus=1.0, seed=5),
+        policy=policy_kit.dir / "policy-v1.dsse.json" if policy else None, root=policy_kit.root_path if policy else None,
+    )
+    return out / name
+
+
+def _actor_pids(session) -> list[int]:
+    import ray
+
+    return sorted(ray.get([a.__ray_call__.remote(lambda self: os.getpid()) for a in session.pool.pool]))
+
+
+def _private_adapters(work) -> dict[str, dict[str, bytes]]:
+    """Each user's private adapter, tensor by tensor (the file's header order varies from save to save)."""
+    from safetensors.numpy import load_file
+
+    return {p.parent.parent.parent.name: {k: v.tobytes() for k, v in load_file(p).items()}
+            for p in sorted((work / "clients").glob("*/adapters/private/adapter_model.safetensors"))}
+
+
+@pytest.mark.slow  # three federations on Ray
+def test_consecutive_federations_share_ray_and_actors_and_compute_what_fresh_ones_do(policy_kit, tmp_path):
+    import json
+
+    import ray
+
+    from fedpref.client.data import write_jsonl
+    from fedpref.simulations.persona import CommunitySpec, PersonaConfig, generate
+
+    comms = (CommunitySpec("a", 0.5, (1.0,) * 8, -5.0), CommunitySpec("b", 0.5, (-1.0,) * 8, 5.0))
+    data = tmp_path / "persona.jsonl"
+    write_jsonl(generate(PersonaConfig(users=4, pairs_per_user=24, seed=1, communities=comms)).pairs, data)
+    cfg = tmp_path / "cfg.toml"
+    assert not ray.is_initialized()
+    with engine.ray_session() as session:
+        cfg.write_text(CONFIG.format(backbone=policy_kit.backbone, rank=2))
+        first = _federate(tmp_path, "first", data=data, cfg=cfg, policy_kit=policy_kit, policy=True)
+        assert ray.is_initialized()  # kept for the next run
+        node, actors, pids = ray.get_runtime_context().get_node_id(), session.actor_ids, _actor_pids(session)
+        assert len(actors) == len(pids) == int(ray.cluster_resources()["CPU"])
+        # the same config path now holds another model (rank 4): a process that kept the first
+        # run's config, runtime or safety module would train the wrong model and be declined
+        cfg.write_text(CONFIG.format(backbone=policy_kit.backbone, rank=4))
+        second = _federate(tmp_path, "second", data=data, cfg=cfg, policy_kit=policy_kit, policy=False)
+        assert (session.runs, session.reused) == (2, 1)
+        assert ray.get_runtime_context().get_node_id() == node  # one Ray instance
+        assert session.actor_ids == actors and _actor_pids(session) == pids  # the same actor processes
+    assert not ray.is_initialized()  # the session ended Ray
+
+    fresh = _federate(tmp_path, "fresh", data=data, cfg=cfg, policy_kit=policy_kit, policy=False)  # a fresh Ray
+    assert not ray.is_initialized()  # without a session, Flower's backend ends Ray after the run, as before
+
+    for work, policy_version in ((first, 1), (second, 0), (fresh, 0)):
+        (hist,) = json.loads((work / "server" / "history.json").read_text())
+        assert hist["accepted"] == 4 and not hist["rejected"] and not hist["declined"], hist
+        for uid_dir in (work / "clients").iterdir():
+            state = uid_dir / "policy" / "state.json"
+            assert (json.loads(state.read_text())["version"] if state.exists() else 0) == policy_version
+    # seeded DP noise and batches: each device's round on a reused actor is bit for bit a fresh one's
+    assert _private_adapters(second) == _private_adapters(fresh) and len(_private_adapters(fresh)) == 4
+    assert _private_adapters(second) != _private_adapters(first)  # (rank 2 vs 4: the comparison can fail)
+
+
+@pytest.mark.slow  # starts Ray
+@pytest.mark.parametrize("error", [RuntimeError("Simulation Runtime crashed"), KeyboardInterrupt()])
+def test_a_failed_or_interrupted_run_ends_ray(error, monkeypatch, tmp_path):
+    import ray
+
+    from fedpref.client.app import SimulatedDevices
+    from fedpref.protocol.runconfig import Method
+    from fedpref.simulations.config import RuntimeConfig
+
+    def crash(**kwargs):
+        assert ray.is_initialized()
+        raise error
+
+    monkeypatch.setattr(engine, "_run_simulation", crash)
+    with pytest.raises(type(error)):
+        with engine.ray_session() as session:
+            with pytest.raises(type(error)):
+                engine.run_on_simulation_engine(
+                    method=Method.AGGREGATED, num_users=2, data=tmp_path / "none.jsonl", workdir=tmp_path / "w",
+                    config_file=tmp_path / "none.toml", cache=None, runtime=RuntimeConfig(),
+                    devices=SimulatedDevices())
+            assert not ray.is_initialized() and session.pool is None  # the failed run ended Ray at once
+            raise error  # and the session, left by the same error, stays clean
+    assert not ray.is_initialized()
