@@ -60,6 +60,30 @@ def load_adapter_files(model: torch.nn.Module, adapter: str, files: Mapping[str,
     if unexpected:
         raise DataError(f"{Path(where) / WEIGHTS_NAME}: unexpected tensors {unexpected[:3]}; "
                         "the adapter was saved for another model")
+    reset_frozen_lora(model, adapter)
+
+
+@torch.no_grad()
+def reset_frozen_lora(model: torch.nn.Module, adapter: str) -> list[str]:
+    """With ``adapter.private_lora = false`` the private LoRA must stay at its zero start: an
+    adapter saved while it trained (the setting was true) would otherwise bring it back, frozen
+    but still changing the features the shared score reads. Its ``lora_B`` is zeroed (the LoRA
+    then adds nothing); returns the tensors that were not zero."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(base, "private_lora", True):
+        return []
+    reset = []
+    for name, p in model.named_parameters():
+        if f".lora_B.{adapter}." in name and not p.requires_grad and bool(p.any()):
+            p.zero_()
+            reset.append(name)
+    if reset:
+        import logging
+
+        logging.getLogger("fedpref.model").warning(
+            "the saved %s adapter has a trained LoRA, but adapter.private_lora = false: its %d lora_B tensor(s) are "
+            "reset to zero (the personal head is kept)", adapter, len(reset))
+    return reset
 
 
 def save_adapter(model: torch.nn.Module, adapter: str, path: str | os.PathLike[str], *, metadata: dict[str, str] | None = None) -> None:

@@ -83,6 +83,7 @@ class RewardModel(nn.Module):
         self.is_decoder = backbone.is_decoder
         self.first_adapted = first_adapted
         self.decoupled = False  # build_model sets it from AdapterSpec.objective
+        self.private_lora = True  # and this from AdapterSpec.private_lora
         h = backbone.hidden_size
         self.score = nn.Linear(h, 1)
         self.personal_head = nn.Linear(personal_dims or h, 1)
@@ -244,6 +245,7 @@ def build_model(
         model = _with_adapters(base, backbone, spec, adapters, learnt_proj=bool(spec.personal_dims and basis is None))
     # read by the trainer: two losses per step where both adapters train (AdapterSpec.objective)
     base.decoupled = spec.objective == "decoupled" and SHARED_ADAPTER in adapters and PRIVATE_ADAPTER in adapters
+    base.private_lora = spec.private_lora  # read by check_partition and model.io.reset_frozen_lora
     check_partition(model)
     return model
 
@@ -279,11 +281,16 @@ def _with_adapters(base: nn.Module, backbone: Backbone, spec: AdapterSpec, adapt
 
 
 def check_partition(model: nn.Module) -> None:
-    """Only shared/private parameters may be trainable; safety/backbone never."""
+    """Only shared/private parameters may be trainable; safety/backbone never; nor the private
+    LoRA where ``adapter.private_lora = false`` (PEFT's ``set_adapter`` would re-enable it)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    frozen_private_lora = not getattr(base, "private_lora", True)
     for name, p in model.named_parameters():
         g = group_of(name)
         if p.requires_grad and g not in (Group.SHARED, Group.PRIVATE):
             raise IntegrityError(f"parameter {name} of group {g.value} is trainable; it must stay frozen")
+        if p.requires_grad and frozen_private_lora and f".{PRIVATE_ADAPTER}." in name and ".lora_" in name:
+            raise IntegrityError(f"parameter {name} is trainable, but adapter.private_lora = false; it must stay frozen")
 
 
 def params_of(model: nn.Module, group: Group) -> dict[str, torch.nn.Parameter]:

@@ -662,7 +662,14 @@ def _save_processes(home: ServerHome, procs: list[dict], **extra: Any) -> None:
 
 
 def stop(home: ServerHome) -> list[str]:
-    """Stop what ``start`` recorded (and only that); returns the names stopped."""
+    """Stop what ``start`` recorded (and only that); returns the names stopped.
+
+    The record is removed only under the home's server lock and only if it is still the one
+    read here: once the SuperLink is gone its lock is free, and a new ``start`` may take the
+    home (and write its own record) while this ``stop`` still waits on a lingering ServerApp;
+    that record, and the server it describes, stay. A record whose processes outlived the
+    signals stays too (``status`` shows them)."""
+    raw = _read_record_bytes(home)
     rec = recorded(home)
     procs = rec.get("processes", [])
     alive = [p for p in procs if _alive(p)]
@@ -670,8 +677,25 @@ def stop(home: ServerHome) -> list[str]:
     if procs:
         write_text_atomic(home.run_dir / "last-run.json", json.dumps(rec | {"stopped_at": time.strftime(
             "%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, indent=1))
-    home.processes_file.unlink(missing_ok=True)
+    if any(_alive(p) for p in procs):
+        return stopped
+    try:
+        lock = hold_server_lock(home)
+    except AlreadyRunningError:  # a new start owns the home now: its record is not ours to remove
+        return stopped
+    try:
+        if raw is not None and _read_record_bytes(home) == raw:
+            home.processes_file.unlink(missing_ok=True)
+    finally:
+        lock.close()
     return stopped
+
+
+def _read_record_bytes(home: ServerHome) -> bytes | None:
+    try:
+        return home.processes_file.read_bytes()
+    except FileNotFoundError:
+        return None
 
 
 def run_state(home: ServerHome, run_id: int) -> str:

@@ -99,3 +99,33 @@ def test_a_private_only_fit_is_not_decoupled(tiny_encoder_dir):
 def test_bad_objectives_are_one_clear_error(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         AdapterSpec(**kwargs)
+
+
+def test_a_saved_trained_private_lora_is_reset_when_private_lora_is_off(tiny_encoder_dir, tmp_path):
+    """red-team: a home trained with private_lora = true, switched to false + decoupled, must not
+    load a trained (frozen, but active) private LoRA that changes what the shared score reads."""
+    from fedpref.model.io import load_adapter_weights, save_adapter
+
+    backbone = load_backbone(tiny_encoder_dir)
+    on = build_model(backbone, AdapterSpec(rank=2, top_layers=0, private_lora=True))
+    with torch.no_grad():
+        for n, p in on.named_parameters():
+            if f".{PRIVATE_ADAPTER}." in n:
+                p.add_(0.3)
+    save_adapter(on, PRIVATE_ADAPTER, tmp_path / "private")
+    off = _model(backbone, "decoupled")
+    load_adapter_weights(off, PRIVATE_ADAPTER, tmp_path / "private")
+    arrays = get_arrays(off, Group.PRIVATE)
+    assert all(not v.any() for k, v in arrays.items() if ".lora_B." in k)  # reset: adds nothing
+    assert any(v.any() for k, v in arrays.items() if ".personal_head." in k)  # the head is kept
+
+
+def test_check_partition_refuses_a_re_enabled_private_lora(tiny_encoder_dir):
+    from fedpref.common.errors import IntegrityError
+    from fedpref.model.preference import check_partition
+
+    model = _model(load_backbone(tiny_encoder_dir), "decoupled")
+    check_partition(model)
+    model.base_model.set_adapter([SHARED_ADAPTER, PRIVATE_ADAPTER])  # PEFT re-enables every active LoRA
+    with pytest.raises(IntegrityError, match="private_lora = false"):
+        check_partition(model)

@@ -97,6 +97,43 @@ def test_a_second_start_is_refused_in_one_line_while_another_holds_the_home(tmp_
     deploy.hold_server_lock(home).close()  # the killed holder's lock went with it
 
 
+def test_stop_leaves_the_record_of_a_start_that_took_the_home_meanwhile(tmp_path: Path) -> None:
+    """red-team: stop's SIGTERM frees the SuperLink's lock while a ServerApp lingers; a new start
+    takes the home and writes its record; stop must not then delete it (the new server would be
+    untracked, and every later start refused)."""
+    home = _init_home(tmp_path / "ops")
+    home.run_dir.mkdir(parents=True, exist_ok=True)
+    home.processes_file.write_text('{"processes": []}')  # what this stop read: nothing alive
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import time\nfrom pathlib import Path\nfrom fedpref.server import deploy\n"
+        f"lock = deploy.hold_server_lock(deploy.ServerHome.load(Path({str(home.root)!r})))\n"
+        "print('held', flush=True)\ntime.sleep(120)\n")], stdout=subprocess.PIPE, text=True, env=ENV)
+    try:
+        assert holder.stdout.readline().strip() == "held"  # the new start holds the lock
+        assert deploy.stop(home) == []
+        assert home.processes_file.read_text() == '{"processes": []}'  # not removed under another's lock
+    finally:
+        holder.kill()
+        holder.wait()
+    home.processes_file.write_text('{"processes": [], "started_at": "new"}')
+    raw = home.processes_file.read_bytes()
+    # a record that changed between stop's read and its removal stays (the new start's)
+    orig = deploy._read_record_bytes
+    calls = []
+
+    def changed(h):  # noqa: ANN001
+        calls.append(1)
+        return raw if len(calls) == 1 else b"another start's record"
+    deploy._read_record_bytes = changed
+    try:
+        deploy.stop(home)
+    finally:
+        deploy._read_record_bytes = orig
+    assert home.processes_file.exists()
+    deploy.stop(home)  # unchanged, lock free: removed
+    assert not home.processes_file.exists()
+
+
 # --- stop ends the whole tree ---------------------------------------------------------------------
 # A stand-in for the SuperLink: it starts a "SuperExec" in a session of its own (Flower does, with
 # start_new_session), which starts a "ServerApp" in the SuperExec's group; then it waits.
