@@ -33,8 +33,9 @@ large simulations (``simulations/configs/scale-1000.toml``) and the demo.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -291,6 +292,23 @@ def check_partition(model: nn.Module) -> None:
             raise IntegrityError(f"parameter {name} of group {g.value} is trainable; it must stay frozen")
         if p.requires_grad and frozen_private_lora and f".{PRIVATE_ADAPTER}." in name and ".lora_" in name:
             raise IntegrityError(f"parameter {name} is trainable, but adapter.private_lora = false; it must stay frozen")
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[None]:
+    """PEFT's ``disable_adapter()`` (every LoRA and head off: the frozen backbone's output), with
+    each parameter's ``requires_grad`` restored exactly on exit. PEFT's own exit re-enables
+    every active adapter's LoRA through ``set_adapter``, which would make a frozen private LoRA
+    (``adapter.private_lora = false``) trainable again after any safety check (found by
+    :func:`check_partition` in a 1,000-user run)."""
+    before = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        with model.disable_adapter():
+            yield
+    finally:
+        for p, flag in before:
+            if p.requires_grad != flag:
+                p.requires_grad_(flag)
 
 
 def params_of(model: nn.Module, group: Group) -> dict[str, torch.nn.Parameter]:

@@ -43,6 +43,7 @@ from torch import nn
 
 from fedpref.common.errors import ConfigError, DataError
 from fedpref.common.jsonl import read_jsonl
+from fedpref.model.preference import adapters_disabled
 from fedpref.protocol.partition import SAFETY_MODULE
 
 __all__ = [
@@ -217,7 +218,7 @@ def frozen_pooled(model: nn.Module, cache: Any, texts: Sequence[str], *, batch_s
     base = model.base_model.model
     out = []
     model.eval()
-    with torch.no_grad(), model.disable_adapter():
+    with torch.no_grad(), adapters_disabled(model):
         for s in range(0, len(texts), batch_size):
             ids, mask, rep = cache.batch(texts[s : s + batch_size])
             out.append(base.pooled(ids, mask, rep))

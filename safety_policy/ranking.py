@@ -31,6 +31,7 @@ from torch import nn
 
 from fedpref.common.errors import ConfigError
 from fedpref.model.backbone import Backbone, pad_batch, tokenize
+from fedpref.model.preference import adapters_disabled
 from fedpref.safety_policy.classifier import SafetyModule, attached
 
 __all__ = ["BoundedRanker", "Ranked", "order_bounded"]
@@ -122,7 +123,7 @@ class BoundedRanker:
         probs = []
         for ids, mask, rep in self._batches(texts):
             scores.extend(self.model(ids, mask, rep).tolist())
-            with self.model.disable_adapter():
+            with adapters_disabled(self.model):
                 probs.append(module(base.pooled(ids, mask, rep)))
         flags = module.flags(torch.cat(probs), self.thresholds) if probs else []
         return scores, flags

@@ -49,7 +49,9 @@ def summarize(*, cfg, users: dict[str, UserData], results: dict, rounds: dict[st
     shared_shapes = {n: tuple(p.shape) for n, p in params_of(rt.model, Group.SHARED).items()}
     shared_bytes = _param_bytes(shared_shapes)
     serialized = arrays_to_record({n: np.zeros(s, np.float32) for n, s in shared_shapes.items()}).count_bytes()
-    private_bytes = _param_bytes({n: tuple(p.shape) for n, p in params_of(rt.model, Group.PRIVATE).items()})
+    # what a device learns privately (a frozen private LoRA, with private_lora = false, is not)
+    private_bytes = _param_bytes({n: tuple(p.shape) for n, p in params_of(rt.model, Group.PRIVATE).items()
+                                  if p.requires_grad})
     up = [r["bytes_up_per_client"] for r in pers if r["bytes_up_per_client"]]
     down = [r["bytes_down_per_client"] for r in pers if r["bytes_down_per_client"]]
     communities = sorted({u.community or "all" for u in users.values()})

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from fedpref.client.trainer import LocalTrainConfig, is_decoupled, train_pairs
-from fedpref.common.errors import ConfigError
+from fedpref.common.errors import ConfigError, IntegrityError
 from fedpref.model.backbone import load_backbone
 from fedpref.model.cache import TextCache
 from fedpref.model.preference import AdapterSpec, build_model, get_arrays, set_arrays
@@ -129,3 +129,25 @@ def test_check_partition_refuses_a_re_enabled_private_lora(tiny_encoder_dir):
     model.base_model.set_adapter([SHARED_ADAPTER, PRIVATE_ADAPTER])  # PEFT re-enables every active LoRA
     with pytest.raises(IntegrityError, match="private_lora = false"):
         check_partition(model)
+
+
+def test_a_safety_check_leaves_the_private_lora_frozen(tiny_encoder_dir):
+    """PEFT's disable_adapter() re-enables every active LoRA on exit: after the safety module's
+    frozen-backbone pass, a private_lora = false model had a trainable private LoRA again (a
+    1,000-user run then failed check_partition in finetuning). adapters_disabled restores it."""
+    from fedpref.model.preference import adapters_disabled, check_partition
+    from fedpref.safety_policy.classifier import frozen_pooled
+
+    backbone = load_backbone(tiny_encoder_dir)
+    model = _model(backbone, "decoupled")
+    before = {n: p.requires_grad for n, p in model.named_parameters()}
+    cache = TextCache.build(model, backbone, GOOD, max_length=32)
+    frozen_pooled(model, cache, GOOD)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == before
+    check_partition(model)
+    with model.disable_adapter():  # PEFT alone: the bug this guards against (the test can fail)
+        pass
+    with pytest.raises(IntegrityError):
+        check_partition(model)
+    with adapters_disabled(model):
+        pass
