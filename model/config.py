@@ -30,7 +30,8 @@ class AdapterSpec:
     attribute_basis: str = ""
     # LoRA in the private adapter too; false = the private adapter is the personal head alone
     # (its LoRA stays at its zero start, frozen): k + 1 numbers under DP-SGD instead of k + 1
-    # plus 2·r·H, which is what a user's few pairs can pin down (RESULTS.md, "private head only")
+    # plus 2·r·H, which is what a user's few pairs can pin down (RESULTS.md, "Decoupled
+    # rounds, a head-only private adapter")
     private_lora: bool = True
     # what a round optimises where both adapters train (the personalized method):
     # "joint": one Bradley-Terry loss on score + personal head (the shared part learns only
@@ -38,7 +39,8 @@ class AdapterSpec:
     # "decoupled": two losses in the same DP-SGD step, the population loss on the shared
     #   score alone (what aggregated optimises) and the personal loss on score.detach() +
     #   personal head, so the shared delta is the population's gradient and the private head
-    #   fits the received global model (RESULTS.md, "decoupled rounds"). Needs private_lora = false.
+    #   fits the received global model (RESULTS.md, "Decoupled rounds, a head-only private
+    #   adapter"). Needs private_lora = false.
     objective: str = "joint"
 
     def __post_init__(self) -> None:
