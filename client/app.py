@@ -36,6 +36,10 @@ if TYPE_CHECKING:
 NODE_CONFIG_KEY = "fedpref-home"  # node config: the agent home of a real device (fedpref-agent start)
 
 log = logging.getLogger("fedpref.client")
+# Flower's logger has its own console handler (INFO and up). Opacus calls logging.basicConfig at
+# import (opacus/utils/module_utils.py), which gives the root logger a handler of no level: every
+# Flower record, DEBUG included (~3,000 SecAgg+ stage lines per demo), then printed a second time.
+logging.getLogger("flwr").propagate = False
 
 DECLINED_CODE = 4100  # Flower error code for a round the device declines on purpose
 POLICY_REFUSED_CODE = 4101  # the safety policy sent (or required) did not verify: no training
