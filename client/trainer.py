@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from fedpref.common.errors import ConfigError, IntegrityError
 from fedpref.model.cache import TextCache
-from fedpref.model.preference import bradley_terry_loss, check_partition
+from fedpref.model.preference import bradley_terry_loss, check_partition, reward_model
 from fedpref.protocol.partition import Group, group_of
 
 # Randomness. Opacus' secure_mode needs torchcsprng, which has no wheel for this torch. So every
@@ -286,9 +286,8 @@ def is_decoupled(model: nn.Module) -> bool:
     """``AdapterSpec.objective = "decoupled"`` and both parts train: the population loss moves the
     shared part, the personal loss the private one. A private-only fit (shared frozen) has
     nothing for the population loss to move: one loss, as with "joint"."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
     groups = trainable_groups(model)
-    return bool(getattr(base, "decoupled", False)) and bool(groups[Group.SHARED]) and bool(groups[Group.PRIVATE])
+    return bool(getattr(reward_model(model), "decoupled", False)) and bool(groups[Group.SHARED]) and bool(groups[Group.PRIVATE])
 
 
 def _check_trained(model: nn.Module, snapshot: dict[str, torch.Tensor], trained: list[nn.Parameter],

@@ -22,6 +22,7 @@ from safetensors.torch import save as save_safetensors
 
 from fedpref.common.atomic import recover_dir, replace_dir_atomic
 from fedpref.common.errors import DataError
+from fedpref.model.preference import reward_model
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -69,8 +70,7 @@ def reset_frozen_lora(model: torch.nn.Module, adapter: str) -> list[str]:
     adapter saved while it trained (the setting was true) would otherwise bring it back, frozen
     but still changing the features the shared score reads. Its ``lora_B`` is zeroed (the LoRA
     then adds nothing); returns the tensors that were not zero."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if getattr(base, "private_lora", True):
+    if getattr(reward_model(model), "private_lora", True):
         return []
     reset = []
     for name, p in model.named_parameters():

@@ -281,11 +281,16 @@ def _with_adapters(base: nn.Module, backbone: Backbone, spec: AdapterSpec, adapt
     return model
 
 
+def reward_model(model: nn.Module) -> nn.Module:
+    """The :class:`RewardModel` inside PEFT's wrapper (``model`` itself when it is unwrapped):
+    where build_model records the spec's flags (``decoupled``, ``private_lora``)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def check_partition(model: nn.Module) -> None:
     """Only shared/private parameters may be trainable; safety/backbone never; nor the private
     LoRA where ``adapter.private_lora = false`` (PEFT's ``set_adapter`` would re-enable it)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    frozen_private_lora = not getattr(base, "private_lora", True)
+    frozen_private_lora = not getattr(reward_model(model), "private_lora", True)
     for name, p in model.named_parameters():
         g = group_of(name)
         if p.requires_grad and g not in (Group.SHARED, Group.PRIVATE):
