@@ -59,6 +59,13 @@ class EncryptedDeviceState(DeviceState):
     def save_accountant(self, acct: SampleLevelAccountant) -> None:
         self.store.seal(ACCOUNTANT_BLOB, acct.to_bytes())
 
+    def personalized_on(self) -> str:
+        return str(self.home.adapter_metadata().get("personalized_on", ""))
+
+    def record_personalized(self, sha256: str) -> None:  # the released model's digest: public, kept in clear
+        write_text_atomic(self.home.adapter_meta, json.dumps(self.home.adapter_metadata() | {"personalized_on": sha256}),
+                          mode=0o600)
+
     def received_global(self, rt: Runtime, server_round: int, shared: dict[str, np.ndarray]) -> None:
         set_arrays(rt.model, Group.SHARED, shared)  # the round's delta is already computed
         save_adapter(rt.model, SHARED_ADAPTER, self.home.shared_dir, metadata={"round": str(server_round)})

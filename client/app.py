@@ -24,7 +24,7 @@ from fedpref.client import adversary
 from fedpref.client.data import UserData, group_by_user, load_jsonl
 from fedpref.client.terms import DeviceTerms
 from fedpref.common.errors import DataError, DeclinedRound, FedPrefError, PolicyRefused
-from fedpref.protocol.messages import TrainRequest
+from fedpref.protocol.messages import PERSONALIZE_ACTION, TrainRequest
 from fedpref.protocol.runconfig import AppRun, from_run_config
 
 if TYPE_CHECKING:
@@ -130,6 +130,10 @@ def make_client_app(defaults: dict | None = None, *, devices: SimulatedDevices =
             return secure[0](msg, context)
         return handle_train(msg, context, {**base, **dict(context.run_config)}, devices)
 
+    @app.train(PERSONALIZE_ACTION)
+    def personalize(msg: Message, context: Context) -> Message:
+        return handle_personalize(msg, context, {**base, **dict(context.run_config)}, devices)
+
     return app
 
 
@@ -148,19 +152,28 @@ def train_for_node(run: AppRun, context: Context, req: TrainRequest,
     (``fedpref-home``): the user is the device's own store, under the device's own terms.
     Otherwise (simulation) the node is the ``partition-id``-th user of the run's JSONL.
     """
-    if NODE_CONFIG_KEY in context.node_config:
-        if run.deterministic_noise:
-            raise DeclinedRound("the run asks for seeded DP noise (deterministic-noise); a device only ever draws "
-                                "its noise from the OS CSPRNG")
-        return train_on_device(Path(str(context.node_config[NODE_CONFIG_KEY])), req)
-    if run.data is None:
-        raise FedPrefError("run config data is empty and this node has no fedpref-home; give the preference "
-                           "JSONL (simulation) or start the node with `fedpref-agent start` (deployment)")
+    home = deployed_home(run, context)
+    if home is not None:
+        return train_on_device(home, req)
     t0 = time.perf_counter()
     try:
         return _train_simulated(run, context, req, devices, secure=secure)
     finally:  # the cost report's client compute (simulation only: a deployed device records nothing)
         record_device_seconds(run.workdir, time.perf_counter() - t0)
+
+
+def deployed_home(run: AppRun, context: Context) -> Path | None:
+    """The agent home of a real device (``None``: a simulated node, whose run names the data).
+    A device declines a run that asks for seeded DP noise."""
+    if NODE_CONFIG_KEY in context.node_config:
+        if run.deterministic_noise:
+            raise DeclinedRound("the run asks for seeded DP noise (deterministic-noise); a device only ever draws "
+                                "its noise from the OS CSPRNG")
+        return Path(str(context.node_config[NODE_CONFIG_KEY]))
+    if run.data is None:
+        raise FedPrefError("run config data is empty and this node has no fedpref-home; give the preference "
+                           "JSONL (simulation) or start the node with `fedpref-agent start` (deployment)")
+    return None
 
 
 DEVICE_SECONDS_FILE = "device-seconds.txt"  # in a simulation's workdir (beside clients/, server/): one float per line
@@ -207,8 +220,18 @@ def _train_simulated(run: AppRun, context: Context, req: TrainRequest, devices: 
 def train_on_device(home_dir: Path, req: TrainRequest):  # -> RecordDict
     """One round on a real device: its pairs, its sealed adapter and accountant, its pinned
     root, its own terms; every random draw from the OS CSPRNG."""
+    from fedpref.client.device import adapters_for, train_round
+
+    return on_device(home_dir, adapters_for(train_shared=req.config.train_shared, train_private=req.config.train_private),
+                     lambda rt, user, state, cache, terms: train_round(rt, user, state, req, cache=cache, terms=terms,
+                                                                       trust_root=None))
+
+
+def on_device(home_dir: Path, adapters: tuple[str, ...], step):  # noqa: ANN001 -> RecordDict
+    """``step(rt, user, state, cache, terms)`` on a real device's own store, under its own terms
+    (the trust root was pinned by `fedpref-agent init`); then the adapter metadata's δ."""
     from fedpref.client.agent_home import AgentHome
-    from fedpref.client.device import adapters_for, get_runtime, train_round, user_cache
+    from fedpref.client.device import get_runtime, user_cache
     from fedpref.common.atomic import write_text_atomic
 
     home = AgentHome.load(home_dir)
@@ -216,14 +239,67 @@ def train_on_device(home_dir: Path, req: TrainRequest):  # -> RecordDict
         user = home.user(store)
         if not user.train:
             raise DeclinedRound("no preference pairs on this device yet (fedpref-agent feedback add/import)")
-        rt = get_runtime(home.model, adapters_for(
-            train_shared=req.config.train_shared, train_private=req.config.train_private))
+        rt = get_runtime(home.model, adapters)
         state = home.state(store)
-        cache = user_cache(rt, user, state, None)
-        content = train_round(rt, user, state, req, cache=cache, terms=home.terms,
-                              trust_root=None)  # the root was pinned by `fedpref-agent init`
+        content = step(rt, user, state, user_cache(rt, user, state, None), home.terms)
         write_text_atomic(home.adapter_meta, json.dumps(home.adapter_metadata() | {"delta": home.terms.delta}), mode=0o600)
     return content
+
+
+def personalize_for_node(run: AppRun, context: Context, req: TrainRequest,
+                         devices: SimulatedDevices = SimulatedDevices()):  # -> RecordDict
+    """The final personalization on this node's user (:func:`fedpref.client.device.personalize`):
+    a real device's own store and terms, or (simulation) the ``partition-id``-th user."""
+    home = deployed_home(run, context)
+    if home is not None:
+        return personalize_on_device(home, req)
+    t0 = time.perf_counter()
+    try:
+        return _personalize_simulated(run, context, req, devices)
+    finally:
+        record_device_seconds(run.workdir, time.perf_counter() - t0)
+
+
+def _personalize_simulated(run: AppRun, context: Context, req: TrainRequest, devices: SimulatedDevices):
+    from fedpref.client.device import DeviceState, get_runtime, personalize, stable_seed, user_cache
+    from fedpref.protocol.partition import PRIVATE_ADAPTER, SHARED_ADAPTER
+
+    if lies(run, context, devices):  # a poisoning device trained without DP and kept no private adapter
+        raise DeclinedRound("simulated poisoning device: it keeps no private adapter")
+    user = _user_for(context, _users(run.data))
+    rt = get_runtime(_model_config(run.config_file, run.attribute_basis), (SHARED_ADAPTER, PRIVATE_ADAPTER))
+    state = DeviceState(run.clients_dir / user.user_id)
+    seeded = run.deterministic_noise
+    rnd = req.config.server_round
+    return personalize(
+        rt, user, state, req, cache=user_cache(rt, user, state, _shared_cache(run.cache)), terms=devices.terms,
+        trust_root=_trust_root(str(run.root) if run.root else ""), tamper_safety=user.user_id in devices.tamper_safety,
+        batch_seed=stable_seed(run.seed, user.user_id, rnd, "personalize-batches") if seeded else None,
+        noise_seed=stable_seed(run.seed, user.user_id, rnd, "personalize-noise") if seeded else None,
+    )
+
+
+def personalize_on_device(home_dir: Path, req: TrainRequest):  # -> RecordDict
+    """The final personalization on a real device (:func:`on_device`)."""
+    from fedpref.client.device import personalize
+    from fedpref.protocol.partition import PRIVATE_ADAPTER, SHARED_ADAPTER
+
+    return on_device(home_dir, (SHARED_ADAPTER, PRIVATE_ADAPTER),
+                     lambda rt, user, state, cache, terms: personalize(rt, user, state, req, cache=cache, terms=terms,
+                                                                       trust_root=None))
+
+
+def handle_personalize(msg: Message, context: Context, run_config: dict,
+                       devices: SimulatedDevices = SimulatedDevices()) -> Message:
+    """A personalize message: the same error handling as a round (declined / constant failure reason)."""
+    try:
+        run = from_run_config(run_config, run_id=context.run_id)
+        content = personalize_for_node(run, context, parse_request(msg.content), devices)
+    except DeclinedRound as e:
+        return declined_reply(msg, e)
+    except Exception:  # noqa: BLE001 - its text could carry paths or data: the device's log keeps it
+        return failed_reply(msg)
+    return Message(content=content, reply_to=msg)
 
 
 def parse_request(content) -> TrainRequest:  # noqa: ANN001

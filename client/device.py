@@ -27,6 +27,7 @@ from fedpref.client.data import UserData
 from fedpref.client.terms import DeviceTerms
 from fedpref.client.trainer import LocalTrainConfig, TrainResult, _frozen_snapshot, pair_accuracy, train_pairs
 from fedpref.common.accounting import SampleLevelAccountant
+from fedpref.common.atomic import write_text_atomic
 from fedpref.common.errors import DeclinedRound, FedPrefError, IntegrityError, PolicyRefused
 from fedpref.model.backbone import Backbone, load_backbone
 from fedpref.model.basis import model_identity
@@ -41,7 +42,9 @@ from fedpref.protocol.messages import (
     TrainMetrics,
     TrainRequest,
     l2_norm,
+    personalize_reply,
     train_reply,
+    weights_digest,
 )
 from fedpref.protocol.partition import PRIVATE_ADAPTER, SHARED_ADAPTER, Group, group_of
 from fedpref.safety_policy.classifier import SafetyModule, attach, attached
@@ -108,6 +111,21 @@ class DeviceState:
     def received_global(self, rt: Runtime, server_round: int, shared: dict[str, np.ndarray]) -> None:
         """The global shared weights a round brought, after the reply is computed (a device
         agent keeps them to rank with; the simulation evaluates from the server's checkpoints)."""
+
+    def personalized_on(self) -> str:
+        """sha256 (:func:`~fedpref.protocol.messages.weights_digest`) of the global weights the
+        private adapter was last personalized on; ``""``: never."""
+        try:
+            return self.personalized_path.read_text().strip()
+        except FileNotFoundError:
+            return ""
+
+    def record_personalized(self, sha256: str) -> None:
+        write_text_atomic(self.personalized_path, sha256 + "\n")
+
+    @property
+    def personalized_path(self) -> Path:
+        return self.root / "personalized-on.txt"
 
     @property
     def private_dir(self) -> Path:
@@ -427,6 +445,74 @@ def charge_before_training(state: DeviceState, local: LocalTrainConfig, n: int, 
     return acct, steps
 
 
+def personalize(
+    rt: Runtime,
+    user: UserData,
+    state: DeviceState,
+    req: TrainRequest,
+    *,
+    cache: TextCache,
+    terms: DeviceTerms,
+    trust_root: bytes | None = None,
+    batch_seed: int | None = None,
+    noise_seed: int | None = None,
+    now: datetime | None = None,
+    tamper_safety: bool = False,
+):
+    """The final personalization (:mod:`fedpref.server.personalize`): fit the private adapter on
+    the released global weights; returns the reply RecordDict. Raises DeclinedRound.
+
+    The same gate as a round, in the same order (protocol version, safety policy, the device's
+    own terms, the global weights' form), then: a request that would train the shared part is
+    refused; a second fit on the very weights already personalized on is declined (a server must
+    not spend the device's budget by repeating the message); the privacy spend is charged and
+    fsynced before training; the shared weights stay frozen (checked bit for bit after); the
+    private adapter is saved; the reply carries the attestation (and metrics, as a round) but
+    no array.
+    """
+    cfg = req.config
+    check_protocol_version(cfg)
+    if cfg.train_shared or not cfg.train_private:
+        raise DeclinedRound("malformed personalize request: it must train the private adapter and only that")
+    if rt.adapters != (SHARED_ADAPTER, PRIVATE_ADAPTER):
+        raise FedPrefError("personalize needs a runtime with the shared and the private adapter")
+    policy = enforce_policy(rt, state, required_version=cfg.policy_version, envelope=req.envelope,
+                            trust_root=trust_root, now=now, tamper=tamper_safety, roots=req.roots)
+    terms.check(cfg)
+    check_global(rt, req.shared)
+    sha = weights_digest(req.shared)
+    if state.personalized_on() == sha:
+        raise DeclinedRound("already personalized on these global weights; a repeat would only spend privacy budget")
+    local = local_train_config(cfg, batch_seed=batch_seed, noise_seed=noise_seed)
+    load_round_weights(rt, state, req.shared)
+    share = terms.shares_metrics(cfg)
+    eval_acc = held_out_accuracy(rt, user, cache) if share else None
+    acct, charged = charge_before_training(state, local, len(user.train), max_epsilon=terms.budget(cfg),
+                                           delta=terms.delta)
+    result = fit_private(rt, user, cache, local, charged=charged)
+    if any(not np.array_equal(v, req.shared[k]) for k, v in get_arrays(rt.model, Group.SHARED).items()):
+        raise IntegrityError("the shared weights changed while only the private adapter was to train; not saving")
+    state.save_private(rt, metadata={"round": str(cfg.server_round), "personalized_on": sha})
+    state.record_personalized(sha)
+    state.received_global(rt, cfg.server_round, req.shared)  # the agent ranks with the model it fitted on
+    att = attest(rt, cfg.server_round, policy, tamper=tamper_safety)
+    metrics = round_metrics(result, acct, delta=terms.delta, raw_norm=0.0, eval_accuracy=eval_acc) if share else None
+    return personalize_reply(metrics, att)
+
+
+def fit_private(rt: Runtime, user: UserData, cache: TextCache, local: LocalTrainConfig, *, charged: int) -> TrainResult:
+    """DP-SGD on the private adapter alone (:func:`train_charged` with the shared adapter, if any,
+    frozen for the fit and restored after)."""
+    shared_params = [p for n, p in rt.model.named_parameters() if p.requires_grad and f".{SHARED_ADAPTER}." in n]
+    for p in shared_params:
+        p.requires_grad_(False)
+    try:
+        return train_charged(rt, user, cache, local, charged=charged)
+    finally:
+        for p in shared_params:
+            p.requires_grad_(True)
+
+
 def train_private_locally(
     rt: Runtime,
     user: UserData,
@@ -444,21 +530,12 @@ def train_private_locally(
     """
     if PRIVATE_ADAPTER not in rt.adapters:
         raise FedPrefError("train_private_locally needs a runtime with the private adapter")
-    shared_params = []
     if SHARED_ADAPTER in rt.adapters:
         if shared is None:
             raise FedPrefError("the runtime has a shared adapter: pass the global shared weights")
         set_arrays(rt.model, Group.SHARED, shared)
-        shared_params = [p for n, p in rt.model.named_parameters() if p.requires_grad and f".{SHARED_ADAPTER}." in n]
     state.load_private(rt)
-    acct, _ = charge_before_training(state, cfg, len(user.train), max_epsilon=math.inf, delta=delta)
-    for p in shared_params:
-        p.requires_grad_(False)
-    try:
-        train_pairs(rt.model, cache, [p.chosen for p in user.train], [p.rejected for p in user.train], cfg,
-                    frozen_snapshot=rt.snapshot)
-    finally:
-        for p in shared_params:
-            p.requires_grad_(True)
+    acct, charged = charge_before_training(state, cfg, len(user.train), max_epsilon=math.inf, delta=delta)
+    fit_private(rt, user, cache, cfg, charged=charged)
     state.save_private(rt)
     return acct.epsilon(delta) if acct.history else 0.0

@@ -11,12 +11,19 @@ only when the round asks for them *and* the device's own terms allow it (simulat
 their plots), ``"metrics": MetricRecord`` (:class:`TrainMetrics`: bounded, validated on
 receipt, never used to weight anything).
 
+Server → client (personalize, once after the last round; Flower message type
+:data:`PERSONALIZE_MESSAGE_TYPE`): the same record layout as a train request, carrying the
+released global shared weights and a config with ``train_shared = False``. The device fits its
+private adapter on them under its own DP-SGD terms and keeps it. Client → server: only
+``"attestation"`` (and ``"metrics"`` under the same rule as a round): no array record at all.
+
 Every number a peer sends is checked on receipt: finite and within the range its field
 declares (:data:`ROUND_RANGES`, :data:`METRIC_RANGES`); anything else is a :class:`DataError`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import asdict, dataclass, fields
 
@@ -39,6 +46,11 @@ K_DELTA = "delta"
 K_METRICS = "metrics"
 K_ATTESTATION = "attestation"
 K_EVAL = "eval"
+
+# Flower message type of the final personalization ("<category>.<action>": a ClientApp registers it
+# with ``@app.train(PERSONALIZE_ACTION)``)
+PERSONALIZE_ACTION = "personalize"
+PERSONALIZE_MESSAGE_TYPE = f"train.{PERSONALIZE_ACTION}"
 
 
 @dataclass(frozen=True)
@@ -219,6 +231,17 @@ def l2_norm(arrays: dict[str, np.ndarray]) -> float:
     return float(np.sqrt(sum(float(np.sum(np.square(a, dtype=np.float64))) for a in arrays.values())))
 
 
+def weights_digest(arrays: dict[str, np.ndarray]) -> str:
+    """sha256 over named arrays (each name, dtype, shape and bytes, in name order): which model a
+    personalization was for, the same on the server and on the device."""
+    h = hashlib.sha256()
+    for k in sorted(arrays):
+        a = np.ascontiguousarray(arrays[k])
+        h.update(f"{k}\0{a.dtype.str}\0{a.shape}\0".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
 def arrays_to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
     """Name → numpy array, in the given order, to a Flower ArrayRecord."""
     return ArrayRecord.from_array_dict({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
@@ -289,3 +312,35 @@ class TrainReply:
         raw = content.metric_records.get(K_METRICS)
         metrics = TrainMetrics.from_record(raw) if raw is not None else None
         return cls(delta=delta, metrics=metrics, attestation=att)
+
+
+def personalize_reply(metrics: TrainMetrics | None, attestation: Attestation) -> RecordDict:
+    """A device's answer to a personalize message: its attestation (and metrics where asked and
+    allowed); nothing fitted leaves the device."""
+    content = RecordDict({K_ATTESTATION: attestation.to_record()})
+    if metrics is not None:
+        content[K_METRICS] = metrics.to_record()
+    return content
+
+
+@dataclass(frozen=True)
+class PersonalizeReply:
+    attestation: Attestation
+    metrics: TrainMetrics | None
+
+    @classmethod
+    def from_content(cls, content: RecordDict) -> PersonalizeReply:
+        """Exactly an attestation and optional metrics: any array record (a private adapter, a
+        delta) or any other record is refused, so the server never holds what it must not."""
+        if len(content.array_records):
+            raise DataError(f"personalize reply carries array record(s) {sorted(content.array_records)}; "
+                            "a device sends nothing it fitted")
+        extra = sorted(set(content) - {K_ATTESTATION, K_METRICS})
+        if extra:
+            raise DataError(f"personalize reply carries unexpected record {extra[0]!r}")
+        try:
+            att = Attestation.from_record(content.config_records[K_ATTESTATION])
+        except KeyError:
+            raise DataError("personalize reply lacks record 'attestation'") from None
+        raw = content.metric_records.get(K_METRICS)
+        return cls(attestation=att, metrics=TrainMetrics.from_record(raw) if raw is not None else None)

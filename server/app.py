@@ -29,11 +29,13 @@ from fedpref.model.basis import model_identity
 from fedpref.model.config import ModelConfig
 from fedpref.model.io import load_adapter_weights, save_adapter
 from fedpref.model.preference import build_model, get_arrays, set_arrays
-from fedpref.protocol.messages import arrays_to_record
+from fedpref.protocol.messages import arrays_to_record, weights_digest
 from fedpref.protocol.partition import SHARED_ADAPTER, Group
 from fedpref.protocol.runconfig import AppRun, Method, from_run_config
-from fedpref.server.config import FederationConfig, LocalConfig
+from fedpref.server.config import FederationConfig, LocalConfig, PersonalizeConfig
 from fedpref.server.privacy import AccountantKind, PrivacyLedger, UserLevelBudget
+from fedpref.server.personalize import load_record as load_personalize_record
+from fedpref.server.personalize import personalize_devices
 from fedpref.server.progress import RoundBar
 from fedpref.server.release import fresh_generators, seeded_generators
 from fedpref.server.strategy import FedPrefStrategy, RoundRecord, released_rounds
@@ -50,16 +52,18 @@ class ServerSettings:
     model: ModelConfig
     federation: FederationConfig
     local: LocalConfig
+    personalize: PersonalizeConfig = PersonalizeConfig()
 
 
 def load_server_settings(config_file: str) -> ServerSettings:
-    """[model], [federation] and [local] of a TOML file; other tables belong to other tools."""
+    """[model], [federation], [local] and [personalize] of a TOML file; other tables belong to other tools."""
     data = read_toml(config_file) if config_file else {}
     where = config_file or "<defaults>"
     return ServerSettings(
         model=build(ModelConfig, data.get("model"), where=f"{where} [model]"),
         federation=build(FederationConfig, data.get("federation"), where=f"{where} [federation]"),
         local=build(LocalConfig, data.get("local"), where=f"{where} [local]"),
+        personalize=build(PersonalizeConfig, data.get("personalize"), where=f"{where} [personalize]"),
     )
 
 
@@ -172,6 +176,7 @@ class Federation:
     initial: dict[str, np.ndarray]
     resume: Resume
     bar: RoundBar
+    released: dict[str, np.ndarray]  # the latest released global shared weights (updated every round)
 
 
 EnvelopeTransform = Callable[[bytes], bytes]  # attack experiments only (simulations/attacks.py)
@@ -212,6 +217,7 @@ def prepare_federation(run: AppRun, settings: ServerSettings, *, clock=time.time
         ckpt.save(rec, arrays, strategy.history)
         if rec.halted:
             return
+        fed_run.released = arrays
         bar.update(advance=1, eps_user=f"{rec.epsilon_user:.2f}", ok=rec.accepted, rej=len(rec.rejected))
 
     strategy = FedPrefStrategy(
@@ -226,12 +232,26 @@ def prepare_federation(run: AppRun, settings: ServerSettings, *, clock=time.time
     if policy is not None:
         strategy.policy_roots = policy.roots
     bar = RoundBar(f"{run.method.value} rounds{label}", total=fed.rounds, done=min(resume.next_round - 1, fed.rounds))
-    return Federation(identity, policy, strategy, initial, resume, bar)
+    fed_run = Federation(identity, policy, strategy, initial, resume, bar, released=resume.arrays)
+    return fed_run
+
+
+def personalize_after_rounds(grid: Grid, run: AppRun, settings: ServerSettings, f: Federation) -> None:
+    """The final personalization (:mod:`fedpref.server.personalize`), on the plain and the SecAgg+ path alike."""
+    personalize_devices(
+        f.strategy, settings.personalize, f.released, server_dir=run.server_dir,
+        node_ids=lambda: sorted(grid.get_node_ids()),
+        send=lambda messages, timeout: send_and_receive(grid, messages, timeout=timeout),
+    )
 
 
 def write_summary(run: AppRun, f: Federation, **extra: object) -> None:
     """``summary.json``: ``rounds_completed`` counts released (charged) rounds only; halted
-    attempts (secure aggregation) are counted apart, with their reasons in ``history.json``."""
+    attempts (secure aggregation) are counted apart, with their reasons in ``history.json``;
+    ``personalize``: the final personalization's record, if one was made for this model."""
+    rec = load_personalize_record(run.server_dir)
+    if rec is not None and rec.model_sha256 == weights_digest(f.released):
+        extra = {"personalize": dataclasses.asdict(rec), **extra}
     p = f.policy
     history = f.strategy.history
     released = len(released_rounds(history))
@@ -287,6 +307,7 @@ def run_federation(grid: Grid, run: AppRun, settings: ServerSettings, *, clock=t
                 arrays = new
     finally:
         f.bar.close()
+    personalize_after_rounds(grid, run, settings, f)
     write_summary(run, f)
     return strategy
 

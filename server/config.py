@@ -7,7 +7,7 @@ Each numeric field declares its valid range with ``ranged(...)`` (see
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from fedpref.common.tomlconfig import check_fields, ranged
 
@@ -52,3 +52,27 @@ class LocalConfig:
 
     def __post_init__(self) -> None:
         check_fields(self, "local")
+
+
+@dataclass(frozen=True)
+class PersonalizeConfig:
+    """``[personalize]``: after the last round of a personalized run, every connected device
+    fits its private adapter on the released global model (private-only DP-SGD on the device,
+    charged to its own ε_sample; nothing it fits is sent back, so ε_user is unchanged).
+
+    The rounds train the shared model; one per-sample clip is split there between the shared and
+    the private gradients, and a device sampled at ``q`` trains its private head about ``q · rounds``
+    epochs in all. This step gives every device a head fitted to the model it will rank with.
+    """
+
+    epochs: int = ranged(0, ge=0, le=1000, example=5, note="(0 = no final personalization)")  # DP-SGD epochs
+    learning_rate: float = ranged(0.0, ge=0, le=1e4, note="(0 = [local].learning_rate)")  # private LoRA step
+    head_learning_rate: float = ranged(0.0, ge=0, le=1e4, example=0.05, note="(0 = [local].head_learning_rate)")
+
+    def __post_init__(self) -> None:
+        check_fields(self, "personalize")
+
+    def local(self, local: LocalConfig) -> LocalConfig:
+        """The [local] settings a personalize message carries: its epochs and steps, [local]'s σ and clip."""
+        return replace(local, epochs=self.epochs, learning_rate=self.learning_rate or local.learning_rate,
+                       head_learning_rate=self.head_learning_rate or local.head_learning_rate)

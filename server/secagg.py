@@ -105,6 +105,7 @@ from fedpref.server.app import (
     EnvelopeTransform,
     ServerSettings,
     make_server_app,
+    personalize_after_rounds,
     prepare_federation,
     send_and_receive,
     write_summary,
@@ -609,7 +610,8 @@ def run_secure_federation(
     done = f.resume.next_round - 1  # rounds charged by earlier runs on this workdir (a restart, a new policy)
     if done >= fed.rounds:
         bar.close()
-        log.warning("fedpref: %s already holds %d of %d rounds; nothing to do", run.server_dir, done, fed.rounds)
+        log.warning("fedpref: %s already holds %d of %d rounds", run.server_dir, done, fed.rounds)
+        personalize_after_rounds(grid, run, settings, f)
         write_summary(run, f, secure_aggregation=True)
         return core
     strategy = SecureFedPrefStrategy(core, secagg=secagg, initial=f.resume.arrays, round_offset=done,
@@ -631,6 +633,7 @@ def run_secure_federation(
         make_workflow(fed.round_timeout_s, fed.clip_norm, secagg)(grid, legacy)
     finally:
         bar.close()
+    personalize_after_rounds(grid, run, settings, f)
     write_summary(run, f, secure_aggregation=True)
     return core
 

@@ -1,7 +1,7 @@
 """The simulation config: one TOML, typed, loaded once.
 
 Tables: ``[persona]`` (with ``[[persona.communities]]``), ``[model]`` (with
-``[model.adapter]``), ``[federation]``, ``[local]``, ``[methods]``, ``[runtime]``, ``[safety]``,
+``[model.adapter]``), ``[federation]``, ``[local]``, ``[personalize]``, ``[methods]``, ``[runtime]``, ``[safety]``,
 ``[secagg]``, ``[audit]``, ``[attributes]``, ``[robustness]``, ``[new_users]``.
 Every key is optional; see ``simulations/configs/demo.toml`` for the demo's values.
 """
@@ -14,7 +14,7 @@ from pathlib import Path
 from fedpref.common.errors import ConfigError
 from fedpref.common.tomlconfig import build, check_fields, ranged, read_toml, to_plain
 from fedpref.model.config import ModelConfig
-from fedpref.server.config import FederationConfig, LocalConfig
+from fedpref.server.config import FederationConfig, LocalConfig, PersonalizeConfig
 from fedpref.server.secagg import SecAggConfig
 from fedpref.simulations.persona import PersonaConfig
 
@@ -153,6 +153,7 @@ class SimConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     local: LocalConfig = field(default_factory=LocalConfig)
+    personalize: PersonalizeConfig = field(default_factory=PersonalizeConfig)  # read by the ServerApp
     methods: MethodsConfig = field(default_factory=MethodsConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     safety: SafetyConfig = field(default_factory=SafetyConfig)

@@ -1,0 +1,249 @@
+"""The final personalization (issue 11's design step): after the last round the released model
+goes to every device, which fits its private adapter on it under its own DP-SGD terms, charged
+before training, and sends back nothing it fitted."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, Error, Message, RecordDict
+
+from fedpref.client.data import write_jsonl
+from fedpref.client.device import DeviceState, get_runtime, personalize
+from fedpref.client.terms import DeviceTerms
+from fedpref.common.errors import DataError, DeclinedRound
+from fedpref.model.cache import TextCache
+from fedpref.model.config import ModelConfig
+from fedpref.model.preference import AdapterSpec, get_arrays, set_arrays
+from fedpref.protocol.messages import (
+    K_DELTA,
+    PERSONALIZE_MESSAGE_TYPE,
+    PROTOCOL_VERSION,
+    Attestation,
+    PersonalizeReply,
+    TrainMetrics,
+    TrainRequest,
+    personalize_reply,
+    train_request,
+    weights_digest,
+)
+from fedpref.protocol.partition import PRIVATE_ADAPTER, SHARED_ADAPTER, Group
+from fedpref.server.personalize import PersonalizeRecord, tally
+from fedpref.server.validation import Expected
+from test_device_privacy import BAD, GOOD, _round_config, _user
+
+SHA = "ab" * 32
+
+
+@pytest.fixture(scope="module")
+def device(tiny_encoder_dir):
+    rt = get_runtime(ModelConfig(backbone=tiny_encoder_dir, max_length=32, adapter=AdapterSpec(rank=2, personal_dims=3)),
+                     (SHARED_ADAPTER, PRIVATE_ADAPTER))
+    cache = TextCache.build(rt.model, rt.backbone, GOOD + BAD, max_length=32)
+    return rt, _user(), cache
+
+
+def _request(shared, **kw) -> TrainRequest:
+    cfg = dict(train_shared=False, train_private=True, local_epochs=3, head_learning_rate=0.5) | kw
+    return TrainRequest.from_content(train_request(shared, _round_config(**cfg), None))
+
+
+def _charged(state: DeviceState) -> int:
+    return sum(int(t) for _, _, t in state.accountant().history)
+
+
+def _shared(rt, bump: float = 0.0) -> dict[str, np.ndarray]:
+    return {k: (v + np.float32(bump)).astype(np.float32) for k, v in get_arrays(rt.model, Group.SHARED).items()}
+
+
+def test_the_private_adapter_alone_is_fitted_charged_first_and_nothing_fitted_is_sent(device, tmp_path):
+    rt, user, cache = device
+    state = DeviceState(tmp_path / "dev")
+    shared = _shared(rt, 0.01)
+    set_arrays(rt.model, Group.PRIVATE, rt.initial_private)
+    content = personalize(rt, user, state, _request(shared), cache=cache, terms=DeviceTerms(share_metrics=True))
+    assert len(content.array_records) == 0  # no delta, no adapter: only the attestation and metrics
+    reply = PersonalizeReply.from_content(content)
+    assert reply.attestation.server_round == 1 and reply.attestation.frozen_identity == rt.identity
+    assert reply.metrics is not None and reply.metrics.steps > 0 and reply.metrics.epsilon_sample > 0
+    # the shared weights the device holds are bit for bit the released ones; the private ones moved
+    assert all(np.array_equal(v, shared[k]) for k, v in get_arrays(rt.model, Group.SHARED).items())
+    state.load_private(rt)  # what was saved, read back
+    moved = get_arrays(rt.model, Group.PRIVATE)
+    assert any(not np.array_equal(moved[k], rt.initial_private[k]) for k in moved)
+    assert _charged(state) >= reply.metrics.steps  # charged (before training) at least the steps taken
+    assert state.personalized_on() == weights_digest(shared)
+
+
+def test_a_repeat_on_the_same_weights_is_declined_and_spends_nothing(device, tmp_path):
+    rt, user, cache = device
+    state = DeviceState(tmp_path / "dev")
+    shared = _shared(rt, 0.02)
+    personalize(rt, user, state, _request(shared), cache=cache, terms=DeviceTerms())
+    spent = _charged(state)
+    with pytest.raises(DeclinedRound, match="already personalized"):
+        personalize(rt, user, state, _request(shared), cache=cache, terms=DeviceTerms())
+    assert _charged(state) == spent > 0
+    # a new release is a new model: fitted again (and charged again)
+    personalize(rt, user, state, _request(_shared(rt, 0.03), server_round=2), cache=cache, terms=DeviceTerms())
+    assert _charged(state) > spent
+
+
+@pytest.mark.parametrize("ask, reason", [
+    (dict(train_shared=True), "only that"),
+    (dict(train_private=False), "only that"),
+    (dict(dp_noise_multiplier=0.5), "noise multiplier is below"),
+    (dict(dp_max_grad_norm=5.0), "clip is above"),
+])
+def test_a_request_outside_the_devices_terms_is_declined_before_any_charge(device, tmp_path, ask, reason):
+    rt, user, cache = device
+    state = DeviceState(tmp_path / "dev")
+    with pytest.raises(DeclinedRound, match=reason):
+        personalize(rt, user, state, _request(_shared(rt), **ask), cache=cache, terms=DeviceTerms())
+    assert not state.accountant_path.exists() and state.personalized_on() == ""
+
+
+def test_past_its_budget_the_device_keeps_its_adapter_and_declines(device, tmp_path):
+    rt, user, cache = device
+    state = DeviceState(tmp_path / "dev")
+    with pytest.raises(DeclinedRound, match="budget"):
+        personalize(rt, user, state, _request(_shared(rt), local_epochs=50), cache=cache,
+                    terms=DeviceTerms(max_epsilon_sample=1.0))
+    assert _charged(state) == 0 and state.personalized_on() == ""
+    assert not (state.private_dir / "adapter_model.safetensors").exists()
+
+
+def test_the_servers_cap_binds_too(device, tmp_path):
+    rt, user, cache = device
+    state = DeviceState(tmp_path / "dev")
+    with pytest.raises(DeclinedRound, match="budget"):
+        personalize(rt, user, state, _request(_shared(rt), local_epochs=50, max_epsilon_sample=1.0), cache=cache,
+                    terms=DeviceTerms(max_epsilon_sample=math.inf))
+
+
+# --- the server's side: what it accepts back ------------------------------------------------
+
+def _att(rnd=3, sha=SHA) -> Attestation:
+    return Attestation(protocol_version=PROTOCOL_VERSION, server_round=rnd, frozen_identity=sha, policy_version=0,
+                       safety_digest="")
+
+
+def _to(node: int, content) -> Message:
+    ins = Message(content=RecordDict(), dst_node_id=node, message_type=PERSONALIZE_MESSAGE_TYPE)
+    return Message(content=content, reply_to=ins) if isinstance(content, RecordDict) else Message(content, reply_to=ins)
+
+
+def test_the_server_counts_only_attested_array_free_replies(flower_task):
+    good = personalize_reply(TrainMetrics(train_loss=0.5, train_accuracy=0.6, epsilon_sample=2.0, delta_norm=0.0,
+                                          steps=4, seconds=0.1), _att())
+    leaky = personalize_reply(None, _att())
+    leaky[K_DELTA] = ArrayRecord({"w": Array(np.ones(3, np.float32))})  # a device sending what it fitted
+    stale = personalize_reply(None, _att(rnd=2))
+    other_model = personalize_reply(None, _att(sha="cd" * 32))
+    extra = personalize_reply(None, _att())
+    extra["note"] = good.config_records["attestation"]
+    replies = [_to(1, good), _to(2, leaky), _to(3, stale), _to(4, other_model), _to(5, extra),
+               _to(6, Error(code=4100, reason="device budget: no"))]
+    rec = PersonalizeRecord(model_round=3, model_sha256="x", epochs=1, population=7)
+    exp = Expected(shapes={"w": (3,)}, dtype="float32", clip_norm=1.0, server_round=3, frozen_identity=SHA)
+    metrics = tally(rec, replies, exp)
+    assert rec.fitted == 1 and metrics == [good["metrics"] and TrainMetrics.from_record(good["metrics"]).as_dict()]
+    assert [r["node"] for r in rec.rejected] == ["2", "3", "4", "5"]
+    assert "array record" in rec.rejected[0]["reason"]
+    assert [d["node"] for d in rec.declined] == ["6"]
+
+
+def test_a_reply_with_any_array_is_refused_on_parse():
+    content = personalize_reply(None, _att())
+    content["private"] = ArrayRecord({"head": Array(np.zeros(2, np.float32))})
+    with pytest.raises(DataError, match="array record"):
+        PersonalizeReply.from_content(content)
+
+
+# --- end to end on Flower's Simulation Engine -----------------------------------------------
+
+CONFIG = """
+[model]
+backbone = "{backbone}"
+max_length = 48
+
+[model.adapter]
+rank = 2
+personal_dims = 2
+private_lora = false
+objective = "decoupled"
+
+[federation]
+rounds = 2
+client_sample_rate = 1.0
+clip_norm = 1.0
+server_noise_multiplier = 1.0
+min_available_clients = 3
+
+[local]
+epochs = 1
+batch_size = 8
+dp_noise_multiplier = 1.0
+
+[personalize]
+epochs = {epochs}
+head_learning_rate = 0.1
+"""
+
+
+def _run(tmp_path, backbone, *, epochs: int, workdir=None):
+    from fedpref.protocol.runconfig import Method
+    from fedpref.simulations.config import RuntimeConfig
+    from fedpref.simulations.engine import run_on_simulation_engine
+    from fedpref.simulations.persona import CommunitySpec, PersonaConfig, generate
+
+    data = tmp_path / "persona.jsonl"
+    if not data.exists():
+        comms = (CommunitySpec("a", 0.5, (1.0,) * 8, -5.0), CommunitySpec("b", 0.5, (-1.0,) * 8, 5.0))
+        write_jsonl(generate(PersonaConfig(users=3, pairs_per_user=16, seed=2, communities=comms)).pairs, data)
+    cfg = tmp_path / f"cfg-{epochs}.toml"
+    cfg.write_text(CONFIG.format(backbone=backbone, epochs=epochs))
+    work = workdir or tmp_path / f"work-{epochs}"
+    run_on_simulation_engine(method=Method.PERSONALIZED, num_users=3, data=data, workdir=work, config_file=cfg,
+                             cache=None, runtime=RuntimeConfig(client_cpus=1.0))
+    return work
+
+
+def _steps(client_dir) -> int:
+    return _charged(DeviceState(client_dir))
+
+
+@pytest.mark.slow  # Flower's Simulation Engine (Ray), twice
+def test_every_device_fits_on_the_released_model_once(tiny_encoder_dir, tmp_path):
+    from fedpref.model.io import load_adapter_weights
+
+    work = _run(tmp_path, tiny_encoder_dir, epochs=2)
+    server = work / "server"
+    rec = json.loads((server / "personalize.json").read_text())
+    assert rec["population"] == 3 and rec["fitted"] == 3 and not rec["declined"] and not rec["rejected"]
+    assert rec["model_round"] == 2
+    summary = json.loads((server / "summary.json").read_text())
+    assert summary["personalize"]["fitted"] == 3
+    # the model each device fitted on is the released round-2 checkpoint, bit for bit
+    rt = get_runtime(ModelConfig(backbone=tiny_encoder_dir, max_length=48,
+                                 adapter=AdapterSpec(rank=2, personal_dims=2, private_lora=False, objective="decoupled")),
+                     (SHARED_ADAPTER,))
+    load_adapter_weights(rt.model, SHARED_ADAPTER, server / "checkpoints" / "round-0002")
+    released = weights_digest(get_arrays(rt.model, Group.SHARED))
+    assert rec["model_sha256"] == released
+    clients = sorted((work / "clients").iterdir())
+    assert [DeviceState(c).personalized_on() for c in clients] == [released] * 3
+    # and each charged the fit: more DP-SGD steps than the same rounds without the step
+    plain = _run(tmp_path, tiny_encoder_dir, epochs=0)
+    assert not (plain / "server" / "personalize.json").exists()
+    more = [_steps(c) - _steps(plain / "clients" / c.name) for c in clients]
+    assert all(m > 0 for m in more), more
+    # a restart on the same workdir (every round done) does not send it again: nothing more is spent
+    before = [_steps(c) for c in clients]
+    _run(tmp_path, tiny_encoder_dir, epochs=2, workdir=work)
+    assert [_steps(c) for c in clients] == before
+    assert json.loads((server / "personalize.json").read_text()) == rec
+    assert not list(server.rglob("*private*"))
