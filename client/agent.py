@@ -180,6 +180,8 @@ class Agent:
         eps = acct.epsilon(delta) if acct.history else 0.0
         version = f"round {meta['round']} ({meta.get('updated_at', '?')})" if "round" in meta else ""
         return {"home": str(h.root), "pairs": pairs, "adapter_version": version,
+                # sha256 of the released model the adapter was last personalized on ("" = never)
+                "personalized_on": str(meta.get("personalized_on", "")),
                 "policy_version": h.policy_store().version,
                 "epsilon_sample": eps, "delta": delta, "server": h.server, "terms": to_plain(h.terms),
                 "node_public_key": h.public_key_file.read_text().strip() if h.public_key_file.exists() else "",

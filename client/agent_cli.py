@@ -153,7 +153,9 @@ def status(home: Home, as_json: AsJson = False) -> None:
     _emit(as_json, st, "\n".join([
         f"home            {st['home']}", f"server          {st['server']}",
         f"running         {'yes' if st['running'] else 'no'}", f"pairs           {st['pairs']}",
-        f"adapter         {st['adapter_version'] or 'none yet'}", f"safety policy   v{st['policy_version']}",
+        f"adapter         {st['adapter_version'] or 'none yet'}"
+        + (f", personalized on model {st['personalized_on'][:12]}…" if st["personalized_on"] else ""),
+        f"safety policy   v{st['policy_version']}",
         f"epsilon_sample  {st['epsilon_sample']:.4g} (delta {st['delta']:g}; "
         f"budget {st['terms']['max_epsilon_sample']})",
         f"terms           σ ≥ {st['terms']['min_noise_multiplier']}, per-sample clip ≤ {st['terms']['max_grad_norm']}, "

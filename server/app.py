@@ -223,7 +223,8 @@ def prepare_federation(run: AppRun, settings: ServerSettings, *, clock=time.time
     strategy = FedPrefStrategy(
         fed=fed, local=settings.local, shapes={k: v.shape for k, v in initial.items()},
         frozen_identity=identity, budget=budget,
-        train_shared=True, train_private=run.method is Method.PERSONALIZED,
+        train_shared=True,
+        train_private=run.method is Method.PERSONALIZED and settings.personalize.rounds_train_private,
         generators=seeded_generators(run.seed) if run.deterministic_noise else fresh_generators(),
         clock=clock, on_round=on_round,
         policy=policy.as_tuple if policy is not None else None,
@@ -237,7 +238,10 @@ def prepare_federation(run: AppRun, settings: ServerSettings, *, clock=time.time
 
 
 def personalize_after_rounds(grid: Grid, run: AppRun, settings: ServerSettings, f: Federation) -> None:
-    """The final personalization (:mod:`fedpref.server.personalize`), on the plain and the SecAgg+ path alike."""
+    """The final personalization (:mod:`fedpref.server.personalize`) of a personalized run, on the plain
+    and the SecAgg+ path alike."""
+    if run.method is not Method.PERSONALIZED:
+        return
     personalize_devices(
         f.strategy, settings.personalize, f.released, server_dir=run.server_dir,
         node_ids=lambda: sorted(grid.get_node_ids()),

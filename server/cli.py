@@ -334,6 +334,12 @@ def status(home: ServerHomeOpt, as_json: AsJson = False) -> None:
                      f"responded {last['responded']}, accepted {last['accepted']}")
         lines += [f"  rejected node {r['node']}: {r['reason']}" for r in last["rejected"]]
         lines += [f"  declined node {r['node']}: {r['reason']}" for r in last["declined"]]
+    if pers := st["personalize"]:
+        lines.append(f"personalized     round {pers['model_round']}'s model: {pers['fitted']} of {pers['population']} "
+                     f"devices fitted, {len(pers['declined'])} declined, {len(pers['rejected'])} rejected, "
+                     f"{pers['missing']} no answer")
+        lines += [f"  declined node {r['node']}: {r['reason']}" for r in pers["declined"]]
+        lines += [f"  rejected node {r['node']}: {r['reason']}" for r in pers["rejected"]]
     typer.echo("\n".join(lines))
 
 

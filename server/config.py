@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
+from fedpref.common.errors import ConfigError
 from fedpref.common.tomlconfig import check_fields, ranged
 
 MAX_ROUNDS = 100_000  # far beyond any budget; bounds the accountant's step count
@@ -68,9 +69,15 @@ class PersonalizeConfig:
     epochs: int = ranged(0, ge=0, le=1000, example=5, note="(0 = no final personalization)")  # DP-SGD epochs
     learning_rate: float = ranged(0.0, ge=0, le=1e4, note="(0 = [local].learning_rate)")  # private LoRA step
     head_learning_rate: float = ranged(0.0, ge=0, le=1e4, example=0.05, note="(0 = [local].head_learning_rate)")
+    # whether a personalized run's rounds train the private adapter too ([model.adapter] objective); false: the
+    # rounds train the shared part alone, as FedAvg does, and the private adapter is fitted only in this step
+    rounds_train_private: bool = True
 
     def __post_init__(self) -> None:
         check_fields(self, "personalize")
+        if not self.rounds_train_private and self.epochs == 0:
+            raise ConfigError("[personalize] rounds_train_private = false with epochs = 0 would never train a private "
+                              "adapter; set epochs (e.g. 5) or rounds_train_private = true")
 
     def local(self, local: LocalConfig) -> LocalConfig:
         """The [local] settings a personalize message carries: its epochs and steps, [local]'s σ and clip."""

@@ -516,13 +516,14 @@ def _policy_in_force(home: ServerHome) -> dict | None:
 INIT_FEDERATION = {"client_sample_rate": 1.0, "min_available_clients": 3, "server_noise_multiplier": 1.7,
                    "max_epsilon_user": 10.0, "report_eval_metrics": False}
 INIT_LOCAL = {"max_epsilon_sample": 10.0}
+INIT_PERSONALIZE = {"epochs": 5, "head_learning_rate": 0.05, "rounds_train_private": False}  # the demo's (RESULTS.md)
 
 
 def initial_config(host: str, port: int) -> dict[str, dict]:
     """The tables of a new home's ``config.toml`` (``fedpref-server init``), checked as ``start`` will."""
     from fedpref.common.tomlconfig import build, to_plain
     from fedpref.model.config import ModelConfig
-    from fedpref.server.config import FederationConfig, LocalConfig
+    from fedpref.server.config import FederationConfig, LocalConfig, PersonalizeConfig
     from fedpref.server.secagg import SecAggConfig
 
     fed = to_plain(FederationConfig()) | INIT_FEDERATION
@@ -533,6 +534,7 @@ def initial_config(host: str, port: int) -> dict[str, dict]:
                    "ca": "tls/ca.pem", "certificate": "tls/server.pem",
                    "private_key": "tls/server.key", "trust_root": "keys/root.json", "state": "state"},
         "model": to_plain(ModelConfig()), "federation": fed, "local": to_plain(LocalConfig()) | INIT_LOCAL,
+        "personalize": to_plain(build(PersonalizeConfig, INIT_PERSONALIZE, where="init [personalize]")),
         "secagg": secagg,
     }
 
@@ -737,6 +739,18 @@ def rounds_report(history: list[dict], run_rounds: list[int] | tuple[int, int] |
     return line
 
 
+def _personalize_report(home: ServerHome) -> dict | None:
+    """The last final personalization (``personalize.json``): its model round, fitted/declined/rejected counts."""
+    from fedpref.server.personalize import load_record
+
+    rec = load_record(home.server_dir)
+    if rec is None:
+        return None
+    return {"model_round": rec.model_round, "population": rec.population, "fitted": rec.fitted,
+            "declined": rec.declined[-10:], "rejected": rec.rejected[-10:], "missing": rec.missing,
+            "seconds": round(rec.seconds, 1)}
+
+
 def status(home: ServerHome) -> dict:
     from fedpref.server.privacy import PrivacyLedger
 
@@ -787,6 +801,7 @@ def status(home: ServerHome) -> dict:
         "ledger": ledger,
         "policy": _policy_in_force(home),
         "stopped_reason": summary.get("stopped_reason"),
+        "personalize": _personalize_report(home),
         "latest_checkpoint": str(home.server_dir / "checkpoints" / latest.read_text().strip()) if latest.exists() else None,
     }
     return out

@@ -85,11 +85,11 @@ def personalize_devices(strategy: FedPrefStrategy, cfg: PersonalizeConfig, array
                         clock: Callable[[], float] = time.time) -> PersonalizeRecord | None:
     """Send the released ``arrays`` to every connected node for its private fit; record what came back.
 
-    Nothing happens (``None``) unless the run trains private adapters, ``cfg.epochs > 0``, a round
-    was released, and this very model has not been personalized already (a restart).
+    Nothing happens (``None``) unless ``cfg.epochs > 0``, a round was released, and this very model
+    has not been personalized already (a restart). The caller decides that the run is a personalized one.
     """
     released = released_rounds(strategy.history)
-    if not strategy.train_private or cfg.epochs == 0 or not released:
+    if cfg.epochs == 0 or not released:
         return None
     model_round = released[-1].server_round
     sha = weights_digest(arrays)

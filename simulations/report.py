@@ -429,6 +429,12 @@ def write_report(res: dict, out: Path, *, extra_sections: list[str] | None = Non
             f"it scores {meth['personalized']['per_community'].get(small, float('nan')):.3f} against "
             f"{meth['aggregated']['per_community'].get(small, float('nan')):.3f}."
         )
+    if pz := res.get("personalize"):
+        reading += (
+            f" After the last round, the released model went to all {pz['population']} devices; "
+            f"{pz['fitted']} fitted their private adapter on it ({pz['epochs']} DP-SGD epochs on the device, "
+            f"charged to its own ε_sample, nothing sent back), {len(pz['declined'])} declined."
+        )
     ratio = cost["bytes_up_per_client_round"] / max(cost["shared_plus_private_bytes"], 1)
     body = f"""<!doctype html><html><head><meta charset="utf-8"><title>fedpref simulation report</title>
 <style>body{{font-family:system-ui,sans-serif;max-width:960px;margin:2em auto;line-height:1.45}}

@@ -206,17 +206,19 @@ def _audits(cfg: SimConfig, users: dict[str, UserData], cache: TextCache, work: 
     a, fed, seed = cfg.audit, cfg.federation, cfg.runtime.seed
     beta = 1.0 - a.confidence
     rt = get_runtime(cfg.model, (SHARED_ADAPTER, PRIVATE_ADAPTER))
+    # a personalized round's runtime: the private adapter too, unless the rounds train the shared part alone
+    rt_round = rt if cfg.personalize.rounds_train_private else get_runtime(cfg.model, (SHARED_ADAPTER,))
     seconds: dict[str, float] = {}
 
     t0 = time.perf_counter()
     cohort = _subset(users, a.community_users)
     community_labels(cohort)  # checked before anything trains
     round_cfg = make_round_config(
-        fed, cfg.local, server_round=rounds + 1, train_shared=True, train_private=True,
+        fed, cfg.local, server_round=rounds + 1, train_shared=True, train_private=cfg.personalize.rounds_train_private,
         policy_version=sim_policy.policy.version if sim_policy else 0,
     )
     replays = [
-        replay_round(rt, cohort, cache, shared=shared, round_cfg=round_cfg, terms=terms, seed=stable_seed(seed, run),
+        replay_round(rt_round, cohort, cache, shared=shared, round_cfg=round_cfg, terms=terms, seed=stable_seed(seed, run),
                      workdir=work / "audit" / "community" / run,
                      envelope=sim_policy.envelope_path.read_bytes() if sim_policy else None,
                      trust_root=sim_policy.root_path.read_bytes() if sim_policy else None)
@@ -481,6 +483,9 @@ def _run(cfg: SimConfig, *, out: Path, data: Path | None, config_file: Path, ver
         wall_seconds=time.perf_counter() - t_start, config=to_plain(cfg),
     )
     res["privacy"]["ledger"] = _ledger(work / Method.PERSONALIZED.value / "server")
+    personalized = work / Method.PERSONALIZED.value / "server" / "personalize.json"
+    if personalized.exists():  # the final personalization ([personalize] epochs > 0)
+        res["personalize"] = json.loads(personalized.read_text())
     if audits is not None:
         res["privacy"]["audit"] = audits
     if basis_info is not None:

@@ -136,6 +136,9 @@ def deployment(tmp_path_factory, tiny_minilm_dir):  # noqa: ANN001, ANN201
         "rounds = 10": "rounds = 2", "max_epsilon_user = 10.0": "max_epsilon_user = 100.0",
         "round_timeout_s = 3600.0": "round_timeout_s = 180.0",
         "batch_size = 16": "batch_size = 8", "max_epsilon_sample = 10.0": "max_epsilon_sample = 100.0",
+        # [personalize]: one epoch, so the devices' own ε_sample budget (10, their default terms) admits the
+        # first final fit and round 3, and declines the second fit (24 pairs: 3 DP-SGD steps an epoch)
+        "epochs = 5": "epochs = 1",
     })
     corpus = base / "corpus.jsonl"
     corpus.write_text("".join(json.dumps(r) + "\n" for r in safety_corpus(PersonaConfig(), n_per_class=30)))
@@ -241,6 +244,11 @@ def test_deployment_end_to_end(deployment) -> None:  # noqa: ANN001, PLR0915
         status = json.loads(cli("fedpref-agent", "status", "--home", home, "--json").stdout)
         assert status["pairs"] == 24 and status["policy_version"] == 1 and status["epsilon_sample"] > 0
         assert status["adapter_version"].startswith("round 2")
+        personalized = json.loads((srv / "state" / "server" / "personalize.json").read_text())
+        assert status["personalized_on"] == personalized["model_sha256"]
+    # --- the final personalization: every device fitted its adapter on round 2's model -------------
+    pers = st["personalize"]
+    assert pers["model_round"] == 2 and pers["fitted"] == 3 and not pers["declined"] and not pers["rejected"], pers
 
     # --- device authentication: a fourth, unregistered device is refused ----------------------------
     intruder = d.base / "intruder"
@@ -308,6 +316,11 @@ def test_deployment_end_to_end(deployment) -> None:  # noqa: ANN001, PLR0915
     assert st["policy"]["version"] == 2 and st["last_round"]["policy_version"] == 2 and st["last_round"]["accepted"] == 3
     for home, _ in d.agents:
         assert json.loads(cli("fedpref-agent", "status", "--home", home, "--json").stdout)["policy_version"] == 2
+    # each device declines the second final fit on its own budget: the server learns the rule, no number
+    pers = st["personalize"]
+    assert pers["model_round"] == 3 and pers["fitted"] == 0 and len(pers["declined"]) == 3, pers
+    assert all(r["reason"] == "device budget: this round would exceed the device's ε_sample budget"
+               for r in pers["declined"]), pers
 
     # --- a tampered envelope: the devices refuse it and keep v2 -------------------------------------
     cli("fedpref-server", "stop", "--home", srv)

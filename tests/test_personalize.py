@@ -191,6 +191,7 @@ dp_noise_multiplier = 1.0
 [personalize]
 epochs = {epochs}
 head_learning_rate = 0.1
+rounds_train_private = {rounds_train_private}
 """
 
 
@@ -205,7 +206,8 @@ def _run(tmp_path, backbone, *, epochs: int, workdir=None):
         comms = (CommunitySpec("a", 0.5, (1.0,) * 8, -5.0), CommunitySpec("b", 0.5, (-1.0,) * 8, 5.0))
         write_jsonl(generate(PersonaConfig(users=3, pairs_per_user=16, seed=2, communities=comms)).pairs, data)
     cfg = tmp_path / f"cfg-{epochs}.toml"
-    cfg.write_text(CONFIG.format(backbone=backbone, epochs=epochs))
+    # with the final fit, the rounds train the shared model alone (the demo's setting)
+    cfg.write_text(CONFIG.format(backbone=backbone, epochs=epochs, rounds_train_private=str(epochs == 0).lower()))
     work = workdir or tmp_path / f"work-{epochs}"
     run_on_simulation_engine(method=Method.PERSONALIZED, num_users=3, data=data, workdir=work, config_file=cfg,
                              cache=None, runtime=RuntimeConfig(client_cpus=1.0))
@@ -247,3 +249,37 @@ def test_every_device_fits_on_the_released_model_once(tiny_encoder_dir, tmp_path
     assert [_steps(c) for c in clients] == before
     assert json.loads((server / "personalize.json").read_text()) == rec
     assert not list(server.rglob("*private*"))
+
+
+# --- the switch: rounds that train the shared model alone ------------------------------------
+
+@pytest.mark.parametrize("rounds_train_private, method, want", [
+    (True, "personalized", True), (False, "personalized", False), (False, "aggregated", False),
+])
+def test_rounds_train_the_private_adapter_only_where_the_config_says(tiny_encoder_dir, tmp_path, rounds_train_private,
+                                                                   method, want):
+    from fedpref.protocol.runconfig import from_run_config
+    from fedpref.server.app import load_server_settings, prepare_federation
+
+    cfg = tmp_path / "cfg.toml"
+    cfg.write_text(f'[model]\nbackbone = "{tiny_encoder_dir}"\nmax_length = 32\n[model.adapter]\nrank = 2\n'
+                   f'personal_dims = 2\n[personalize]\nepochs = 2\n'
+                   f'rounds_train_private = {str(rounds_train_private).lower()}\n')
+    run = from_run_config({"config": str(cfg), "workdir": str(tmp_path / "work"), "method": method})
+    f = prepare_federation(run, load_server_settings(str(cfg)))
+    f.bar.close()
+    rc = f.strategy.round_config(1)
+    assert rc.train_shared and rc.train_private is want
+
+
+def test_a_config_that_would_never_train_a_private_adapter_is_refused(tmp_path):
+    from fedpref.common.errors import ConfigError
+    from fedpref.server.app import load_server_settings
+
+    cfg = tmp_path / "cfg.toml"
+    cfg.write_text("[personalize]\nepochs = 0\nrounds_train_private = false\n")
+    with pytest.raises(ConfigError, match="never train a private adapter"):
+        load_server_settings(str(cfg))
+    cfg.write_text("[personalize]\nepochs = -1\n")
+    with pytest.raises(ConfigError, match="personalize"):
+        load_server_settings(str(cfg))

@@ -35,6 +35,9 @@ round_timeout_s = 300
 epochs = 1
 batch_size = 8
 dp_noise_multiplier = 0.5
+
+[personalize]
+epochs = 1
 """
 
 
@@ -67,3 +70,11 @@ def test_the_switch_runs_secagg_with_the_policy(secure_run, policy_kit):
         assert state["version"] == 1
         assert (uid_dir / "adapters" / "private" / "adapter_model.safetensors").exists()
     assert not list(server.rglob("*private*"))
+
+
+def test_after_secagg_every_device_personalizes_on_the_released_model(secure_run):
+    rec = json.loads((secure_run / "server" / "personalize.json").read_text())
+    assert rec["model_round"] == 2 and rec["population"] == 4 and rec["fitted"] == 4, rec
+    assert not rec["declined"] and not rec["rejected"] and rec["missing"] == 0
+    on = {(d / "personalized-on.txt").read_text().strip() for d in (secure_run / "clients").iterdir()}
+    assert on == {rec["model_sha256"]}
