@@ -23,8 +23,8 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from fedpref.client import adversary
 from fedpref.client.data import UserData, group_by_user, load_jsonl
 from fedpref.client.terms import DeviceTerms
-from fedpref.common.errors import DataError, DeclinedRound, FedPrefError, PolicyRefused
-from fedpref.protocol.messages import PERSONALIZE_ACTION, TrainRequest
+from fedpref.common.errors import AlreadyPersonalized, DataError, DeclinedRound, FedPrefError, PolicyRefused
+from fedpref.protocol.messages import ALREADY_PERSONALIZED_CODE, PERSONALIZE_ACTION, TrainRequest
 from fedpref.protocol.runconfig import AppRun, from_run_config
 
 if TYPE_CHECKING:
@@ -343,6 +343,9 @@ def declined_reply(msg: Message, e: DeclinedRound) -> Message:
     if isinstance(e, PolicyRefused):
         log.warning("refused to train: %s", e)
         return Message(Error(code=POLICY_REFUSED_CODE, reason=str(e)), reply_to=msg)
+    if isinstance(e, AlreadyPersonalized):
+        log.info("not personalizing again: %s", e)
+        return Message(Error(code=ALREADY_PERSONALIZED_CODE, reason=str(e)), reply_to=msg)
     log.info("declined round: %s", e)
     return Message(Error(code=DECLINED_CODE, reason=str(e)), reply_to=msg)
 

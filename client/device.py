@@ -9,6 +9,7 @@ lives on disk in :class:`DeviceState`, keyed by the user or node, never in Flowe
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import functools
 import hashlib
@@ -28,7 +29,7 @@ from fedpref.client.terms import DeviceTerms
 from fedpref.client.trainer import LocalTrainConfig, TrainResult, _frozen_snapshot, pair_accuracy, train_pairs
 from fedpref.common.accounting import SampleLevelAccountant
 from fedpref.common.atomic import write_text_atomic
-from fedpref.common.errors import DeclinedRound, FedPrefError, IntegrityError, PolicyRefused
+from fedpref.common.errors import AlreadyPersonalized, DeclinedRound, FedPrefError, IntegrityError, PolicyRefused
 from fedpref.model.backbone import Backbone, load_backbone
 from fedpref.model.basis import model_identity
 from fedpref.model.cache import TextCache
@@ -312,6 +313,9 @@ def train_round(
     """
     cfg = req.config
     check_protocol_version(cfg)
+    if not cfg.train_shared:  # a private-only fit is the personalize message, with its own checks
+        raise DeclinedRound("malformed round request: a round trains the shared part (a private-only fit is a "
+                            "personalize message)")
     policy = enforce_policy(rt, state, required_version=cfg.policy_version, envelope=req.envelope,
                             trust_root=trust_root, now=now, tamper=tamper_safety, roots=req.roots)
     terms.check(cfg)
@@ -325,7 +329,9 @@ def train_round(
     result = train_charged(rt, user, cache, local, charged=charged)
     delta, raw_norm = clipped_delta(rt, req.shared, cfg.clip_norm)
     if PRIVATE_ADAPTER in rt.adapters:
+        check_private(rt)
         state.save_private(rt, metadata={"round": str(cfg.server_round)})
+        state.record_personalized("")  # the adapter now holds this round's fit, not a personalization
     att = attest(rt, cfg.server_round, policy, tamper=tamper_safety)
     if SHARED_ADAPTER in rt.adapters:
         state.received_global(rt, cfg.server_round, req.shared)
@@ -463,12 +469,20 @@ def personalize(
     the released global weights; returns the reply RecordDict. Raises DeclinedRound.
 
     The same gate as a round, in the same order (protocol version, safety policy, the device's
-    own terms, the global weights' form), then: a request that would train the shared part is
-    refused; a second fit on the very weights already personalized on is declined (a server must
-    not spend the device's budget by repeating the message); the privacy spend is charged and
-    fsynced before training; the shared weights stay frozen (checked bit for bit after); the
-    private adapter is saved; the reply carries the attestation (and metrics, as a round) but
-    no array.
+    own terms, the global weights' form), then:
+
+    * a request that would train the shared part is refused;
+    * a second fit on weights equal to those it last fitted on is declined
+      (:class:`AlreadyPersonalized`: a re-send after a server restart costs nothing). This is no
+      bound on what a server can make a device spend (other weights are another fit): the
+      device's own ε_sample budget is;
+    * the privacy spend is charged and fsynced before training; where the epochs asked would
+      exceed the device's budget, it fits the most epochs that do not (at least one), else declines;
+    * the shared weights stay frozen (checked bit for bit after), the fitted private weights
+      must be finite and bounded, or nothing is saved (the charge stays);
+    * the private adapter is saved, then the model it was fitted on (the agent ranks with the
+      pair), then the record of that model's digest: the commit point;
+    * the reply carries the attestation (and metrics, as a round) but no array.
     """
     cfg = req.config
     check_protocol_version(cfg)
@@ -482,22 +496,51 @@ def personalize(
     check_global(rt, req.shared)
     sha = weights_digest(req.shared)
     if state.personalized_on() == sha:
-        raise DeclinedRound("already personalized on these global weights; a repeat would only spend privacy budget")
+        raise AlreadyPersonalized("already personalized on these global weights")
     local = local_train_config(cfg, batch_seed=batch_seed, noise_seed=noise_seed)
     load_round_weights(rt, state, req.shared)
     share = terms.shares_metrics(cfg)
     eval_acc = held_out_accuracy(rt, user, cache) if share else None
-    acct, charged = charge_before_training(state, local, len(user.train), max_epsilon=terms.budget(cfg),
-                                           delta=terms.delta)
+    acct, charged, local = charge_affordable_epochs(state, local, len(user.train), max_epsilon=terms.budget(cfg),
+                                                    delta=terms.delta)
     result = fit_private(rt, user, cache, local, charged=charged)
     if any(not np.array_equal(v, req.shared[k]) for k, v in get_arrays(rt.model, Group.SHARED).items()):
         raise IntegrityError("the shared weights changed while only the private adapter was to train; not saving")
+    check_private(rt)
     state.save_private(rt, metadata={"round": str(cfg.server_round), "personalized_on": sha})
-    state.record_personalized(sha)
     state.received_global(rt, cfg.server_round, req.shared)  # the agent ranks with the model it fitted on
+    state.record_personalized(sha)
     att = attest(rt, cfg.server_round, policy, tamper=tamper_safety)
     metrics = round_metrics(result, acct, delta=terms.delta, raw_norm=0.0, eval_accuracy=eval_acc) if share else None
     return personalize_reply(metrics, att)
+
+
+def charge_affordable_epochs(state: DeviceState, local: LocalTrainConfig, n: int, *, max_epsilon: float,
+                             delta: float) -> tuple[SampleLevelAccountant, int, LocalTrainConfig]:
+    """:func:`charge_before_training` for ``local.epochs`` epochs, or the most fewer that fit the
+    budget (≥ 1); DeclinedRound when not even one does. Returns the config actually charged."""
+    for epochs in range(local.epochs, 0, -1):
+        fewer = dataclasses.replace(local, epochs=epochs)
+        try:
+            acct, charged = charge_before_training(state, fewer, n, max_epsilon=max_epsilon, delta=delta)
+        except DeclinedRound:
+            if epochs == 1:
+                raise
+            continue
+        if epochs < local.epochs:
+            log.info("personalizing with %d of the %d epochs asked: the rest would exceed the ε_sample budget",
+                     epochs, local.epochs)
+        return acct, charged, fewer
+    raise AssertionError("unreachable: local.epochs >= 1")
+
+
+def check_private(rt: Runtime) -> None:
+    """The private weights about to be saved are finite and within ±MAX_ABS_WEIGHT (hostile step
+    sizes can blow them up; the device would then rank with them). Else nothing is saved."""
+    for k, v in get_arrays(rt.model, Group.PRIVATE).items():
+        if not np.isfinite(v).all() or (v.size and float(np.abs(v).max()) > MAX_ABS_WEIGHT):
+            raise DeclinedRound("training drove the private adapter out of range (non-finite or beyond "
+                                f"±{MAX_ABS_WEIGHT:g}); it is not saved, the previous one stays")
 
 
 def fit_private(rt: Runtime, user: UserData, cache: TextCache, local: LocalTrainConfig, *, charged: int) -> TrainResult:

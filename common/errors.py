@@ -35,6 +35,10 @@ class DeclinedRound(FedPrefError):
     """A device will not train this round (budget, policy); the reason goes to the server."""
 
 
+class AlreadyPersonalized(DeclinedRound):
+    """A personalize message for the very weights this device already fitted its adapter on."""
+
+
 class PolicyRefused(DeclinedRound):
     """A device refuses to train: the policy sent or installed does not verify (fail closed)."""
 

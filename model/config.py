@@ -43,6 +43,11 @@ class AdapterSpec:
     #   adapter"). Needs private_lora = false.
     objective: str = "joint"
 
+    @property
+    def learnt_projection(self) -> bool:
+        """Whether the style projection is shared and learnt (``personal_dims > 0``, no public basis)."""
+        return bool(self.personal_dims and not self.attribute_basis)
+
     def __post_init__(self) -> None:
         check_fields(self, "adapter")
         if not isinstance(self.private_lora, bool):

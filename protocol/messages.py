@@ -51,6 +51,9 @@ K_EVAL = "eval"
 # with ``@app.train(PERSONALIZE_ACTION)``)
 PERSONALIZE_ACTION = "personalize"
 PERSONALIZE_MESSAGE_TYPE = f"train.{PERSONALIZE_ACTION}"
+# Flower error code of a device's answer "already personalized on these weights" (a re-send after a
+# server restart): nothing trained or charged, and the server counts the device as fitted earlier
+ALREADY_PERSONALIZED_CODE = 4104
 
 
 @dataclass(frozen=True)
@@ -232,11 +235,13 @@ def l2_norm(arrays: dict[str, np.ndarray]) -> float:
 
 
 def weights_digest(arrays: dict[str, np.ndarray]) -> str:
-    """sha256 over named arrays (each name, dtype, shape and bytes, in name order): which model a
-    personalization was for, the same on the server and on the device."""
+    """sha256 over named arrays (each name, dtype, shape and bytes, in name order, signed zeros
+    made one): which model a personalization was for, the same on the server and on the device."""
     h = hashlib.sha256()
     for k in sorted(arrays):
         a = np.ascontiguousarray(arrays[k])
+        if a.dtype.kind == "f":
+            a = a + a.dtype.type(0.0)  # -0.0 → +0.0: weights that compare equal have one digest
         h.update(f"{k}\0{a.dtype.str}\0{a.shape}\0".encode())
         h.update(a.tobytes())
     return h.hexdigest()

@@ -22,7 +22,7 @@ from flwr.app import Context, Message
 from flwr.serverapp import Grid, ServerApp
 
 from fedpref.common.atomic import write_text_atomic
-from fedpref.common.errors import ConfigError
+from fedpref.common.errors import ConfigError, FedPrefError
 from fedpref.common.tomlconfig import build, read_toml
 from fedpref.model.backbone import load_backbone
 from fedpref.model.basis import model_identity
@@ -32,7 +32,7 @@ from fedpref.model.preference import build_model, get_arrays, set_arrays
 from fedpref.protocol.messages import arrays_to_record, weights_digest
 from fedpref.protocol.partition import SHARED_ADAPTER, Group
 from fedpref.protocol.runconfig import AppRun, Method, from_run_config
-from fedpref.server.config import FederationConfig, LocalConfig, PersonalizeConfig
+from fedpref.server.config import FederationConfig, LocalConfig, PersonalizeConfig, check_personalize_model
 from fedpref.server.privacy import AccountantKind, PrivacyLedger, UserLevelBudget
 from fedpref.server.personalize import load_record as load_personalize_record
 from fedpref.server.personalize import personalize_devices
@@ -242,18 +242,24 @@ def personalize_after_rounds(grid: Grid, run: AppRun, settings: ServerSettings, 
     and the SecAgg+ path alike."""
     if run.method is not Method.PERSONALIZED:
         return
-    personalize_devices(
-        f.strategy, settings.personalize, f.released, server_dir=run.server_dir,
-        node_ids=lambda: sorted(grid.get_node_ids()),
-        send=lambda messages, timeout: send_and_receive(grid, messages, timeout=timeout),
-    )
+    try:
+        personalize_devices(
+            f.strategy, settings.personalize, f.released, server_dir=run.server_dir, secure=run.secure_aggregation,
+            node_ids=lambda: list(grid.get_node_ids()),
+            send=lambda messages, timeout: send_and_receive(grid, messages, timeout=timeout),
+        )
+    except (FedPrefError, OSError) as e:  # the rounds are released and charged: the run still ends in order
+        log.error("fedpref: the final personalization failed: %s", e)
 
 
 def write_summary(run: AppRun, f: Federation, **extra: object) -> None:
     """``summary.json``: ``rounds_completed`` counts released (charged) rounds only; halted
     attempts (secure aggregation) are counted apart, with their reasons in ``history.json``;
     ``personalize``: the final personalization's record, if one was made for this model."""
-    rec = load_personalize_record(run.server_dir)
+    try:
+        rec = load_personalize_record(run.server_dir)
+    except FedPrefError:
+        rec = None  # logged where it was read
     if rec is not None and rec.model_sha256 == weights_digest(f.released):
         extra = {"personalize": dataclasses.asdict(rec), **extra}
     p = f.policy
@@ -332,6 +338,7 @@ def make_server_app(defaults: dict | None = None, *, envelope_transform: Envelop
         settings = load_server_settings(run.config_file)
         if run.attribute_basis:  # the simulation's generated basis
             settings = dataclasses.replace(settings, model=settings.model.with_attribute_basis(run.attribute_basis))
+        check_personalize_model(settings.personalize, settings.model.adapter, where=run.config_file or "<defaults>")
         if run.rounds:  # `fedpref-server start --rounds N`: N more rounds on this workdir
             settings = dataclasses.replace(
                 settings, federation=dataclasses.replace(settings.federation, rounds=run.rounds))

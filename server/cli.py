@@ -335,8 +335,10 @@ def status(home: ServerHomeOpt, as_json: AsJson = False) -> None:
         lines += [f"  rejected node {r['node']}: {r['reason']}" for r in last["rejected"]]
         lines += [f"  declined node {r['node']}: {r['reason']}" for r in last["declined"]]
     if pers := st["personalize"]:
-        lines.append(f"personalized     round {pers['model_round']}'s model: {pers['fitted']} of {pers['population']} "
-                     f"devices fitted, {len(pers['declined'])} declined, {len(pers['rejected'])} rejected, "
+        earlier = f" ({pers['fitted_earlier']} earlier)" if pers["fitted_earlier"] else ""
+        lines.append(f"personalized     round {pers['model_round']}'s model: {pers['fitted'] + pers['fitted_earlier']} of "
+                     f"{pers['population']} devices fitted{earlier}, {len(pers['declined'])} declined, "
+                     f"{len(pers['rejected'])} rejected, "
                      f"{pers['missing']} no answer")
         lines += [f"  declined node {r['node']}: {r['reason']}" for r in pers["declined"]]
         lines += [f"  rejected node {r['node']}: {r['reason']}" for r in pers["rejected"]]

@@ -76,10 +76,20 @@ class PersonalizeConfig:
     def __post_init__(self) -> None:
         check_fields(self, "personalize")
         if not self.rounds_train_private and self.epochs == 0:
-            raise ConfigError("[personalize] rounds_train_private = false with epochs = 0 would never train a private "
-                              "adapter; set epochs (e.g. 5) or rounds_train_private = true")
+            raise ConfigError("rounds_train_private = false with epochs = 0 would never train a private adapter; "
+                              "set epochs (e.g. 5) or rounds_train_private = true")
 
     def local(self, local: LocalConfig) -> LocalConfig:
         """The [local] settings a personalize message carries: its epochs and steps, [local]'s σ and clip."""
         return replace(local, epochs=self.epochs, learning_rate=self.learning_rate or local.learning_rate,
                        head_learning_rate=self.head_learning_rate or local.head_learning_rate)
+
+
+def check_personalize_model(p: PersonalizeConfig, adapter, *, where: str) -> None:  # noqa: ANN001 (AdapterSpec)
+    """[personalize] against [model.adapter]: a *learnt* style projection (``personal_dims > 0``
+    and no ``attribute_basis``) is shared, and learns only from the private head's loss, so
+    rounds that train the shared part alone would leave it at its random start for good."""
+    if adapter.learnt_projection and not p.rounds_train_private:
+        raise ConfigError(f"{where}: [personalize] rounds_train_private = false, but [model.adapter] learns its style "
+                          "projection (personal_dims > 0, no attribute_basis), which only the private head's loss "
+                          "trains; set rounds_train_private = true, or give an attribute_basis (README: the model)")

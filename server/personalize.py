@@ -15,12 +15,15 @@ What it costs and reveals:
 * **ε_sample: the device's own.** The device charges the fit to its accountant before training
   and declines it past its own budget or below its own σ floor, as for a round
   (:func:`fedpref.client.device.personalize`).
-* A device declines a second fit on the very same weights, so a server cannot spend a device's
-  budget by repeating the message.
+* With secure aggregation on, no metrics are asked for: the rounds' metrics reach the server
+  only as cohort sums there, and a personalize reply is one device's.
+* A device answers a second fit on the same weights with :data:`ALREADY_PERSONALIZED_CODE`,
+  at no cost: what bounds what a server can make it spend is its own ε_sample budget.
 
 The step is recorded in ``personalize.json`` beside ``history.json``: the model's round and
-sha256, nodes sent, fitted, declined and rejected. A restarted server does not repeat a step
-already recorded for the same weights.
+sha256, nodes sent, fitted (now or earlier), declined, rejected and silent. A restarted server
+sends it again only where the record for these weights is missing or some device did not
+answer; the devices that fitted then answer "already personalized".
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from flwr.app import Message
 
 from fedpref.common.atomic import write_text_atomic
 from fedpref.common.errors import DataError
-from fedpref.protocol.messages import PERSONALIZE_MESSAGE_TYPE, PersonalizeReply, train_request, weights_digest
+from fedpref.protocol.messages import ALREADY_PERSONALIZED_CODE, PERSONALIZE_MESSAGE_TYPE, PersonalizeReply, train_request, weights_digest
 from fedpref.server.config import PersonalizeConfig
 from fedpref.server.strategy import FedPrefStrategy, _means, make_round_config, released_rounds, short_reason
 from fedpref.server.validation import Expected, RejectedUpdate, validate_attestation
@@ -58,6 +61,7 @@ class PersonalizeRecord:
     epochs: int
     population: int  # connected nodes the message went to
     fitted: int = 0  # replies that validated: the device fitted and kept its private adapter
+    fitted_earlier: int = 0  # devices that had fitted on these weights already (a re-send after a restart)
     declined: list[dict[str, str]] = field(default_factory=list)  # error replies (budget, σ floor, a repeat, …)
     rejected: list[dict[str, str]] = field(default_factory=list)  # replies that failed validation
     missing: int = 0  # no reply before the timeout
@@ -66,27 +70,43 @@ class PersonalizeRecord:
     seconds: float = 0.0
 
 
+_FIELDS = {"model_round": int, "model_sha256": str, "epochs": int, "population": int, "fitted": int,
+           "fitted_earlier": int, "declined": list, "rejected": list, "missing": int, "policy_sent": int,
+           "metrics": dict, "seconds": (int, float)}
+
+
 def load_record(server_dir: Path) -> PersonalizeRecord | None:
+    """``personalize.json``, checked field by field (a DataError naming the file, never a traceback)."""
     path = server_dir / RECORD_FILE
-    if not path.exists():
-        return None
+    fix = "delete it to personalize again"
     try:
-        return PersonalizeRecord(**json.loads(path.read_text()))
-    except (ValueError, TypeError) as e:
-        raise DataError(f"{path}: not a personalization record ({' '.join(str(e).split())[:80]}); "
-                        "delete it to personalize again") from None
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: not readable JSON ({' '.join(str(e).split())[:80]}); {fix}") from None
+    if not isinstance(data, dict) or set(data) != set(_FIELDS):
+        raise DataError(f"{path}: not a personalization record (fields {sorted(data) if isinstance(data, dict) else type(data).__name__}); {fix}")
+    for k, t in _FIELDS.items():
+        v = data[k]
+        if isinstance(v, bool) or not isinstance(v, t) or (k in ("declined", "rejected") and not all(
+                isinstance(r, dict) and all(isinstance(x, str) for x in r.values()) for r in v)):
+            raise DataError(f"{path}: field {k!r} = {str(v)[:40]!r} has the wrong type; {fix}")
+    return PersonalizeRecord(**data)
 
 
 Send = Callable[[Iterable[Message], float], list[Message]]  # messages, timeout → replies
 
 
 def personalize_devices(strategy: FedPrefStrategy, cfg: PersonalizeConfig, arrays: dict[str, np.ndarray], *,
-                        server_dir: Path, node_ids: Callable[[], list[int]], send: Send,
+                        server_dir: Path, node_ids: Callable[[], list[int]], send: Send, secure: bool = False,
                         clock: Callable[[], float] = time.time) -> PersonalizeRecord | None:
     """Send the released ``arrays`` to every connected node for its private fit; record what came back.
 
-    Nothing happens (``None``) unless ``cfg.epochs > 0``, a round was released, and this very model
-    has not been personalized already (a restart). The caller decides that the run is a personalized one.
+    Nothing happens (``None``) unless ``cfg.epochs > 0``, a round was released, a node is
+    connected, and these weights are not already recorded as offered to every node that answered.
+    The caller decides that the run is a personalized one. ``secure``: the run aggregates
+    securely, so no per-device metrics are asked for.
     """
     released = released_rounds(strategy.history)
     if cfg.epochs == 0 or not released:
@@ -94,15 +114,21 @@ def personalize_devices(strategy: FedPrefStrategy, cfg: PersonalizeConfig, array
     model_round = released[-1].server_round
     sha = weights_digest(arrays)
     done = load_record(server_dir)
-    if done is not None and done.model_sha256 == sha:
-        log.warning("fedpref: round %d's model was already personalized (%d devices fitted); not sent again",
-                    model_round, done.fitted)
+    if done is not None and done.model_sha256 == sha and done.missing == 0:
+        log.warning("fedpref: round %d's model was already offered for personalization (%d devices fitted); "
+                    "not sent again", model_round, done.fitted + done.fitted_earlier)
         return done
     t0 = clock()
-    nodes = strategy.wait_for_nodes(node_ids)
+    nodes = sorted(node_ids())
+    if not nodes:
+        log.warning("fedpref: no device is connected; round %d's model was not offered for personalization "
+                    "(a restart offers it again)", model_round)
+        return None
     version, digest, envelope = strategy.policy()
     rc = make_round_config(strategy.fed, cfg.local(strategy.local), server_round=model_round, train_shared=False,
                            train_private=True, policy_version=version)
+    if secure:
+        rc = dataclasses.replace(rc, report_metrics=False)
     plain = train_request(arrays, rc, None)
     with_policy = train_request(arrays, rc, envelope, strategy.policy_roots) if envelope is not None else plain
     rec = PersonalizeRecord(model_round=model_round, model_sha256=sha, epochs=cfg.epochs, population=len(nodes))
@@ -119,12 +145,13 @@ def personalize_devices(strategy: FedPrefStrategy, cfg: PersonalizeConfig, array
                    server_round=model_round, frozen_identity=strategy.frozen_identity, policy_version=version,
                    safety_digest=digest)
     metrics = tally(rec, replies, exp)
-    rec.missing = len(nodes) - rec.fitted - len(rec.declined) - len(rec.rejected)
+    rec.missing = len(nodes) - rec.fitted - rec.fitted_earlier - len(rec.declined) - len(rec.rejected)
     rec.metrics = _means(metrics)
     rec.seconds = clock() - t0
     write_text_atomic(server_dir / RECORD_FILE, json.dumps(dataclasses.asdict(rec), indent=1))
-    log.warning("fedpref: personalized: %d of %d devices fitted, %d declined, %d rejected, %d did not answer",
-                rec.fitted, rec.population, len(rec.declined), len(rec.rejected), rec.missing)
+    log.warning("fedpref: personalized: %d of %d devices fitted (%d earlier), %d declined, %d rejected, "
+                "%d did not answer", rec.fitted + rec.fitted_earlier, rec.population, rec.fitted_earlier,
+                len(rec.declined), len(rec.rejected), rec.missing)
     return rec
 
 
@@ -133,6 +160,9 @@ def tally(rec: PersonalizeRecord, replies: Iterable[Message], exp: Expected) -> 
     metrics: list[dict[str, float]] = []
     for msg in replies:
         node = str(msg.metadata.src_node_id)
+        if msg.has_error() and msg.error.code == ALREADY_PERSONALIZED_CODE:
+            rec.fitted_earlier += 1
+            continue
         if msg.has_error():
             rec.declined.append({"node": node, "reason": short_reason(msg.error.reason)})
             log.info("personalize: node %s declined: %s", node, short_reason(msg.error.reason))

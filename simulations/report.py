@@ -432,7 +432,7 @@ def write_report(res: dict, out: Path, *, extra_sections: list[str] | None = Non
     if pz := res.get("personalize"):
         reading += (
             f" After the last round, the released model went to all {pz['population']} devices; "
-            f"{pz['fitted']} fitted their private adapter on it ({pz['epochs']} DP-SGD epochs on the device, "
+            f"{pz['fitted'] + pz.get('fitted_earlier', 0)} fitted their private adapter on it ({pz['epochs']} DP-SGD epochs on the device, "
             f"charged to its own ε_sample, nothing sent back), {len(pz['declined'])} declined."
         )
     ratio = cost["bytes_up_per_client_round"] / max(cost["shared_plus_private_bytes"], 1)

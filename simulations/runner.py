@@ -335,6 +335,11 @@ def _run(cfg: SimConfig, *, out: Path, data: Path | None, config_file: Path, ver
     from fedpref.simulations.robustness import check_fractions
 
     check_fractions(cfg.robustness, len(users))  # before any expensive phase
+    from fedpref.server.config import check_personalize_model
+
+    fits_basis = bool(cfg.attributes.corpus_texts or cfg.attributes.corpus)  # [attributes]: a public basis is fitted
+    check_personalize_model(cfg.personalize, dataclasses.replace(cfg.model.adapter, attribute_basis="<fitted>")
+                            if fits_basis else cfg.model.adapter, where=str(config_file))
     if set(cfg.safety.tamper_users) & set(new_users):
         raise ConfigError(f"safety.tamper_users names held-out new users {sorted(set(cfg.safety.tamper_users) & set(new_users))}; "
                           "name users of the federation, or set new_users.fraction = 0")

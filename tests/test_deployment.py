@@ -354,6 +354,8 @@ def test_deployment_end_to_end(deployment) -> None:  # noqa: ANN001, PLR0915
     assert st["rounds_completed"] == 3 and st["epsilon_user"] == st["ledger"][-1]["epsilon"] > 0
     human = cli("fedpref-server", "status", "--home", srv).stdout
     assert "rounds completed 3" in human and "declined node" in human and "attempts in a row halted" in human
+    # the tampered run released nothing, so round 3's model (already offered) was not offered again
+    assert "personalized     round 3's model: 0 of 3 devices fitted, 3 declined, 0 rejected, 0 no answer" in human
 
     # --- the local gRPC API of a device, served by `fedpref-agent serve` ----------------------------
     from fedpref.client.api import connect

@@ -4,6 +4,7 @@ before training, and sends back nothing it fitted."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -19,6 +20,7 @@ from fedpref.model.cache import TextCache
 from fedpref.model.config import ModelConfig
 from fedpref.model.preference import AdapterSpec, get_arrays, set_arrays
 from fedpref.protocol.messages import (
+    ALREADY_PERSONALIZED_CODE,
     K_DELTA,
     PERSONALIZE_MESSAGE_TYPE,
     PROTOCOL_VERSION,
@@ -116,6 +118,43 @@ def test_past_its_budget_the_device_keeps_its_adapter_and_declines(device, tmp_p
     assert not (state.private_dir / "adapter_model.safetensors").exists()
 
 
+def test_short_of_budget_the_device_fits_the_epochs_it_can_afford(device, tmp_path):
+    rt, user, cache = device
+    state = DeviceState(tmp_path / "dev")  # 16 pairs, batch 4: 4 steps an epoch; ε 4.87 / 6.25 / 7.33 at 1 / 2 / 3
+    content = personalize(rt, user, state, _request(_shared(rt), local_epochs=3), cache=cache,
+                          terms=DeviceTerms(max_epsilon_sample=5.5, share_metrics=True))
+    assert _charged(state) == 4 and PersonalizeReply.from_content(content).metrics.steps <= 4
+    assert state.accountant().epsilon(1e-5) <= 5.5
+
+
+def test_hostile_step_sizes_cannot_leave_a_wrecked_adapter_behind(device, tmp_path):
+    rt, user, cache = device
+    state = DeviceState(tmp_path / "dev")
+    with pytest.raises(DeclinedRound, match="out of range"):
+        personalize(rt, user, state, _request(_shared(rt), local_epochs=20, head_learning_rate=1e4, learning_rate=1e4),
+                    cache=cache, terms=DeviceTerms(max_epsilon_sample=math.inf))
+    assert _charged(state) > 0  # what was spent stays spent
+    assert not (state.private_dir / "adapter_model.safetensors").exists() and state.personalized_on() == ""
+
+
+def test_a_round_that_trains_no_shared_part_is_declined(device, tmp_path):
+    from fedpref.client.device import train_round
+
+    rt, user, cache = device
+    state = DeviceState(tmp_path / "dev")
+    with pytest.raises(DeclinedRound, match="personalize message"):
+        train_round(rt, user, state, _request(_shared(rt)), cache=cache, terms=DeviceTerms())
+    assert not state.accountant_path.exists()
+
+
+def test_weights_that_compare_equal_have_one_digest():
+    a = {"w": np.array([0.0, 1.5, -2.0], np.float32)}
+    b = {"w": np.array([-0.0, 1.5, -2.0], np.float32)}
+    assert weights_digest(a) == weights_digest(b)
+    assert weights_digest(a) != weights_digest({"w": np.array([0.0, 1.5, -2.0001], np.float32)})
+    assert weights_digest(a) != weights_digest({"v": a["w"]})
+
+
 def test_the_servers_cap_binds_too(device, tmp_path):
     rt, user, cache = device
     state = DeviceState(tmp_path / "dev")
@@ -146,11 +185,13 @@ def test_the_server_counts_only_attested_array_free_replies(flower_task):
     extra = personalize_reply(None, _att())
     extra["note"] = good.config_records["attestation"]
     replies = [_to(1, good), _to(2, leaky), _to(3, stale), _to(4, other_model), _to(5, extra),
-               _to(6, Error(code=4100, reason="device budget: no"))]
-    rec = PersonalizeRecord(model_round=3, model_sha256="x", epochs=1, population=7)
+               _to(6, Error(code=4100, reason="device budget: no")),
+               _to(7, Error(code=ALREADY_PERSONALIZED_CODE, reason="already personalized on these global weights"))]
+    rec = PersonalizeRecord(model_round=3, model_sha256="x", epochs=1, population=8)
     exp = Expected(shapes={"w": (3,)}, dtype="float32", clip_norm=1.0, server_round=3, frozen_identity=SHA)
     metrics = tally(rec, replies, exp)
-    assert rec.fitted == 1 and metrics == [good["metrics"] and TrainMetrics.from_record(good["metrics"]).as_dict()]
+    assert rec.fitted == 1 and metrics == [TrainMetrics.from_record(good["metrics"]).as_dict()]
+    assert rec.fitted_earlier == 1
     assert [r["node"] for r in rec.rejected] == ["2", "3", "4", "5"]
     assert "array record" in rec.rejected[0]["reason"]
     assert [d["node"] for d in rec.declined] == ["6"]
@@ -283,3 +324,112 @@ def test_a_config_that_would_never_train_a_private_adapter_is_refused(tmp_path):
     cfg.write_text("[personalize]\nepochs = -1\n")
     with pytest.raises(ConfigError, match="personalize"):
         load_server_settings(str(cfg))
+
+
+# --- the server's step against real devices, in process --------------------------------------
+
+def _server(rt, tmp_path):
+    from fedpref.server.config import FederationConfig, LocalConfig
+    from fedpref.server.privacy import AccountantKind, PrivacyLedger, UserLevelBudget
+    from fedpref.server.release import fresh_generators
+    from fedpref.server.strategy import FedPrefStrategy, RoundRecord
+
+    shared = _shared(rt, 0.05)
+    fed = FederationConfig(rounds=2, client_sample_rate=1.0, report_eval_metrics=True)
+    budget = UserLevelBudget(max_epsilon=math.inf, delta=1e-5, accountant=AccountantKind.RDP,
+                             ledger=PrivacyLedger(tmp_path / "ledger.jsonl"))
+    s = FedPrefStrategy(fed=fed, local=LocalConfig(batch_size=4, dp_noise_multiplier=1.0),
+                        shapes={k: v.shape for k, v in shared.items()}, frozen_identity=rt.identity, budget=budget,
+                        generators=fresh_generators())
+    s.history.append(RoundRecord(server_round=2, population=3, sampled=3, replied=3, accepted=3))
+    return s, shared
+
+
+def _devices(rt, user, cache, tmp_path, *, lose=()):
+    """``send`` for personalize_devices: each node runs the real device step on its own state;
+    the replies of the nodes in ``lose`` never arrive."""
+    from fedpref.client.app import declined_reply
+
+    asked = []
+
+    def send(messages, timeout):
+        replies = []
+        for m in messages:
+            req = TrainRequest.from_content(m.content)
+            asked.append(req.config)
+            try:
+                reply = Message(personalize(rt, user, DeviceState(tmp_path / f"node{m.metadata.dst_node_id}"), req,
+                                            cache=cache, terms=DeviceTerms(share_metrics=True)), reply_to=m)
+            except DeclinedRound as e:
+                reply = declined_reply(m, e)
+            if m.metadata.dst_node_id not in lose:
+                replies.append(reply)
+        return replies
+
+    return send, asked
+
+
+def test_a_restart_offers_the_model_again_only_to_complete_the_record(device, tmp_path, flower_task):
+    from fedpref.server.config import PersonalizeConfig
+    from fedpref.server.personalize import load_record, personalize_devices
+
+    rt, user, cache = device
+    strategy, shared = _server(rt, tmp_path)
+    cfg = PersonalizeConfig(epochs=2, head_learning_rate=0.1)
+    send, asked = _devices(rt, user, cache, tmp_path, lose={3})
+    rec = personalize_devices(strategy, cfg, shared, server_dir=tmp_path, node_ids=lambda: [3, 1, 2], send=send)
+    assert (rec.population, rec.fitted, rec.missing) == (3, 2, 1)
+    assert asked[0].train_private and not asked[0].train_shared and asked[0].local_epochs == 2
+    assert asked[0].server_round == 2 and asked[0].report_metrics  # metrics asked on the plain path
+    spent = [_charged(DeviceState(tmp_path / f"node{n}")) for n in (1, 2, 3)]
+    assert all(x > 0 for x in spent)  # node 3 fitted too: only its answer was lost
+    # the server restarts: the record is incomplete, so the model goes out again; nobody fits twice
+    send, _ = _devices(rt, user, cache, tmp_path)
+    rec = personalize_devices(strategy, cfg, shared, server_dir=tmp_path, node_ids=lambda: [1, 2, 3], send=send)
+    assert (rec.fitted, rec.fitted_earlier, rec.missing, rec.declined) == (0, 3, 0, [])
+    assert [_charged(DeviceState(tmp_path / f"node{n}")) for n in (1, 2, 3)] == spent
+    # complete now: a third start sends nothing
+    send, asked = _devices(rt, user, cache, tmp_path)
+    assert personalize_devices(strategy, cfg, shared, server_dir=tmp_path, node_ids=lambda: [1, 2, 3], send=send) == rec
+    assert asked == [] and load_record(tmp_path) == rec
+
+
+def test_under_secure_aggregation_no_metrics_are_asked_and_none_connected_is_no_record(device, tmp_path, flower_task):
+    from fedpref.server.config import PersonalizeConfig
+    from fedpref.server.personalize import personalize_devices
+
+    rt, user, cache = device
+    strategy, shared = _server(rt, tmp_path)
+    cfg = PersonalizeConfig(epochs=1)
+    send, asked = _devices(rt, user, cache, tmp_path)
+    assert personalize_devices(strategy, cfg, shared, server_dir=tmp_path, node_ids=list, send=send) is None
+    assert asked == [] and not (tmp_path / "personalize.json").exists()
+    rec = personalize_devices(strategy, cfg, shared, server_dir=tmp_path, node_ids=lambda: [1], send=send, secure=True)
+    assert rec.fitted == 1 and rec.metrics == {} and not asked[0].report_metrics
+
+
+@pytest.mark.parametrize("text", ['{"model_round": 1}', "[]", "not json", '{"declined": 5}'])
+def test_a_damaged_record_is_one_clear_error(tmp_path, text):
+    from fedpref.server.personalize import PersonalizeRecord, load_record
+
+    good = json.dumps(dataclasses.asdict(PersonalizeRecord(model_round=1, model_sha256="x", epochs=1, population=1)))
+    (tmp_path / "personalize.json").write_text(good)
+    assert load_record(tmp_path).population == 1
+    bad = text if text != '{"declined": 5}' else good.replace('"declined": []', '"declined": 5')
+    (tmp_path / "personalize.json").write_text(bad)
+    with pytest.raises(DataError, match="personalize.json"):
+        load_record(tmp_path)
+
+
+def test_rounds_without_the_private_part_need_a_public_basis():
+    from fedpref.common.errors import ConfigError
+    from fedpref.server.config import PersonalizeConfig, check_personalize_model
+    from fedpref.server.deploy import INIT_PERSONALIZE
+
+    shared_only = PersonalizeConfig(epochs=5, rounds_train_private=False)
+    with pytest.raises(ConfigError, match="learns its style projection"):
+        check_personalize_model(shared_only, AdapterSpec(personal_dims=8), where="cfg.toml")
+    check_personalize_model(shared_only, AdapterSpec(personal_dims=9, attribute_basis="basis.safetensors"), where="x")
+    check_personalize_model(shared_only, AdapterSpec(personal_dims=0), where="x")
+    # what `fedpref-server init` writes goes with its default model (a learnt projection)
+    check_personalize_model(PersonalizeConfig(**INIT_PERSONALIZE), AdapterSpec(), where="init")
