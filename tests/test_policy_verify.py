@@ -385,7 +385,10 @@ def test_every_value_at_base64_field_ends(exact_threshold_env, root):
 
 
 def test_base64_alphabet_swap_is_the_same_signed_content(keys, root):
-    env = make_env(keys)
+    # the payload's base64 holds no '+' or '/', so only the signatures can show the swap: with
+    # random keys both lack them about once in 250 runs; take the first signer pair whose do not
+    envs = [make_env(keys, signers=signers) for signers in ((0, 1), (0, 2), (1, 2), (0, 1, 2))]
+    env = next(e for e in envs if any(c in sig["sig"] for sig in json.loads(e)["signatures"] for c in "+/"))
     doc = json.loads(env)
     doc["payload"] = doc["payload"].replace("+", "-").replace("/", "_")
     for s in doc["signatures"]:
