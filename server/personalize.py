@@ -44,7 +44,7 @@ from fedpref.common.atomic import write_text_atomic
 from fedpref.common.errors import DataError
 from fedpref.protocol.messages import ALREADY_PERSONALIZED_CODE, PERSONALIZE_MESSAGE_TYPE, PersonalizeReply, train_request, weights_digest
 from fedpref.server.config import PersonalizeConfig
-from fedpref.server.strategy import FedPrefStrategy, _means, make_round_config, released_rounds, short_reason
+from fedpref.server.strategy import FedPrefStrategy, make_round_config, released_rounds, short_reason, unweighted_means
 from fedpref.server.validation import Expected, RejectedUpdate, validate_attestation
 
 log = logging.getLogger("fedpref.server")
@@ -146,7 +146,7 @@ def personalize_devices(strategy: FedPrefStrategy, cfg: PersonalizeConfig, array
                    safety_digest=digest)
     metrics = tally(rec, replies, exp)
     rec.missing = len(nodes) - rec.fitted - rec.fitted_earlier - len(rec.declined) - len(rec.rejected)
-    rec.metrics = _means(metrics)
+    rec.metrics = unweighted_means(metrics)
     rec.seconds = clock() - t0
     write_text_atomic(server_dir / RECORD_FILE, json.dumps(dataclasses.asdict(rec), indent=1))
     log.warning("fedpref: personalized: %d of %d devices fitted (%d earlier), %d declined, %d rejected, "

@@ -242,7 +242,7 @@ class FedPrefStrategy(FedAvg):
         rec.bytes_down_per_client = self._bytes_down
         rec.policy_version, rec.policy_sent = version, self._policy_sent
         rec.bytes_up_per_client = int(np.mean(up_bytes)) if up_bytes else 0
-        rec.metrics = _means(metrics)
+        rec.metrics = unweighted_means(metrics)
         rec.epsilon_sample_max = max((m.get("epsilon_sample", 0.0) for m in metrics), default=0.0)
         rec.seconds = self.clock() - self._t0
         self.history.append(rec)
@@ -274,7 +274,7 @@ def poisson_sample(node_ids: list[int], q: float, rng: np.random.Generator) -> l
     return [n for n, k in zip(node_ids, keep) if k]
 
 
-def _means(items: list[dict[str, float]]) -> dict[str, float]:
+def unweighted_means(items: list[dict[str, float]]) -> dict[str, float]:
     """Unweighted means: no device's claim about its own data size weighs on what is reported."""
     keys = sorted(set().union(*items)) if items else []
     return {k: float(np.mean([m[k] for m in items if k in m])) for k in keys}
