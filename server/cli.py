@@ -245,7 +245,9 @@ def nodes_remove(
 @app.command("start")
 def start(
     home: ServerHomeOpt,
-    rounds: Annotated[int | None, typer.Option("--rounds", help="Rounds to run now (default: [federation] rounds).")] = None,
+    rounds: Annotated[int | None, typer.Option("--rounds", help="Rounds to run now (default: [federation] rounds); 0: no "
+                                               "round, only offer the released model for the final personalization "
+                                               "to devices that have not answered for it.")] = None,
     policy: Annotated[Path | None, typer.Option("--policy", metavar="ENVELOPE",
                                                 help="A signed policy envelope to put in force (default: the one in force).")] = None,
     detach: Annotated[bool, typer.Option("--detach", help="Return once the run is submitted; the server keeps running.")] = False,
@@ -257,7 +259,9 @@ def start(
         h = _server_home(home)
         started = deploy.start(h, rounds=rounds, policy=policy)
     typer.echo(f"server started: devices connect to {h.address} (TLS; only the Fleet API is exposed); "
-               f"run {started.run_id}: rounds {started.first_round}..{started.last_round}, "
+               f"run {started.run_id}: " + (f"rounds {started.first_round}..{started.last_round}"
+                                             if started.last_round >= started.first_round
+                                             else "no new round, the final personalization only") + ", "
                f"safety policy v{started.policy_version}")
     if detach:
         typer.echo(f"follow it with `fedpref-server status --home {h.root}`; stop it with `fedpref-server stop --home {h.root}`")

@@ -575,6 +575,7 @@ def start(home: ServerHome, *, rounds: int | None, policy: Path | None, extra_ru
     from fedpref.server.config import check_personalize_model
 
     check_personalize_model(settings.personalize, settings.model.adapter, where=str(home.config))
+    check_rounds(home, settings, rounds)
     from fedpref.server.secagg import load_secagg_config
 
     check_secure_aggregation(settings.federation, load_secagg_config(str(home.config)), where=str(home.config))
@@ -589,6 +590,24 @@ def start(home: ServerHome, *, rounds: int | None, policy: Path | None, extra_ru
     except BaseException:
         lock.close()  # what was started is stopped again; nothing holds the lock after this
         raise
+
+
+def check_rounds(home: ServerHome, settings: Any, rounds: int | None) -> int:  # noqa: ANN401 (ServerSettings)
+    """The rounds to run now (``--rounds``, default ``[federation] rounds``), or a one-line ConfigError.
+
+    0 runs no round: the ServerApp only offers the released model for the final personalization
+    to every connected device that has not answered for it (a device that joined since)."""
+    more = rounds if rounds is not None else settings.federation.rounds
+    if more < 0:
+        raise ConfigError(f"--rounds {more}; give 0 (no new round: only the final personalization) or more")
+    if more == 0:
+        if settings.personalize.epochs == 0:
+            raise ConfigError(f"--rounds 0 only offers the final personalization, and {home.config} [personalize] "
+                              "epochs = 0; set epochs (e.g. 5), or give --rounds N >= 1")
+        if not _rounds_done(home, halted_keep_numbers=settings.federation.client_sample_rate < 1.0):
+            raise ConfigError("--rounds 0 offers the released model for personalization, but no round has been "
+                              "released on this home yet; give --rounds N >= 1")
+    return more
 
 
 def hold_server_lock(home: ServerHome) -> BinaryIO:
@@ -622,9 +641,7 @@ def _start_locked(home: ServerHome, lock: BinaryIO, settings: Any, *, rounds: in
     else:
         in_force = _policy_in_force(home)
     done = _rounds_done(home, halted_keep_numbers=settings.federation.client_sample_rate < 1.0)
-    more = rounds if rounds is not None else settings.federation.rounds
-    if more < 1:
-        raise ConfigError(f"--rounds {more}; give at least 1")
+    more = check_rounds(home, settings, rounds)
 
     for d in (home.run_dir / "nginx", home.logs, home.state, home.flwr_home, home.app_dir):
         d.mkdir(parents=True, exist_ok=True)
@@ -725,6 +742,8 @@ def rounds_report(history: list[dict], run_rounds: list[int] | tuple[int, int] |
     stopped at round 4: 3 attempts in a row halted ...``.
     """
     first, last = (int(run_rounds[0]), int(run_rounds[1])) if run_rounds else (1, None)
+    if last is not None and last < first:  # `start --rounds 0`
+        return "no new round (the run only offered the released model for the final personalization)"
     mine = [h for h in history if h["server_round"] >= first and (last is None or h["server_round"] <= last)]
     released = sum(1 for h in mine if not h.get("halted"))
     halted = [h for h in mine if h.get("halted")]

@@ -21,9 +21,14 @@ What it costs and reveals:
   at no cost: what bounds what a server can make it spend is its own ε_sample budget.
 
 The step is recorded in ``personalize.json`` beside ``history.json``: the model's round and
-sha256, nodes sent, fitted (now or earlier), declined, rejected and silent. A restarted server
-sends it again only where the record for these weights is missing or some device did not
-answer; the devices that fitted then answer "already personalized".
+sha256, the nodes it was offered to and those that answered, and how many fitted (now or
+earlier), declined, were rejected or stayed silent. A server started again on the same model
+(``fedpref-server start --rounds 0`` does just that) offers it to every
+connected node that has not answered for it yet: a device that joined after the step, or one
+whose answer was lost. A device that had fitted answers "already personalized", at no cost.
+Node ids are the devices' registered identities in deployment; Flower's Simulation Engine draws
+new ones per run, so a simulation run again on its workdir offers the model to every node again
+(and each answers "already personalized").
 """
 
 from __future__ import annotations
@@ -64,15 +69,17 @@ class PersonalizeRecord:
     fitted_earlier: int = 0  # devices that had fitted on these weights already (a re-send after a restart)
     declined: list[dict[str, str]] = field(default_factory=list)  # error replies (budget, σ floor, a repeat, …)
     rejected: list[dict[str, str]] = field(default_factory=list)  # replies that failed validation
-    missing: int = 0  # no reply before the timeout
+    missing: int = 0  # offered, and no reply before the timeout
     policy_sent: int = 0
-    metrics: dict[str, float] = field(default_factory=dict)  # unweighted means of the bounded metrics (when sent)
+    metrics: dict[str, float] = field(default_factory=dict)  # unweighted means of the last send's metrics (when sent)
     seconds: float = 0.0
+    offered: list[str] = field(default_factory=list)  # node ids the model was sent to (population = how many)
+    answered: list[str] = field(default_factory=list)  # node ids that replied, whatever the reply
 
 
 _FIELDS = {"model_round": int, "model_sha256": str, "epochs": int, "population": int, "fitted": int,
            "fitted_earlier": int, "declined": list, "rejected": list, "missing": int, "policy_sent": int,
-           "metrics": dict, "seconds": (int, float)}
+           "metrics": dict, "seconds": (int, float), "offered": list, "answered": list}
 
 
 def load_record(server_dir: Path) -> PersonalizeRecord | None:
@@ -90,7 +97,8 @@ def load_record(server_dir: Path) -> PersonalizeRecord | None:
     for k, t in _FIELDS.items():
         v = data[k]
         if isinstance(v, bool) or not isinstance(v, t) or (k in ("declined", "rejected") and not all(
-                isinstance(r, dict) and all(isinstance(x, str) for x in r.values()) for r in v)):
+                isinstance(r, dict) and all(isinstance(x, str) for x in r.values()) for r in v)) or (
+                k in ("offered", "answered") and not all(isinstance(x, str) for x in v)):
             raise DataError(f"{path}: field {k!r} = {str(v)[:40]!r} has the wrong type; {fix}")
     return PersonalizeRecord(**data)
 
@@ -103,10 +111,10 @@ def personalize_devices(strategy: FedPrefStrategy, cfg: PersonalizeConfig, array
                         clock: Callable[[], float] = time.time) -> PersonalizeRecord | None:
     """Send the released ``arrays`` to every connected node for its private fit; record what came back.
 
-    Nothing happens (``None``) unless ``cfg.epochs > 0``, a round was released, a node is
-    connected, and these weights are not already recorded as offered to every node that answered.
-    The caller decides that the run is a personalized one. ``secure``: the run aggregates
-    securely, so no per-device metrics are asked for.
+    Nothing happens (``None``) unless ``cfg.epochs > 0``, a round was released and a node is
+    connected. For weights already recorded, only the connected nodes that have not answered
+    for them are offered them, and the record grows. The caller decides that the run is a
+    personalized one. ``secure``: the run aggregates securely, so no per-device metrics are asked for.
     """
     released = released_rounds(strategy.history)
     if cfg.epochs == 0 or not released:
@@ -114,13 +122,19 @@ def personalize_devices(strategy: FedPrefStrategy, cfg: PersonalizeConfig, array
     model_round = released[-1].server_round
     sha = weights_digest(arrays)
     done = load_record(server_dir)
-    if done is not None and done.model_sha256 == sha and done.missing == 0:
-        log.warning("fedpref: round %d's model was already offered for personalization (%d devices fitted); "
-                    "not sent again", model_round, done.fitted + done.fitted_earlier)
-        return done
+    rec = done if done is not None and done.model_sha256 == sha else PersonalizeRecord(
+        model_round=model_round, model_sha256=sha, epochs=cfg.epochs, population=0)
     t0 = clock()
-    nodes = sorted(node_ids())
+    try:  # a server just started (`start --rounds 0`) waits for its devices to reconnect, as a round does
+        connected = strategy.wait_for_nodes(node_ids)
+    except DataError:  # fewer than min_available_clients by the round timeout: offer it to those there are
+        connected = node_ids()
+    nodes = [n for n in sorted(connected) if str(n) not in set(rec.answered)]
     if not nodes:
+        if rec is done:
+            log.warning("fedpref: round %d's model was already offered to every connected device (%d fitted); "
+                        "not sent again", model_round, rec.fitted + rec.fitted_earlier)
+            return done
         log.warning("fedpref: no device is connected; round %d's model was not offered for personalization "
                     "(a restart offers it again)", model_round)
         return None
@@ -131,23 +145,24 @@ def personalize_devices(strategy: FedPrefStrategy, cfg: PersonalizeConfig, array
         rc = dataclasses.replace(rc, report_metrics=False)
     plain = train_request(arrays, rc, None)
     with_policy = train_request(arrays, rc, envelope, strategy.policy_roots) if envelope is not None else plain
-    rec = PersonalizeRecord(model_round=model_round, model_sha256=sha, epochs=cfg.epochs, population=len(nodes))
     messages = []
     for n in nodes:
         give = envelope is not None and strategy.node_policy.get(n, 0) < version
         rec.policy_sent += give
         messages.append(Message(content=with_policy if give else plain, message_type=PERSONALIZE_MESSAGE_TYPE,
                                 dst_node_id=n))
+    rec.offered = sorted(set(rec.offered) | {str(n) for n in nodes}, key=int)
+    rec.population = len(rec.offered)
     log.warning("fedpref: personalizing: round %d's model to %d devices (%d DP-SGD epochs of their private adapters)",
                 model_round, len(nodes), cfg.epochs)
     replies = send(messages, strategy.fed.round_timeout_s)
     exp = Expected(shapes={k: v.shape for k, v in arrays.items()}, dtype="float32", clip_norm=strategy.fed.clip_norm,
                    server_round=model_round, frozen_identity=strategy.frozen_identity, policy_version=version,
                    safety_digest=digest)
-    metrics = tally(rec, replies, exp)
-    rec.missing = len(nodes) - rec.fitted - rec.fitted_earlier - len(rec.declined) - len(rec.rejected)
-    rec.metrics = unweighted_means(metrics)
-    rec.seconds = clock() - t0
+    metrics = tally(rec, replies, exp, offered={str(n) for n in nodes})
+    rec.missing = len(set(rec.offered) - set(rec.answered))
+    rec.metrics = unweighted_means(metrics) or rec.metrics
+    rec.seconds += clock() - t0
     write_text_atomic(server_dir / RECORD_FILE, json.dumps(dataclasses.asdict(rec), indent=1))
     log.warning("fedpref: personalized: %d of %d devices fitted (%d earlier), %d declined, %d rejected, "
                 "%d did not answer", rec.fitted + rec.fitted_earlier, rec.population, rec.fitted_earlier,
@@ -155,11 +170,18 @@ def personalize_devices(strategy: FedPrefStrategy, cfg: PersonalizeConfig, array
     return rec
 
 
-def tally(rec: PersonalizeRecord, replies: Iterable[Message], exp: Expected) -> list[dict[str, float]]:
-    """Count each reply into ``rec`` (fitted / declined / rejected); returns the metrics sent."""
+def tally(rec: PersonalizeRecord, replies: Iterable[Message], exp: Expected, *,
+          offered: set[str] | None = None) -> list[dict[str, float]]:
+    """Count each reply into ``rec`` (fitted / declined / rejected) and its node into
+    ``rec.answered``; returns the metrics sent. A reply from a node not in ``offered`` (when
+    given), or a second reply from one node, counts for nothing."""
     metrics: list[dict[str, float]] = []
     for msg in replies:
         node = str(msg.metadata.src_node_id)
+        if (offered is not None and node not in offered) or node in rec.answered:
+            log.warning("personalize: ignored a reply from node %s (not offered, or answered already)", node)
+            continue
+        rec.answered.append(node)
         if msg.has_error() and msg.error.code == ALREADY_PERSONALIZED_CODE:
             rec.fitted_earlier += 1
             continue

@@ -155,3 +155,21 @@ def test_the_operator_safety_corpus_is_the_demos() -> None:
     assert (defaults["threshold"], defaults["max_length"], defaults["seed"], defaults["backbone"]) == (
         demo.safety.threshold, demo.model.max_length, demo.runtime.seed, demo.model.backbone or None)
     assert json.dumps(safety_corpus(PersonaConfig())[0])  # what `generate --safety-corpus` writes
+
+
+def test_rounds_0_offers_only_the_final_personalization_and_is_refused_where_it_cannot(home, tmp_path) -> None:
+    from fedpref.server import deploy
+    from fedpref.server.app import load_server_settings
+    from fedpref.server.deploy import rounds_report
+
+    settings = load_server_settings(str(home.config))
+    for rounds, want in ((0, "no round has been released on this home yet"), (-1, "give 0 (no new round")):
+        with pytest.raises(ConfigError, match=re.escape(want)):
+            deploy.start(home, rounds=rounds, policy=None)  # refused before anything starts
+    assert not (home.root / "run" / "processes.json").exists()
+    off = _with(home, tmp_path, min_available_clients=3)
+    off.config.write_text(off.config.read_text().replace("epochs = 5", "epochs = 0"))
+    with pytest.raises(ConfigError, match=r"\[personalize\] epochs = 0"):
+        deploy.start(off, rounds=0, policy=None)
+    assert deploy.check_rounds(home, settings, 2) == 2 and deploy.check_rounds(home, settings, None) == 10
+    assert rounds_report([{"server_round": 1}, {"server_round": 2}], [3, 2]).startswith("no new round")

@@ -189,12 +189,13 @@ def test_the_server_counts_only_attested_array_free_replies(flower_task):
                _to(7, Error(code=ALREADY_PERSONALIZED_CODE, reason="already personalized on these global weights"))]
     rec = PersonalizeRecord(model_round=3, model_sha256="x", epochs=1, population=8)
     exp = Expected(shapes={"w": (3,)}, dtype="float32", clip_norm=1.0, server_round=3, frozen_identity=SHA)
-    metrics = tally(rec, replies, exp)
+    metrics = tally(rec, [*replies, _to(1, good), _to(9, good)], exp, offered={str(n) for n in range(1, 8)})
     assert rec.fitted == 1 and metrics == [TrainMetrics.from_record(good["metrics"]).as_dict()]
     assert rec.fitted_earlier == 1
     assert [r["node"] for r in rec.rejected] == ["2", "3", "4", "5"]
     assert "array record" in rec.rejected[0]["reason"]
     assert [d["node"] for d in rec.declined] == ["6"]
+    assert rec.answered == [str(n) for n in range(1, 8)]  # a second reply from node 1, one from node 9: ignored
 
 
 def test_a_reply_with_any_array_is_refused_on_parse():
@@ -284,11 +285,13 @@ def test_every_device_fits_on_the_released_model_once(tiny_encoder_dir, tmp_path
     assert not (plain / "server" / "personalize.json").exists()
     more = [_steps(c) - _steps(plain / "clients" / c.name) for c in clients]
     assert all(m > 0 for m in more), more
-    # a restart on the same workdir (every round done) does not send it again: nothing more is spent
+    # a restart on the same workdir (every round done): the Simulation Engine gives the same users new
+    # node ids, so the model is offered again; every device answers "already personalized" and spends nothing
     before = [_steps(c) for c in clients]
     _run(tmp_path, tiny_encoder_dir, epochs=2, workdir=work)
     assert [_steps(c) for c in clients] == before
-    assert json.loads((server / "personalize.json").read_text()) == rec
+    again = json.loads((server / "personalize.json").read_text())
+    assert (again["fitted"], again["fitted_earlier"], again["missing"], again["declined"]) == (3, 3, 0, [])
     assert not list(server.rglob("*private*"))
 
 
@@ -335,7 +338,8 @@ def _server(rt, tmp_path):
     from fedpref.server.strategy import FedPrefStrategy, RoundRecord
 
     shared = _shared(rt, 0.05)
-    fed = FederationConfig(rounds=2, client_sample_rate=1.0, report_eval_metrics=True)
+    fed = FederationConfig(rounds=2, client_sample_rate=1.0, report_eval_metrics=True, min_available_clients=1,
+                           round_timeout_s=1.0)  # none connected: the step waits 1 s for a device, then gives up
     budget = UserLevelBudget(max_epsilon=math.inf, delta=1e-5, accountant=AccountantKind.RDP,
                              ledger=PrivacyLedger(tmp_path / "ledger.jsonl"))
     s = FedPrefStrategy(fed=fed, local=LocalConfig(batch_size=4, dp_noise_multiplier=1.0),
@@ -369,7 +373,7 @@ def _devices(rt, user, cache, tmp_path, *, lose=()):
     return send, asked
 
 
-def test_a_restart_offers_the_model_again_only_to_complete_the_record(device, tmp_path, flower_task):
+def test_a_restart_offers_the_model_to_connected_devices_that_have_not_answered(device, tmp_path, flower_task):
     from fedpref.server.config import PersonalizeConfig
     from fedpref.server.personalize import load_record, personalize_devices
 
@@ -378,19 +382,25 @@ def test_a_restart_offers_the_model_again_only_to_complete_the_record(device, tm
     cfg = PersonalizeConfig(epochs=2, head_learning_rate=0.1)
     send, asked = _devices(rt, user, cache, tmp_path, lose={3})
     rec = personalize_devices(strategy, cfg, shared, server_dir=tmp_path, node_ids=lambda: [3, 1, 2], send=send)
-    assert (rec.population, rec.fitted, rec.missing) == (3, 2, 1)
+    assert (rec.population, rec.fitted, rec.missing, rec.answered) == (3, 2, 1, ["1", "2"])
     assert asked[0].train_private and not asked[0].train_shared and asked[0].local_epochs == 2
     assert asked[0].server_round == 2 and asked[0].report_metrics  # metrics asked on the plain path
-    spent = [_charged(DeviceState(tmp_path / f"node{n}")) for n in (1, 2, 3)]
-    assert all(x > 0 for x in spent)  # node 3 fitted too: only its answer was lost
-    # the server restarts: the record is incomplete, so the model goes out again; nobody fits twice
-    send, _ = _devices(rt, user, cache, tmp_path)
-    rec = personalize_devices(strategy, cfg, shared, server_dir=tmp_path, node_ids=lambda: [1, 2, 3], send=send)
-    assert (rec.fitted, rec.fitted_earlier, rec.missing, rec.declined) == (0, 3, 0, [])
-    assert [_charged(DeviceState(tmp_path / f"node{n}")) for n in (1, 2, 3)] == spent
-    # complete now: a third start sends nothing
+    spent = {n: _charged(DeviceState(tmp_path / f"node{n}")) for n in (1, 2, 3)}
+    assert all(x > 0 for x in spent.values())  # node 3 fitted too: only its answer was lost
+    # the server starts again on the same model: only node 3 (no answer yet) is offered it; it fitted already
     send, asked = _devices(rt, user, cache, tmp_path)
-    assert personalize_devices(strategy, cfg, shared, server_dir=tmp_path, node_ids=lambda: [1, 2, 3], send=send) == rec
+    rec = personalize_devices(strategy, cfg, shared, server_dir=tmp_path, node_ids=lambda: [1, 2, 3], send=send)
+    assert len(asked) == 1 and (rec.fitted, rec.fitted_earlier, rec.missing, rec.declined) == (2, 1, 0, [])
+    assert {n: _charged(DeviceState(tmp_path / f"node{n}")) for n in (1, 2, 3)} == spent
+    # a device that joins later (a new user) is offered the model at the next start, and only it
+    send, asked = _devices(rt, user, cache, tmp_path)
+    rec = personalize_devices(strategy, cfg, shared, server_dir=tmp_path, node_ids=lambda: [1, 2, 3, 4], send=send)
+    assert len(asked) == 1 and (rec.population, rec.fitted, rec.fitted_earlier, rec.missing) == (4, 3, 1, 0)
+    assert DeviceState(tmp_path / "node4").personalized_on() == weights_digest(shared)
+    # every connected device has answered: nothing is sent
+    send, asked = _devices(rt, user, cache, tmp_path)
+    assert personalize_devices(strategy, cfg, shared, server_dir=tmp_path, node_ids=lambda: [1, 2, 3, 4],
+                               send=send) == rec
     assert asked == [] and load_record(tmp_path) == rec
 
 
