@@ -245,6 +245,7 @@ def personalize_after_rounds(grid: Grid, run: AppRun, settings: ServerSettings, 
     try:
         personalize_devices(
             f.strategy, settings.personalize, f.released, server_dir=run.server_dir, secure=run.secure_aggregation,
+            restarted=f.released is f.resume.arrays,  # this run released no round (`start --rounds 0`)
             node_ids=lambda: list(grid.get_node_ids()),
             send=lambda messages, timeout: send_and_receive(grid, messages, timeout=timeout),
         )

@@ -341,8 +341,8 @@ def status(home: ServerHomeOpt, as_json: AsJson = False) -> None:
     if pers := st["personalize"]:
         earlier = f" ({pers['fitted_earlier']} earlier)" if pers["fitted_earlier"] else ""
         lines.append(f"personalized     round {pers['model_round']}'s model: {pers['fitted'] + pers['fitted_earlier']} of "
-                     f"{pers['population']} devices fitted{earlier}, {len(pers['declined'])} declined, "
-                     f"{len(pers['rejected'])} rejected, "
+                     f"{pers['population']} devices fitted{earlier}, {pers['declined_count']} declined, "
+                     f"{pers['rejected_count']} rejected, "
                      f"{pers['missing']} no answer")
         lines += [f"  declined node {r['node']}: {r['reason']}" for r in pers["declined"]]
         lines += [f"  rejected node {r['node']}: {r['reason']}" for r in pers["rejected"]]

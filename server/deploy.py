@@ -604,7 +604,7 @@ def check_rounds(home: ServerHome, settings: Any, rounds: int | None) -> int:  #
         if settings.personalize.epochs == 0:
             raise ConfigError(f"--rounds 0 only offers the final personalization, and {home.config} [personalize] "
                               "epochs = 0; set epochs (e.g. 5), or give --rounds N >= 1")
-        if not _rounds_done(home, halted_keep_numbers=settings.federation.client_sample_rate < 1.0):
+        if not (home.server_dir / "checkpoints" / "LATEST").exists():
             raise ConfigError("--rounds 0 offers the released model for personalization, but no round has been "
                               "released on this home yet; give --rounds N >= 1")
     return more
@@ -771,7 +771,7 @@ def _personalize_report(home: ServerHome) -> dict | None:
     if rec is None:
         return None
     return {"model_round": rec.model_round, "population": rec.population, "fitted": rec.fitted,
-            "fitted_earlier": rec.fitted_earlier,
+            "fitted_earlier": rec.fitted_earlier, "declined_count": len(rec.declined), "rejected_count": len(rec.rejected),
             "declined": rec.declined[-10:], "rejected": rec.rejected[-10:], "missing": rec.missing,
             "seconds": round(rec.seconds, 1)}
 

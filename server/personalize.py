@@ -55,6 +55,7 @@ from fedpref.server.validation import Expected, RejectedUpdate, validate_attesta
 log = logging.getLogger("fedpref.server")
 
 RECORD_FILE = "personalize.json"
+RESTART_GRACE_S = 60.0  # `start --rounds 0` with every connected device answered: how long to wait for one more
 
 
 @dataclass
@@ -64,14 +65,14 @@ class PersonalizeRecord:
     model_round: int  # the released round whose weights were sent
     model_sha256: str
     epochs: int
-    population: int  # connected nodes the message went to
+    population: int  # node ids the weights were offered to (a device keeps its id in deployment)
     fitted: int = 0  # replies that validated: the device fitted and kept its private adapter
     fitted_earlier: int = 0  # devices that had fitted on these weights already (a re-send after a restart)
     declined: list[dict[str, str]] = field(default_factory=list)  # error replies (budget, σ floor, a repeat, …)
     rejected: list[dict[str, str]] = field(default_factory=list)  # replies that failed validation
     missing: int = 0  # offered, and no reply before the timeout
     policy_sent: int = 0
-    metrics: dict[str, float] = field(default_factory=dict)  # unweighted means of the last send's metrics (when sent)
+    metrics: dict[str, float] = field(default_factory=dict)  # unweighted means of the latest send that had any
     seconds: float = 0.0
     offered: list[str] = field(default_factory=list)  # node ids the model was sent to (population = how many)
     answered: list[str] = field(default_factory=list)  # node ids that replied, whatever the reply
@@ -92,13 +93,16 @@ def load_record(server_dir: Path) -> PersonalizeRecord | None:
         return None
     except (OSError, ValueError) as e:
         raise DataError(f"{path}: not readable JSON ({' '.join(str(e).split())[:80]}); {fix}") from None
+    if isinstance(data, dict) and set(data) == set(_FIELDS) - {"offered", "answered"}:
+        log.warning("fedpref: %s predates per-device records; the next step starts a new one", path)
+        return None  # the devices that fitted answer "already personalized", at no cost
     if not isinstance(data, dict) or set(data) != set(_FIELDS):
         raise DataError(f"{path}: not a personalization record (fields {sorted(data) if isinstance(data, dict) else type(data).__name__}); {fix}")
     for k, t in _FIELDS.items():
         v = data[k]
         if isinstance(v, bool) or not isinstance(v, t) or (k in ("declined", "rejected") and not all(
                 isinstance(r, dict) and all(isinstance(x, str) for x in r.values()) for r in v)) or (
-                k in ("offered", "answered") and not all(isinstance(x, str) for x in v)):
+                k in ("offered", "answered") and not all(isinstance(x, str) and x.isdigit() for x in v)):
             raise DataError(f"{path}: field {k!r} = {str(v)[:40]!r} has the wrong type; {fix}")
     return PersonalizeRecord(**data)
 
@@ -108,36 +112,56 @@ Send = Callable[[Iterable[Message], float], list[Message]]  # messages, timeout 
 
 def personalize_devices(strategy: FedPrefStrategy, cfg: PersonalizeConfig, arrays: dict[str, np.ndarray], *,
                         server_dir: Path, node_ids: Callable[[], list[int]], send: Send, secure: bool = False,
-                        clock: Callable[[], float] = time.time) -> PersonalizeRecord | None:
+                        restarted: bool = False, clock: Callable[[], float] = time.time) -> PersonalizeRecord | None:
     """Send the released ``arrays`` to every connected node for its private fit; record what came back.
 
     Nothing happens (``None``) unless ``cfg.epochs > 0``, a round was released and a node is
-    connected. For weights already recorded, only the connected nodes that have not answered
-    for them are offered them, and the record grows. The caller decides that the run is a
-    personalized one. ``secure``: the run aggregates securely, so no per-device metrics are asked for.
+    connected. For weights already recorded (and offered to one of the nodes connected now),
+    only the nodes without a final answer (fitted, now or earlier) are offered them, and the
+    record grows; otherwise a new record starts (new weights, or a simulation run again: new
+    node ids). The caller decides that the run is a personalized one. ``secure``: the run
+    aggregates securely, so no per-device metrics are asked for. ``restarted``: this server run
+    released no round (``start --rounds 0``), so it first waits for its devices to reconnect.
     """
     released = released_rounds(strategy.history)
     if cfg.epochs == 0 or not released:
         return None
     model_round = released[-1].server_round
     sha = weights_digest(arrays)
-    done = load_record(server_dir)
-    rec = done if done is not None and done.model_sha256 == sha else PersonalizeRecord(
-        model_round=model_round, model_sha256=sha, epochs=cfg.epochs, population=0)
+    try:
+        done = load_record(server_dir)
+    except DataError as e:  # a damaged record: start a new one (devices that fitted answer at no cost)
+        log.error("fedpref: %s", e)
+        done = None
     t0 = clock()
-    try:  # a server just started (`start --rounds 0`) waits for its devices to reconnect, as a round does
-        connected = strategy.wait_for_nodes(node_ids)
-    except DataError:  # fewer than min_available_clients by the round timeout: offer it to those there are
-        connected = node_ids()
-    nodes = [n for n in sorted(connected) if str(n) not in set(rec.answered)]
+    if restarted:  # a server just started (`start --rounds 0`): its devices reconnect first, as for a round
+        try:
+            strategy.wait_for_nodes(node_ids)
+        except DataError:  # fewer than min_available_clients by the round timeout: offer it to those there are
+            pass
+    connected = {str(n): n for n in node_ids()}
+    same = done is not None and done.model_sha256 == sha and bool(set(connected) & set(done.offered))
+    rec = done if same and done is not None else PersonalizeRecord(
+        model_round=model_round, model_sha256=sha, epochs=cfg.epochs, population=0)
+    nodes = pending(rec, connected)
+    if not nodes and same and restarted:  # a device that joined may still be connecting: give it a moment
+        deadline = clock() + min(RESTART_GRACE_S, strategy.fed.round_timeout_s)
+        while not nodes and clock() < deadline:
+            time.sleep(1.0)
+            nodes = pending(rec, {str(n): n for n in node_ids()})
     if not nodes:
-        if rec is done:
+        if same:
             log.warning("fedpref: round %d's model was already offered to every connected device (%d fitted); "
                         "not sent again", model_round, rec.fitted + rec.fitted_earlier)
-            return done
+            return rec
         log.warning("fedpref: no device is connected; round %d's model was not offered for personalization "
-                    "(a restart offers it again)", model_round)
+                    "(`fedpref-server start --rounds 0` offers it again)", model_round)
         return None
+    again = {str(n) for n in nodes}  # a device that declined or was rejected before is asked again
+    rec.declined = [d for d in rec.declined if d["node"] not in again]
+    rec.rejected = [r for r in rec.rejected if r["node"] not in again]
+    rec.answered = [a for a in rec.answered if a not in again]
+    rec.epochs = cfg.epochs
     version, digest, envelope = strategy.policy()
     rc = make_round_config(strategy.fed, cfg.local(strategy.local), server_round=model_round, train_shared=False,
                            train_private=True, policy_version=version)
@@ -159,7 +183,7 @@ def personalize_devices(strategy: FedPrefStrategy, cfg: PersonalizeConfig, array
     exp = Expected(shapes={k: v.shape for k, v in arrays.items()}, dtype="float32", clip_norm=strategy.fed.clip_norm,
                    server_round=model_round, frozen_identity=strategy.frozen_identity, policy_version=version,
                    safety_digest=digest)
-    metrics = tally(rec, replies, exp, offered={str(n) for n in nodes})
+    metrics = tally(rec, replies, exp, offered=again)
     rec.missing = len(set(rec.offered) - set(rec.answered))
     rec.metrics = unweighted_means(metrics) or rec.metrics
     rec.seconds += clock() - t0
@@ -168,6 +192,14 @@ def personalize_devices(strategy: FedPrefStrategy, cfg: PersonalizeConfig, array
                 "%d did not answer", rec.fitted + rec.fitted_earlier, rec.population, rec.fitted_earlier,
                 len(rec.declined), len(rec.rejected), rec.missing)
     return rec
+
+
+def pending(rec: PersonalizeRecord, connected: dict[str, int]) -> list[int]:
+    """The connected nodes without a final answer for ``rec``'s weights: not offered yet, silent,
+    declined or rejected (a device that fitted, now or earlier, is done)."""
+    open_ = {d["node"] for d in rec.declined} | {r["node"] for r in rec.rejected}
+    final = set(rec.answered) - open_
+    return sorted(n for k, n in connected.items() if k not in final)
 
 
 def tally(rec: PersonalizeRecord, replies: Iterable[Message], exp: Expected, *,
@@ -203,4 +235,4 @@ def tally(rec: PersonalizeRecord, replies: Iterable[Message], exp: Expected, *,
     return metrics
 
 
-__all__ = ["PersonalizeRecord", "RECORD_FILE", "load_record", "personalize_devices", "tally"]
+__all__ = ["PersonalizeRecord", "RECORD_FILE", "load_record", "pending", "personalize_devices", "tally"]

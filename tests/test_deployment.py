@@ -354,8 +354,10 @@ def test_deployment_end_to_end(deployment) -> None:  # noqa: ANN001, PLR0915
     assert st["rounds_completed"] == 3 and st["epsilon_user"] == st["ledger"][-1]["epsilon"] > 0
     human = cli("fedpref-server", "status", "--home", srv).stdout
     assert "rounds completed 3" in human and "declined node" in human and "attempts in a row halted" in human
-    # the tampered run released nothing, so round 3's model (already offered) was not offered again
+    # the tampered run released nothing: round 3's model went again to the devices that had declined it,
+    # with the tampered envelope, which they refused
     assert "personalized     round 3's model: 0 of 3 devices fitted, 3 declined, 0 rejected, 0 no answer" in human
+    assert all("safety policy refused" in r["reason"] for r in st["personalize"]["declined"]), st["personalize"]
 
     # --- the local gRPC API of a device, served by `fedpref-agent serve` ----------------------------
     from fedpref.client.api import connect

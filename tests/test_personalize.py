@@ -286,12 +286,12 @@ def test_every_device_fits_on_the_released_model_once(tiny_encoder_dir, tmp_path
     more = [_steps(c) - _steps(plain / "clients" / c.name) for c in clients]
     assert all(m > 0 for m in more), more
     # a restart on the same workdir (every round done): the Simulation Engine gives the same users new
-    # node ids, so the model is offered again; every device answers "already personalized" and spends nothing
+    # node ids, so a new record starts; every device answers "already personalized" and spends nothing
     before = [_steps(c) for c in clients]
     _run(tmp_path, tiny_encoder_dir, epochs=2, workdir=work)
     assert [_steps(c) for c in clients] == before
     again = json.loads((server / "personalize.json").read_text())
-    assert (again["fitted"], again["fitted_earlier"], again["missing"], again["declined"]) == (3, 3, 0, [])
+    assert (again["population"], again["fitted"], again["fitted_earlier"], again["missing"]) == (3, 0, 3, 0)
     assert not list(server.rglob("*private*"))
 
 
@@ -349,10 +349,12 @@ def _server(rt, tmp_path):
     return s, shared
 
 
-def _devices(rt, user, cache, tmp_path, *, lose=()):
+def _devices(rt, user, cache, tmp_path, *, lose=(), refuse=()):
     """``send`` for personalize_devices: each node runs the real device step on its own state;
-    the replies of the nodes in ``lose`` never arrive."""
+    the replies of the nodes in ``lose`` never arrive; those in ``refuse`` decline (as a device
+    with a policy it cannot verify would)."""
     from fedpref.client.app import declined_reply
+    from fedpref.common.errors import PolicyRefused
 
     asked = []
 
@@ -362,6 +364,8 @@ def _devices(rt, user, cache, tmp_path, *, lose=()):
             req = TrainRequest.from_content(m.content)
             asked.append(req.config)
             try:
+                if m.metadata.dst_node_id in refuse:
+                    raise PolicyRefused("safety policy refused, previous policy stays in force: expired")
                 reply = Message(personalize(rt, user, DeviceState(tmp_path / f"node{m.metadata.dst_node_id}"), req,
                                             cache=cache, terms=DeviceTerms(share_metrics=True)), reply_to=m)
             except DeclinedRound as e:
@@ -397,9 +401,16 @@ def test_a_restart_offers_the_model_to_connected_devices_that_have_not_answered(
     rec = personalize_devices(strategy, cfg, shared, server_dir=tmp_path, node_ids=lambda: [1, 2, 3, 4], send=send)
     assert len(asked) == 1 and (rec.population, rec.fitted, rec.fitted_earlier, rec.missing) == (4, 3, 1, 0)
     assert DeviceState(tmp_path / "node4").personalized_on() == weights_digest(shared)
-    # every connected device has answered: nothing is sent
+    # a device that declined (a policy it could not verify) is asked again at the next start, and fits then
+    send, asked = _devices(rt, user, cache, tmp_path, refuse={5})
+    rec = personalize_devices(strategy, cfg, shared, server_dir=tmp_path, node_ids=lambda: [1, 2, 3, 4, 5], send=send)
+    assert len(asked) == 1 and [d["node"] for d in rec.declined] == ["5"] and rec.fitted == 3
     send, asked = _devices(rt, user, cache, tmp_path)
-    assert personalize_devices(strategy, cfg, shared, server_dir=tmp_path, node_ids=lambda: [1, 2, 3, 4],
+    rec = personalize_devices(strategy, cfg, shared, server_dir=tmp_path, node_ids=lambda: [1, 2, 3, 4, 5], send=send)
+    assert len(asked) == 1 and rec.declined == [] and (rec.population, rec.fitted, rec.fitted_earlier) == (5, 4, 1)
+    # every connected device has a final answer: nothing is sent
+    send, asked = _devices(rt, user, cache, tmp_path)
+    assert personalize_devices(strategy, cfg, shared, server_dir=tmp_path, node_ids=lambda: [1, 2, 3, 4, 5],
                                send=send) == rec
     assert asked == [] and load_record(tmp_path) == rec
 
@@ -418,14 +429,19 @@ def test_under_secure_aggregation_no_metrics_are_asked_and_none_connected_is_no_
     assert rec.fitted == 1 and rec.metrics == {} and not asked[0].report_metrics
 
 
-@pytest.mark.parametrize("text", ['{"model_round": 1}', "[]", "not json", '{"declined": 5}'])
+@pytest.mark.parametrize("text", ['{"model_round": 1}', "[]", "not json", '{"declined": 5}', '{"offered": ["x"]}'])
 def test_a_damaged_record_is_one_clear_error(tmp_path, text):
     from fedpref.server.personalize import PersonalizeRecord, load_record
 
-    good = json.dumps(dataclasses.asdict(PersonalizeRecord(model_round=1, model_sha256="x", epochs=1, population=1)))
+    record = dataclasses.asdict(PersonalizeRecord(model_round=1, model_sha256="x", epochs=1, population=1))
+    good = json.dumps(record)
     (tmp_path / "personalize.json").write_text(good)
     assert load_record(tmp_path).population == 1
-    bad = text if text != '{"declined": 5}' else good.replace('"declined": []', '"declined": 5')
+    older = {k: v for k, v in record.items() if k not in ("offered", "answered")}  # before per-device records
+    (tmp_path / "personalize.json").write_text(json.dumps(older))
+    assert load_record(tmp_path) is None
+    bad = {'{"declined": 5}': good.replace('"declined": []', '"declined": 5'),
+           '{"offered": ["x"]}': good.replace('"offered": []', '"offered": ["x"]')}.get(text, text)
     (tmp_path / "personalize.json").write_text(bad)
     with pytest.raises(DataError, match="personalize.json"):
         load_record(tmp_path)
