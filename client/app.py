@@ -291,15 +291,9 @@ def personalize_on_device(home_dir: Path, req: TrainRequest):  # -> RecordDict
 
 def handle_personalize(msg: Message, context: Context, run_config: dict,
                        devices: SimulatedDevices = SimulatedDevices()) -> Message:
-    """A personalize message: the same error handling as a round (declined / constant failure reason)."""
-    try:
-        run = from_run_config(run_config, run_id=context.run_id)
-        content = personalize_for_node(run, context, parse_request(msg.content), devices)
-    except DeclinedRound as e:
-        return declined_reply(msg, e)
-    except Exception:  # noqa: BLE001 - its text could carry paths or data: the device's log keeps it
-        return failed_reply(msg)
-    return Message(content=content, reply_to=msg)
+    """A personalize message, answered as a round is (:func:`answer`)."""
+    return answer(msg, lambda: personalize_for_node(from_run_config(run_config, run_id=context.run_id), context,
+                                                    parse_request(msg.content), devices))
 
 
 def parse_request(content) -> TrainRequest:  # noqa: ANN001
@@ -313,9 +307,15 @@ def parse_request(content) -> TrainRequest:  # noqa: ANN001
 
 def handle_train(msg: Message, context: Context, run_config: dict,
                  devices: SimulatedDevices = SimulatedDevices()) -> Message:
+    return answer(msg, lambda: train_for_node(from_run_config(run_config, run_id=context.run_id), context,
+                                              parse_request(msg.content), devices))
+
+
+def answer(msg: Message, step) -> Message:  # noqa: ANN001 - step: () -> RecordDict
+    """``step()``'s content as the reply to ``msg``; a declined round, a simulated dropout or any
+    other failure as the matching error reply (never the exception's own text)."""
     try:
-        run = from_run_config(run_config, run_id=context.run_id)
-        content = train_for_node(run, context, parse_request(msg.content), devices)
+        content = step()
     except DeclinedRound as e:
         return declined_reply(msg, e)
     except adversary.DeviceDropped:
