@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -160,14 +161,26 @@ def pad_batch(ids: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
 
 @torch.no_grad()
 def embed_texts(
-    backbone: Backbone, texts: list[str], *, max_length: int = 128, batch_size: int = 64
+    backbone: Backbone, texts: list[str], *, max_length: int = 128, batch_size: int = 64,
+    progress: Callable[[int], None] | None = None,
 ) -> np.ndarray:
-    """Pooled frozen embeddings, (N, H) float32. Used by probes and the safety classifier."""
-    out = []
+    """Pooled frozen embeddings, (N, H) float32, in the order of ``texts``. Used by probes and
+    the safety classifier.
+
+    Texts are batched by token count (padding is masked out of the pooled state, so each row is
+    the text's own embedding up to float rounding, ~1e-6): a third less time than batching in
+    the given order on the persona corpora (RESULTS.md, "Speed"). ``progress(k)`` after each
+    batch of ``k`` texts.
+    """
     pad_id = int(backbone.tokenizer.pad_token_id)
-    for start in range(0, len(texts), batch_size):
-        ids = tokenize(backbone, texts[start : start + batch_size], max_length=max_length)
-        input_ids, mask = pad_batch(ids, pad_id)
+    ids = tokenize(backbone, list(texts), max_length=max_length) if texts else []
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    out = np.zeros((len(ids), backbone.hidden_size), np.float32)
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        input_ids, mask = pad_batch([ids[i] for i in rows], pad_id)
         hidden = backbone.model(input_ids=input_ids, attention_mask=mask).last_hidden_state  # (B, T, H)
-        out.append(pool(hidden, mask, is_decoder=backbone.is_decoder).float().numpy())
-    return np.concatenate(out, axis=0) if out else np.zeros((0, backbone.hidden_size), np.float32)
+        out[rows] = pool(hidden, mask, is_decoder=backbone.is_decoder).float().numpy()
+        if progress is not None:
+            progress(len(rows))
+    return out

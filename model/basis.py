@@ -114,12 +114,7 @@ def build_basis(
     labels = list(records[0]["attributes"])
     texts = [r["text"] for r in records]
     bb = load_backbone(backbone)
-    chunks = []
-    for start in range(0, len(texts), 64):
-        chunks.append(embed_texts(bb, texts[start : start + 64], max_length=max_length))
-        if progress is not None:
-            progress(len(chunks[-1]))
-    pooled = torch.from_numpy(np.concatenate(chunks))
+    pooled = torch.from_numpy(embed_texts(bb, texts, max_length=max_length, progress=progress))
     feats = F.layer_norm(pooled, pooled.shape[-1:]).numpy()  # what the reward model's heads read
     targets = np.array([[float(r["attributes"][n]) for n in labels] for r in records])
     order = np.random.default_rng([seed, 11]).permutation(len(records))

@@ -345,12 +345,7 @@ def build_bundle(
     records = load_labelled_jsonl(data) if isinstance(data, (str, Path)) else list(data)
     bb = load_backbone(backbone or None)
     texts = [r.text for r in records]
-    chunks = []
-    for s in range(0, len(texts), 64):
-        chunks.append(embed_texts(bb, texts[s : s + 64], max_length=max_length))
-        if progress is not None:
-            progress(len(texts[s : s + 64]))
-    feats = np.concatenate(chunks)
+    feats = embed_texts(bb, texts, max_length=max_length, progress=progress)
     module, report = train_classifier(feats, [r.category for r in records], seed=seed)
     now = now or datetime.now(timezone.utc)
     manifest = {

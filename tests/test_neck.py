@@ -148,3 +148,20 @@ def test_private_lora_off_trains_the_personal_head_alone(tiny_encoder_dir, priva
 def test_private_lora_must_be_a_bool():
     with pytest.raises(ConfigError, match="private_lora"):
         AdapterSpec(private_lora="no")
+
+
+@pytest.mark.parametrize("fixture", ["tiny_encoder_dir", "tiny_decoder_dir"])
+def test_embed_texts_batches_by_length_and_keeps_the_callers_order(fixture, request):
+    """embed_texts groups texts of similar token counts into one batch (less padding), yet row i
+    is still texts[i]'s own embedding: the same as embedding that text alone, and every text is
+    reported to ``progress`` exactly once."""
+    backbone = load_backbone(request.getfixturevalue(fixture))
+    texts = [t * k for k in (1, 5, 2, 7, 1, 3) for t in TEXTS][:20]  # lengths out of order
+    seen: list[int] = []
+    got = embed_texts(backbone, texts, max_length=64, batch_size=3, progress=seen.append)
+    alone = np.concatenate([embed_texts(backbone, [t], max_length=64) for t in texts])
+    assert got.shape == (len(texts), backbone.hidden_size)
+    np.testing.assert_allclose(got, alone, rtol=1e-4, atol=1e-5)
+    assert sum(seen) == len(texts) and max(seen) <= 3
+    assert not np.allclose(got[0], got[1])  # rows differ: not one text broadcast
+    assert embed_texts(backbone, [], max_length=64).shape == (0, backbone.hidden_size)
