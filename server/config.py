@@ -69,6 +69,9 @@ class PersonalizeConfig:
     epochs: int = ranged(0, ge=0, le=1000, example=5, note="(0 = no final personalization)")  # DP-SGD epochs
     learning_rate: float = ranged(0.0, ge=0, le=1e4, note="(0 = [local].learning_rate)")  # private LoRA step
     head_learning_rate: float = ranged(0.0, ge=0, le=1e4, example=0.05, note="(0 = [local].head_learning_rate)")
+    # expected Poisson batch of the fit (pairs); the rounds may run full batches ([local].batch_size ≥ a
+    # user's pairs: q = 1, one step per epoch), while a head fitted on its own wants many small steps
+    batch_size: int = ranged(0, ge=0, le=65_536, example=16, note="(0 = [local].batch_size)")
     # whether a personalized run's rounds train the private adapter too ([model.adapter] objective); false: the
     # rounds train the shared part alone, as FedAvg does, and the private adapter is fitted only in this step
     rounds_train_private: bool = True
@@ -80,9 +83,10 @@ class PersonalizeConfig:
                               "set epochs (e.g. 5) or rounds_train_private = true")
 
     def local(self, local: LocalConfig) -> LocalConfig:
-        """The [local] settings a personalize message carries: its epochs and steps, [local]'s σ and clip."""
+        """The [local] settings a personalize message carries: its epochs, steps and batch, [local]'s σ and clip."""
         return replace(local, epochs=self.epochs, learning_rate=self.learning_rate or local.learning_rate,
-                       head_learning_rate=self.head_learning_rate or local.head_learning_rate)
+                       head_learning_rate=self.head_learning_rate or local.head_learning_rate,
+                       batch_size=self.batch_size or local.batch_size)
 
 
 def check_personalize_model(p: PersonalizeConfig, adapter, *, where: str) -> None:  # noqa: ANN001 (AdapterSpec)

@@ -29,6 +29,9 @@ class MethodsConfig:
     # finetuned, new users); 0 = [local].head_learning_rate. With few pairs the DP noise per
     # step is σ·C/(pairs), so a smaller step than the shared score's wins (RESULTS.md)
     private_head_learning_rate: float = ranged(0.0, ge=0, le=1e4, example=0.05, note="(0 = [local].head_learning_rate)")
+    # expected Poisson batch of those private-only fits (pairs), as [personalize] batch_size is for
+    # the final step: the rounds may run full batches ([local].batch_size), a lone head small ones
+    private_batch_size: int = ranged(0, ge=0, le=65_536, example=16, note="(0 = [local].batch_size)")
 
     def __post_init__(self) -> None:
         check_fields(self, "methods")

@@ -116,7 +116,8 @@ def evaluate(rt: Runtime, users: dict[str, UserData], cache: TextCache, *, priva
 def _local_cfg(cfg: SimConfig, epochs: int, seed: int) -> LocalTrainConfig:
     seeded = cfg.runtime.deterministic_noise  # otherwise every draw comes from the OS CSPRNG
     return LocalTrainConfig(
-        epochs=epochs, batch_size=cfg.local.batch_size, learning_rate=cfg.local.learning_rate,
+        epochs=epochs, batch_size=cfg.methods.private_batch_size or cfg.local.batch_size,
+        learning_rate=cfg.local.learning_rate,
         head_learning_rate=cfg.methods.private_head_learning_rate or cfg.local.head_learning_rate,
         projection_learning_rate=cfg.local.projection_learning_rate, noise_multiplier=cfg.local.dp_noise_multiplier,
         max_grad_norm=cfg.local.dp_max_grad_norm, seed=seed if seeded else None,
@@ -241,7 +242,8 @@ def _audits(cfg: SimConfig, users: dict[str, UserData], cache: TextCache, work: 
     t0 = time.perf_counter()
     scale = a.canary_lr_scale
     local = dataclasses.replace(
-        _local_cfg(cfg, a.canary_epochs, seed), learning_rate=cfg.local.learning_rate * scale,
+        _local_cfg(cfg, a.canary_epochs, seed), batch_size=cfg.local.batch_size,  # a round's settings
+        learning_rate=cfg.local.learning_rate * scale,
         head_learning_rate=cfg.local.head_learning_rate * scale,
         projection_learning_rate=cfg.local.projection_learning_rate * scale,
     )

@@ -345,3 +345,18 @@ def test_a_tiny_share_fraction_is_refused_at_once_in_both_config_paths(tmp_path:
     t0 = time.perf_counter()  # the slowest search the range allows: r just above 1/2, the smallest fraction
     SecAggConfig(share_fraction=0.01, reconstruction_fraction=0.5011, min_cohort=1000)
     assert time.perf_counter() - t0 < 1.0
+
+
+def test_private_only_fits_take_their_own_batch_and_the_rounds_keep_local():
+    """[methods] private_batch_size sets the batch of the simulation's private-only fits (local,
+    finetuned, new users); 0 falls back to [local].batch_size, which the rounds always use."""
+    from fedpref.simulations.config import MethodsConfig, load_sim_config
+    from fedpref.simulations.runner import _local_cfg
+
+    cfg = load_sim_config(Path(__file__).parents[1] / "simulations" / "configs" / "demo.toml")
+    own = dataclasses.replace(cfg, methods=dataclasses.replace(cfg.methods, private_batch_size=7))
+    assert _local_cfg(own, 3, 0).batch_size == 7 and own.local.batch_size != 7
+    fallback = dataclasses.replace(cfg, methods=dataclasses.replace(cfg.methods, private_batch_size=0))
+    assert _local_cfg(fallback, 3, 0).batch_size == cfg.local.batch_size
+    with pytest.raises(ConfigError, match="private_batch_size"):
+        MethodsConfig(private_batch_size=-1)

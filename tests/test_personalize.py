@@ -415,6 +415,24 @@ def test_a_restart_offers_the_model_to_connected_devices_that_have_not_answered(
     assert asked == [] and load_record(tmp_path) == rec
 
 
+def test_the_fit_runs_at_its_own_batch_not_the_rounds(device, tmp_path, flower_task):
+    """[personalize] batch_size is what the message asks for (0: the rounds' [local] batch), and
+    the device runs it: 16 pairs at batch 16 is one DP-SGD step an epoch, at batch 4 four."""
+    from fedpref.server.config import PersonalizeConfig
+    from fedpref.server.personalize import personalize_devices
+
+    rt, user, cache = device
+    strategy, shared = _server(rt, tmp_path)  # [local] batch_size = 4
+    steps = {}
+    for batch, want in ((16, 16), (0, 4)):
+        send, asked = _devices(rt, user, cache, tmp_path / f"b{batch}")
+        rec = personalize_devices(strategy, PersonalizeConfig(epochs=2, batch_size=batch), shared,
+                                  server_dir=tmp_path / f"b{batch}", node_ids=lambda: [1], send=send)
+        assert rec.fitted == 1 and [c.batch_size for c in asked] == [want]
+        steps[want] = _charged(DeviceState(tmp_path / f"b{batch}" / "node1"))
+    assert len(user.train) == 16 and steps == {16: 2, 4: 8}  # 2 epochs of 16/batch expected batches
+
+
 def test_under_secure_aggregation_no_metrics_are_asked_and_none_connected_is_no_record(device, tmp_path, flower_task):
     from fedpref.server.config import PersonalizeConfig
     from fedpref.server.personalize import personalize_devices
