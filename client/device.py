@@ -565,11 +565,14 @@ def train_private_locally(
     cache: TextCache,
     shared: dict[str, np.ndarray] | None,
     delta: float,
+    max_epsilon: float = math.inf,
 ) -> float:
     """Train only the private adapter on the device (the ``local`` and ``finetuned`` methods).
 
     The shared adapter, if the runtime has one, is loaded from ``shared`` and kept frozen.
-    Returns the device's ε_sample after training.
+    Under a finite ``max_epsilon`` the device fits the most epochs its accountant still affords
+    (the final personalization's rule, :func:`charge_affordable_epochs`), and none when not even
+    one fits (its private adapter stays as it was). Returns the device's ε_sample after training.
     """
     if PRIVATE_ADAPTER not in rt.adapters:
         raise FedPrefError("train_private_locally needs a runtime with the private adapter")
@@ -578,7 +581,11 @@ def train_private_locally(
             raise FedPrefError("the runtime has a shared adapter: pass the global shared weights")
         set_arrays(rt.model, Group.SHARED, shared)
     state.load_private(rt)
-    acct, charged = charge_before_training(state, cfg, len(user.train), max_epsilon=math.inf, delta=delta)
-    fit_private(rt, user, cache, cfg, charged=charged)
-    state.save_private(rt)
+    try:
+        acct, charged, cfg = charge_affordable_epochs(state, cfg, len(user.train), max_epsilon=max_epsilon, delta=delta)
+    except DeclinedRound:
+        acct = state.accountant()
+    else:
+        fit_private(rt, user, cache, cfg, charged=charged)
+        state.save_private(rt)
     return acct.epsilon(delta) if acct.history else 0.0

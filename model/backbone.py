@@ -150,7 +150,7 @@ def tokenize(backbone: Backbone, texts: list[str], *, max_length: int) -> list[l
 
 def pad_batch(ids: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad token id lists: returns input_ids (B, T) and attention mask (B, T)."""
-    t = max((len(x) for x in ids), default=1)
+    t = max(1, max((len(x) for x in ids), default=1))  # texts of no token at all (a tokenizer without specials) pad to 1
     input_ids = torch.full((len(ids), t), pad_id, dtype=torch.long)
     mask = torch.zeros((len(ids), t), dtype=torch.long)
     for i, x in enumerate(ids):

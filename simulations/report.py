@@ -17,6 +17,12 @@ COLORS = {"count": "#9467bd", "aggregated": "#d62728", "local": "#7f7f7f", "fine
           "personalized": "#2ca02c", "oracle": "#1f77b4"}
 
 
+def _fit_batches(sl: dict) -> str:
+    """The private-only fits' batches where they differ from a round's (older results.json: none)."""
+    fits = {sl.get("personalize_batch_size", sl["batch_size"]), sl.get("private_batch_size", sl["batch_size"])}
+    return "" if fits == {sl["batch_size"]} else f", {' / '.join(str(b) for b in sorted(fits))} in the private-only fits"
+
+
 def _methods(res: dict) -> list[str]:
     return [m for m in ORDER if m in res["methods"]]
 
@@ -454,7 +460,8 @@ td:first-child{{text-align:left}}img{{max-width:100%}}</style></head><body>
 on the mean over the expected cohort, Poisson client sampling q = {ul['client_sample_rate']}, {ul['rounds']} rounds:
 ε_user = {pr['epsilon_user']:.3f}.
 <b>Sample-level</b> (each device, DP-SGD with Opacus): σ = {sl['noise_multiplier']}, per-sample clip {sl['max_grad_norm']},
-expected batch {sl['batch_size']}: largest ε_sample = {pr['epsilon_sample_max']:.3f}. The two are separate guarantees.
+expected batch {sl['batch_size']} in a round{_fit_batches(sl)}: largest ε_sample = {pr['epsilon_sample_max']:.3f} (rounds and fits
+together, on one device's accountant). The two are separate guarantees.
 Secure aggregation (Flower SecAgg+) was <b>{'on: the server saw only the sum of each cohort' if pr.get('secure_aggregation') else 'off: the server saw each clipped update'}</b>.</p>
 <img src="privacy_vs_rounds.png" alt="privacy against rounds">
 {audit_section(res)}

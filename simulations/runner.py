@@ -127,16 +127,25 @@ def _local_cfg(cfg: SimConfig, epochs: int, seed: int) -> LocalTrainConfig:
 
 def train_locally(
     cfg: SimConfig, rt: Runtime, users: dict[str, UserData], cache: TextCache, root: Path, *,
-    epochs: int, shared: dict[str, np.ndarray] | None, label: str,
+    epochs: int, shared: dict[str, np.ndarray] | None, label: str, spent: Path | None = None,
 ) -> float:
-    """DP-SGD of the private adapter on each device alone; returns the largest ε_sample."""
+    """DP-SGD of the private adapter on each device alone, within the device's ε_sample budget
+    ([local] max_epsilon_sample: fewer epochs where it runs short, as the final personalization
+    does); returns the largest ε_sample. ``spent``: the clients folder of the federation these
+    devices took part in (``finetuned``: FedAvg's), whose accountants the fit continues, so the
+    baseline is held to the budget its rounds already drew on."""
     eps_max = 0.0
     with progress() as prog:
         task = prog.add_task(f"train {label}", total=len(users))
         for i, (uid, user) in enumerate(users.items()):
+            state = DeviceState(root / uid)
+            rounds = spent / uid / state.accountant_path.name if spent is not None else None
+            if rounds is not None and rounds.exists() and not state.accountant_path.exists():
+                state.root.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(rounds, state.accountant_path)
             eps = train_private_locally(
-                rt, user, DeviceState(root / uid), _local_cfg(cfg, epochs, cfg.runtime.seed + i),
-                cache=cache, shared=shared, delta=cfg.federation.delta,
+                rt, user, state, _local_cfg(cfg, epochs, cfg.runtime.seed + i),
+                cache=cache, shared=shared, delta=cfg.federation.delta, max_epsilon=cfg.local.max_epsilon_sample,
             )
             eps_max = max(eps_max, eps)
             prog.advance(task)
@@ -447,7 +456,7 @@ def _run(cfg: SimConfig, *, out: Path, data: Path | None, config_file: Path, ver
     shared = _shared_from_checkpoint(rt_both, work / Method.AGGREGATED.value / "server")
     with phases("local_training"):
         eps = train_locally(cfg, rt_both, users, cache, work / "finetuned", epochs=cfg.methods.finetune_epochs, shared=shared,
-                            label="finetuned")
+                            label="finetuned", spent=work / Method.AGGREGATED.value / "clients")
     set_arrays(rt_both.model, Group.SHARED, shared)
     with phases("evaluation"):
         finetuned_acc = evaluate(rt_both, users, cache, private_root=work / "finetuned", label="finetuned")

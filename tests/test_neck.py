@@ -151,17 +151,43 @@ def test_private_lora_must_be_a_bool():
 
 
 @pytest.mark.parametrize("fixture", ["tiny_encoder_dir", "tiny_decoder_dir"])
-def test_embed_texts_batches_by_length_and_keeps_the_callers_order(fixture, request):
+def test_embed_texts_batches_by_length_and_keeps_the_callers_order(fixture, request, monkeypatch):
     """embed_texts groups texts of similar token counts into one batch (less padding), yet row i
     is still texts[i]'s own embedding: the same as embedding that text alone, and every text is
     reported to ``progress`` exactly once."""
+    import fedpref.model.backbone as bb_mod
+
     backbone = load_backbone(request.getfixturevalue(fixture))
     texts = [t * k for k in (1, 5, 2, 7, 1, 3) for t in TEXTS][:20]  # lengths out of order
     seen: list[int] = []
+    widths: list[int] = []
+    real_pad = bb_mod.pad_batch
+
+    def spy(ids, pad_id):
+        widths.append(max(len(x) for x in ids))
+        return real_pad(ids, pad_id)
+
+    monkeypatch.setattr(bb_mod, "pad_batch", spy)
     got = embed_texts(backbone, texts, max_length=64, batch_size=3, progress=seen.append)
+    monkeypatch.undo()
+    lengths = sorted(len(x) for x in tokenize(backbone, texts, max_length=64))
+    assert widths == lengths[2::3] + ([lengths[-1]] if len(lengths) % 3 else [])  # each batch: the next 3 by length
     alone = np.concatenate([embed_texts(backbone, [t], max_length=64) for t in texts])
     assert got.shape == (len(texts), backbone.hidden_size)
     np.testing.assert_allclose(got, alone, rtol=1e-4, atol=1e-5)
     assert sum(seen) == len(texts) and max(seen) <= 3
     assert not np.allclose(got[0], got[1])  # rows differ: not one text broadcast
     assert embed_texts(backbone, [], max_length=64).shape == (0, backbone.hidden_size)
+
+
+def test_a_batch_of_texts_with_no_token_pads_to_one_position():
+    """A tokenizer without special tokens (GPT-2 style) turns "" into no token at all; sorting by
+    length batches such texts together. They pad to one masked position, not a (B, 0) batch the
+    backbone cannot run, and pool to a finite (zero) vector."""
+    from fedpref.model.backbone import pool
+
+    ids, mask = pad_batch([[], []], pad_id=0)
+    assert ids.shape == mask.shape == (2, 1) and not mask.any()
+    hidden = torch.randn(2, 1, 8)
+    for decoder in (False, True):
+        assert torch.isfinite(pool(hidden, mask, is_decoder=decoder)).all()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -125,6 +126,36 @@ def test_short_of_budget_the_device_fits_the_epochs_it_can_afford(device, tmp_pa
                           terms=DeviceTerms(max_epsilon_sample=5.5, share_metrics=True))
     assert _charged(state) == 4 and PersonalizeReply.from_content(content).metrics.steps <= 4
     assert state.accountant().epsilon(1e-5) <= 5.5
+
+
+def test_the_finetuned_baseline_continues_its_rounds_accountant_under_the_same_budget(device, tmp_path):
+    """The simulation's private-only fits (``finetuned`` after FedAvg's rounds) are held to the
+    rule the final personalization follows: the fit continues the accountant the device's rounds
+    left, fits the epochs the budget still affords, and none when not one fits (no charge, the
+    private adapter stays the initial one). Before, each fit charged a fresh accountant."""
+    from fedpref.simulations.config import load_sim_config
+    from fedpref.simulations.runner import train_locally
+
+    rt, user, cache = device
+    cfg = load_sim_config(Path(__file__).parents[1] / "simulations" / "configs" / "demo.toml")
+    cfg = dataclasses.replace(cfg, local=dataclasses.replace(cfg.local, max_epsilon_sample=5.5, batch_size=4),
+                              methods=dataclasses.replace(cfg.methods, private_batch_size=0))
+    rounds = tmp_path / "aggregated" / "clients"  # 16 pairs, batch 4: 4 steps an epoch
+    for uid, steps in (("fresh", 0), ("spent", 4), ("broke", 8)):
+        if steps:
+            acct = DeviceState(rounds / uid).accountant()
+            acct.record(noise_multiplier=cfg.local.dp_noise_multiplier, sample_rate=0.25, steps=steps)
+            acct.save()
+    users = {uid: dataclasses.replace(user, user_id=uid) for uid in ("fresh", "spent", "broke", "never")}
+    shared = _shared(rt, 0.01)
+    eps = train_locally(cfg, rt, users, cache, tmp_path / "finetuned", epochs=3, shared=shared, label="t", spent=rounds)
+    prior = {"fresh": 0, "spent": 4, "broke": 8, "never": 0}
+    fitted = {uid: _charged(DeviceState(tmp_path / "finetuned" / uid)) - prior[uid] for uid in users}
+    # at σ = 1.1 two of the three epochs fit 5.5 from scratch, one after an epoch of rounds, none after two
+    assert fitted == {"fresh": 8, "spent": 4, "broke": 0, "never": 8}
+    assert eps <= 5.5 + 1e-9
+    broke = DeviceState(tmp_path / "finetuned" / "broke")
+    assert not broke.private_dir.exists()  # nothing fitted, nothing saved: it ranks with the initial head
 
 
 def test_hostile_step_sizes_cannot_leave_a_wrecked_adapter_behind(device, tmp_path):
