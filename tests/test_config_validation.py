@@ -360,3 +360,19 @@ def test_private_only_fits_take_their_own_batch_and_the_rounds_keep_local():
     assert _local_cfg(fallback, 3, 0).batch_size == cfg.local.batch_size
     with pytest.raises(ConfigError, match="private_batch_size"):
         MethodsConfig(private_batch_size=-1)
+
+
+def test_the_scale_curve_changes_nothing_but_the_number_of_users():
+    """scripts/scale_curve.sh compares scale-{40,200,1000}.toml at fixed pairs per user and fixed
+    ε_user: every setting but [persona] users must be the same in the three configs."""
+    from fedpref.simulations.config import load_sim_config
+
+    root = Path(__file__).parents[1] / "simulations" / "configs"
+    cfgs = {n: load_sim_config(root / f"scale-{n}.toml") for n in (40, 200, 1000)}
+    plain = {n: dataclasses.replace(c, persona=dataclasses.replace(c.persona, users=1)) for n, c in cfgs.items()}
+    assert plain[40] == plain[200] == plain[1000]
+    assert [cfgs[n].persona.users for n in (40, 200, 1000)] == [50, 250, 1250]
+    # the rounds are full-batch DP-SGD steps over every user's train pairs; the private fits are not
+    c = cfgs[1000]
+    train_pairs = round(c.persona.pairs_per_user * (1 - c.persona.test_fraction))
+    assert c.local.batch_size >= train_pairs > c.methods.private_batch_size == c.personalize.batch_size > 0
