@@ -86,7 +86,11 @@ class PersonalizeConfig:
         """The [local] settings a personalize message carries: its epochs, steps and batch, [local]'s σ and clip."""
         return replace(local, epochs=self.epochs, learning_rate=self.learning_rate or local.learning_rate,
                        head_learning_rate=self.head_learning_rate or local.head_learning_rate,
-                       batch_size=self.batch_size or local.batch_size)
+                       batch_size=self.fit_batch_size(local))
+
+    def fit_batch_size(self, local: LocalConfig) -> int:
+        """The fit's expected batch: ``batch_size``, or the rounds' ([local]) where it is 0."""
+        return self.batch_size or local.batch_size
 
 
 def check_personalize_model(p: PersonalizeConfig, adapter, *, where: str) -> None:  # noqa: ANN001 (AdapterSpec)

@@ -36,6 +36,10 @@ class MethodsConfig:
     def __post_init__(self) -> None:
         check_fields(self, "methods")
 
+    def fit_batch_size(self, local: LocalConfig) -> int:
+        """The private-only fits' expected batch: ``private_batch_size``, or [local]'s where it is 0."""
+        return self.private_batch_size or local.batch_size
+
 
 @dataclass(frozen=True)
 class RuntimeConfig:

@@ -74,8 +74,8 @@ def summarize(*, cfg, users: dict[str, UserData], results: dict, rounds: dict[st
                 "noise_multiplier": cfg.local.dp_noise_multiplier,
                 "max_grad_norm": cfg.local.dp_max_grad_norm,
                 "batch_size": cfg.local.batch_size,  # a round's
-                "private_batch_size": (cfg.methods.private_batch_size or cfg.local.batch_size),  # private-only fits
-                "personalize_batch_size": (cfg.personalize.batch_size or cfg.local.batch_size),  # the final step
+                "private_batch_size": cfg.methods.fit_batch_size(cfg.local),  # private-only fits
+                "personalize_batch_size": cfg.personalize.fit_batch_size(cfg.local),  # the final step
                 "epsilon_sample_max_by_method": {m: r["epsilon_sample_max"] for m, r in methods.items()
                                                  if m not in ("oracle", "count")},  # no DP there
             },

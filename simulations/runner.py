@@ -116,7 +116,7 @@ def evaluate(rt: Runtime, users: dict[str, UserData], cache: TextCache, *, priva
 def _local_cfg(cfg: SimConfig, epochs: int, seed: int) -> LocalTrainConfig:
     seeded = cfg.runtime.deterministic_noise  # otherwise every draw comes from the OS CSPRNG
     return LocalTrainConfig(
-        epochs=epochs, batch_size=cfg.methods.private_batch_size or cfg.local.batch_size,
+        epochs=epochs, batch_size=cfg.methods.fit_batch_size(cfg.local),
         learning_rate=cfg.local.learning_rate,
         head_learning_rate=cfg.methods.private_head_learning_rate or cfg.local.head_learning_rate,
         projection_learning_rate=cfg.local.projection_learning_rate, noise_multiplier=cfg.local.dp_noise_multiplier,
