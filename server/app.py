@@ -45,6 +45,9 @@ log = logging.getLogger("fedpref.server")
 # Flower's HttpGrid (the deployed ServerApp's grid) asks the SuperLink for replies every 3 s;
 # each SecAgg+ round waits on four stages, so that alone added ~6 s to a round. Here: every 0.5 s.
 REPLY_POLL_S = 0.5
+# The Simulation Engine's InMemoryGrid asks every 0.1 s, a call into the process's own state:
+# every round ends with half of that on average, with both ClientApp actors idle. Here: 0.02 s.
+SIM_REPLY_POLL_S = 0.02
 
 
 @dataclasses.dataclass(frozen=True)
@@ -280,13 +283,18 @@ def send_and_receive(grid: Grid, messages: Iterable[Message], *, timeout: float 
                      poll_s: float | None = None) -> list[Message]:
     """``grid.send_and_receive``: push ``messages``, then collect their replies until all are in
     or ``timeout`` s have passed (None: no limit), asking every ``poll_s`` s (default: every
-    :data:`REPLY_POLL_S` on Flower's HttpGrid, the grid's own loop on any other grid)."""
+    :data:`REPLY_POLL_S` on Flower's HttpGrid, :data:`SIM_REPLY_POLL_S` on the Simulation
+    Engine's InMemoryGrid, the grid's own loop on any other grid)."""
     if poll_s is None:
+        from flwr.superlink.grid import InMemoryGrid
         from flwr.superlink.grid.http_grid import HttpGrid
 
-        if not isinstance(grid, HttpGrid):  # the simulation's InMemoryGrid polls every 0.1 s already
+        if isinstance(grid, HttpGrid):
+            poll_s = REPLY_POLL_S
+        elif isinstance(grid, InMemoryGrid):
+            poll_s = SIM_REPLY_POLL_S
+        else:
             return list(grid.send_and_receive(messages, timeout=timeout))
-        poll_s = REPLY_POLL_S
     waiting = set(grid.push_messages(messages))
     end = None if timeout is None else time.monotonic() + timeout
     replies: list[Message] = []

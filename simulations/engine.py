@@ -32,6 +32,7 @@ from fedpref.client.terms import DeviceTerms
 from fedpref.common.errors import ConfigError, SimulationRuntimeError
 from fedpref.common.processes import FLOWER_QUIET, TELEMETRY_SOURCE_PIN
 from fedpref.protocol.runconfig import Method
+from fedpref.simulations.dispatch import indexed_dispatch
 
 if TYPE_CHECKING:  # not imported at run time: ClientApp actors import this module (enter_run), and the
     # config module brings torch, which a device should import only inside its timed ClientApp call
@@ -414,15 +415,16 @@ def run_on_simulation_engine(
     def run() -> None:
         from fedpref.server.app import make_server_app  # here, not at the top: see TYPE_CHECKING above
 
-        _run_simulation(
-            num_supernodes=num_users,
-            exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
-            client_app=client_app,
-            server_app=make_server_app(settings),
-            backend_name="ray",
-            backend_config=backend_config,
-            verbose_logging=verbose,
-        )
+        with indexed_dispatch():  # Flower's dispatcher at one store scan a poll (simulations/dispatch.py)
+            _run_simulation(
+                num_supernodes=num_users,
+                exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+                client_app=client_app,
+                server_app=make_server_app(settings),
+                backend_name="ray",
+                backend_config=backend_config,
+                verbose_logging=verbose,
+            )
 
     if session is None:
         run()  # Flower's backend ends Ray
