@@ -14,8 +14,9 @@ cores.
 :func:`take_undelivered` hands over exactly what one of Flower's polls does (per node, in the
 node mapping's order, its first undelivered message in the store's order, marked delivered),
 after the same checks, run once per message instead of once per message per node: 1.2 ms a
-poll with 1,000 nodes and 1,000 stored messages, against 1.06 s for Flower's. It then polls
-every 10 ms instead of 100 ms (:func:`poll_wait`).
+poll with 1,000 nodes and 1,000 stored messages, against 1.06 s for Flower's. Being cheap, it
+polls more often than Flower's every 100 ms: it waits 19 times its last poll, 10 ms at the
+least (below about 440 stored messages) and 100 ms at the most (:func:`poll_wait`).
 :func:`indexed_dispatch` swaps it into ``vce_api`` for one run, the way
 :mod:`fedpref.simulations.engine` swaps its Ray backend: messages still go through Flower's
 LinkState, its worker threads and its Ray backend; only the scan changes. With any other
@@ -32,10 +33,13 @@ import time
 from collections.abc import Iterator, Mapping
 from queue import Queue
 
+from fedpref.common.polling import duty_wait
+
 DISPATCH_TESTED_FLWR = "1.42.0"  # the Flower release whose vce_api and InMemoryLinkState this mirrors
 MAX_POLL_S = 0.1  # Flower's own interval (vce_api.add_messages_to_queue)
 MIN_POLL_S = 0.01
-POLL_DUTY = 0.05  # the poller's share of one core, at most: it waits 1/POLL_DUTY - 1 times its last poll
+POLL_DUTY = 0.05  # the poller's share of one core while a poll takes under ~5 ms (~4,400 stored messages)
+_flower_poll_fn = None  # Flower's own add_messages_to_queue while ours is swapped in
 log = logging.getLogger(__name__)
 
 
@@ -81,23 +85,25 @@ def _indexed_add_messages_to_queue(state, queue: Queue, nodes_mapping: Mapping[i
 
 
 def poll_wait(poll_seconds: float) -> float:
-    """Seconds to wait after a poll that took ``poll_seconds``: soon (a round's messages reach the
-    workers a few ms after the server pushes them, where Flower's 0.1 s poll took 50 ms on
-    average), but never so often that the poller takes more than ``POLL_DUTY`` of a core from the
-    ClientApp actors (a poll scans every stored message: ~1.2 ms at 1,000)."""
-    return min(MAX_POLL_S, max(MIN_POLL_S, poll_seconds * (1 / POLL_DUTY - 1)))
+    """Seconds to wait after a poll that took ``poll_seconds`` (:func:`~fedpref.common.polling.duty_wait`):
+    soon, so a round's messages reach the workers a few ms after the server pushes them (Flower's
+    0.1 s poll took 50 ms on average), but not so often that the poller takes more than
+    ``POLL_DUTY`` of a core from the ClientApp actors (a poll scans every stored message: ~1.2 ms
+    at 1,000), and never less often than Flower's own poll."""
+    return duty_wait(poll_seconds, low=MIN_POLL_S, high=MAX_POLL_S, duty=POLL_DUTY)
 
 
 def _flower_poll(*args) -> None:  # noqa: ANN002
     from flwr.server.superlink.fleet.vce import vce_api
 
-    getattr(vce_api.add_messages_to_queue, "fedpref_flower_original", vce_api.add_messages_to_queue)(*args)
+    (_flower_poll_fn or vce_api.add_messages_to_queue)(*args)
 
 
 @contextlib.contextmanager
 def indexed_dispatch(version: str | None = None) -> Iterator[bool]:
     """Within: the Simulation Engine polls with :func:`take_undelivered`. Yields whether it does
     (not with a Flower other than ``DISPATCH_TESTED_FLWR``; then Flower's own poll, unchanged)."""
+    global _flower_poll_fn
     from flwr.server.superlink.fleet.vce import vce_api
 
     version = version or importlib.metadata.version("flwr")
@@ -107,16 +113,16 @@ def indexed_dispatch(version: str | None = None) -> Iterator[bool]:
                  version, DISPATCH_TESTED_FLWR)
         yield False
         return
-    if getattr(current, "fedpref_flower_original", None) is not None:  # already swapped (a nested run)
+    if current is _indexed_add_messages_to_queue:  # already swapped (a nested run)
         yield True
         return
-    patched = _indexed_add_messages_to_queue
-    patched.fedpref_flower_original = current  # type: ignore[attr-defined]
-    vce_api.add_messages_to_queue = patched
+    _flower_poll_fn, vce_api.add_messages_to_queue = current, _indexed_add_messages_to_queue
     try:
         yield True
     finally:
-        vce_api.add_messages_to_queue = current
+        if vce_api.add_messages_to_queue is _indexed_add_messages_to_queue:  # not re-patched by someone else since
+            vce_api.add_messages_to_queue = current
+        _flower_poll_fn = None
 
 
 __all__ = ["DISPATCH_TESTED_FLWR", "indexed_dispatch", "take_undelivered"]

@@ -94,6 +94,31 @@ def test_one_poll_matches_flowers_own(layout: list[int]) -> None:
         assert tags(take_undelivered(b, dict.fromkeys(map_b)), map_b) == tags(flower_one_poll(a, map_a), map_a)
 
 
+def expire(state, mapping, partition: int) -> None:  # noqa: ANN001
+    """The messages to ``partition`` outlive their TTL (created a TTL and a second ago)."""
+    for msg in state.message_ins_store.values():
+        if mapping[msg.metadata.dst_node_id] == partition:
+            msg.metadata.__dict__["_created_at"] = msg.metadata.created_at - msg.metadata.ttl - 1
+
+
+def test_one_poll_matches_flowers_own_at_the_edges() -> None:
+    """Expired messages, nodes outside the mapping served, and messages delivered but not yet
+    answered: the same messages handed over, and the same left in the store, as Flower's poll."""
+    layout = [0, 1, 2, 3, 1, 4, 0]
+    a, map_a, _ = federation(6, layout)
+    b, map_b, _ = federation(6, layout)
+    for state, mapping in ((a, map_a), (b, map_b)):
+        expire(state, mapping, 2)
+        first = next(m for m in state.message_ins_store.values() if mapping[m.metadata.dst_node_id] == 0)
+        first.metadata.delivered_at = "2026-11-29T00:00:00+00:00"  # handed over earlier, reply pending
+    served_a = {n: p for n, p in map_a.items() if p != 3}  # partition 3: a node this engine does not serve
+    served_b = {n: p for n, p in map_b.items() if p != 3}
+    for _ in range(3):
+        assert tags(take_undelivered(b, dict.fromkeys(served_b)), map_b) == tags(flower_one_poll(a, served_a), map_a)
+    left = [sorted(tags(s.message_ins_store.values(), m)) for s, m in ((a, map_a), (b, map_b))]
+    assert left[0] == left[1] == [(0, 0), (0, 6), (1, 1), (1, 4), (3, 3), (4, 5)]
+
+
 def test_a_poll_marks_delivered_and_never_hands_a_message_twice() -> None:
     state, mapping, _ = federation(6, [0, 1, 1, 4])
     order = dict.fromkeys(mapping)
@@ -116,9 +141,7 @@ def test_only_the_mappings_nodes_are_served() -> None:
 
 def test_expired_messages_are_dropped_by_flowers_check() -> None:
     state, mapping, _ = federation(3, [0, 1, 2])
-    for msg in state.message_ins_store.values():  # the message to partition 1 outlived its TTL
-        if mapping[msg.metadata.dst_node_id] == 1:
-            msg.metadata.__dict__["_created_at"] = msg.metadata.created_at - msg.metadata.ttl - 1
+    expire(state, mapping, 1)
     assert tags(take_undelivered(state, dict.fromkeys(mapping)), mapping) == [(0, 0), (2, 2)]
     assert len(state.message_ins_store) == 2  # deleted, as get_message_ins would have
 
@@ -160,9 +183,27 @@ def test_the_tested_flower_is_the_pinned_one() -> None:
 
 def test_the_poller_waits_in_proportion_to_its_own_cost() -> None:
     assert dispatch.poll_wait(0.0) == dispatch.MIN_POLL_S  # an empty store: poll soon
-    assert dispatch.poll_wait(0.0012) == pytest.approx(0.0228)  # 1,000 stored messages: ≤ 5 % of a core
+    assert dispatch.poll_wait(0.0012) == pytest.approx(0.0228)  # 1,000 stored messages: 5 % of a core
     assert 0.0012 / (0.0012 + dispatch.poll_wait(0.0012)) == pytest.approx(dispatch.POLL_DUTY)
     assert dispatch.poll_wait(1.0) == dispatch.MAX_POLL_S  # never slower than Flower's own poll
+
+
+def test_any_other_linkstate_gets_flowers_own_poll(tmp_path, monkeypatch) -> None:
+    """A SQLite LinkState (what a SuperLink with a database uses) is polled by Flower's own loop."""
+    from flwr.server.superlink.linkstate import SqlLinkState
+
+    factory = LinkStateFactory(str(tmp_path / "state.db"), NoOpFederationManager(), ObjectStoreFactory())
+    state = factory.state()
+    assert isinstance(state, SqlLinkState)
+    calls: list[object] = []
+    monkeypatch.setattr(dispatch, "take_undelivered", lambda *a: pytest.fail("the indexed poll ran on SQLite"))
+    stop = threading.Event()
+    stop.set()
+    with indexed_dispatch():
+        assert dispatch._flower_poll_fn is FLOWER_POLL  # noqa: SLF001 - what the swap keeps
+        dispatch._flower_poll_fn = lambda *args: calls.append(args[0])  # noqa: SLF001 - Flower's poll, observed
+        vce_api.add_messages_to_queue(state, Queue(), {}, stop)
+    assert calls == [state] and dispatch._flower_poll_fn is None  # noqa: SLF001
 
 
 def test_the_server_collects_simulation_replies_on_its_own_short_poll() -> None:
@@ -182,10 +223,10 @@ def test_the_server_collects_simulation_replies_on_its_own_short_poll() -> None:
 
     grid.pull_messages = counting_pull  # type: ignore[method-assign]
 
-    def answer_all() -> None:  # the ClientApp side: take each message, reply once, 0.1 s after the push
+    def answer_all() -> None:  # the ClientApp side: take each message, reply once, 0.3 s after the push
         import time as _t
 
-        _t.sleep(0.1)
+        _t.sleep(0.3)
         for n in nodes:
             for m in state.get_message_ins(node_id=n, limit=1):
                 reply = Message(RecordDict({"c": ConfigRecord({"ok": 1})}), reply_to=m)
@@ -197,7 +238,8 @@ def test_the_server_collects_simulation_replies_on_its_own_short_poll() -> None:
     replies = server_app.send_and_receive(grid, msgs, timeout=30)
     th.join()
     assert sorted(mapping[r.metadata.src_node_id] for r in replies) == [0, 1, 2]
-    assert len(pulls) >= 0.1 / server_app.SIM_REPLY_POLL_S / 2  # polled often while it waited (0.1 s: ~5 pulls, not 1)
+    # polled every ~20 ms while it waited 0.3 s (~15 pulls); the grid's own 0.1 s loop makes 4
+    assert len(pulls) >= 8
     state2, mapping2, grid2 = federation(2, [])
     lone = [Message(RecordDict({"c": ConfigRecord({"i": 0, "p": 0})}), next(iter(mapping2)), "train")]
     assert list(server_app.send_and_receive(grid2, lone, timeout=0.05)) == []  # nobody answers: the timeout ends it

@@ -111,10 +111,23 @@ def _private_adapters(work) -> dict[str, dict[str, bytes]]:
 
 
 @pytest.mark.slow  # three federations on Ray
-def test_consecutive_federations_share_ray_and_actors_and_compute_what_fresh_ones_do(policy_kit, tmp_path):
+def test_consecutive_federations_share_ray_and_actors_and_compute_what_fresh_ones_do(policy_kit, tmp_path, monkeypatch):
     import json
 
     import ray
+    from flwr.server.superlink.fleet.vce import vce_api
+
+    from fedpref.simulations import dispatch
+
+    flower_poll, handed = vce_api.add_messages_to_queue, []
+
+    def spy(state, node_ids):  # noqa: ANN001, ANN202 - the real poll, its messages counted
+        got = real_take(state, node_ids)
+        handed.extend(got)
+        return got
+
+    real_take = dispatch.take_undelivered
+    monkeypatch.setattr(dispatch, "take_undelivered", spy)
 
     from fedpref.client.data import write_jsonl
     from fedpref.simulations.persona import CommunitySpec, PersonaConfig, generate
@@ -148,6 +161,9 @@ def test_consecutive_federations_share_ray_and_actors_and_compute_what_fresh_one
         for uid_dir in (work / "clients").iterdir():
             state = uid_dir / "policy" / "state.json"
             assert (json.loads(state.read_text())["version"] if state.exists() else 0) == policy_version
+    # every message of the three runs (one round of 4 devices each) went through fedpref's
+    # dispatcher, once, and Flower's own poll is back in place after the runs
+    assert len(handed) == 3 * 4 and len(set(map(id, handed))) == 12 and vce_api.add_messages_to_queue is flower_poll
     # seeded DP noise and batches: each device's round on a reused actor is bit for bit a fresh one's
     assert _private_adapters(second) == _private_adapters(fresh) and len(_private_adapters(fresh)) == 4
     assert _private_adapters(second) != _private_adapters(first)  # (rank 2 vs 4: the comparison can fail)
