@@ -111,7 +111,7 @@ from fedpref.server.app import (
     write_summary,
 )
 from fedpref.server.release import release
-from fedpref.server.strategy import FedPrefStrategy, RoundRecord, poisson_sample, short_reason
+from fedpref.server.strategy import FedPrefStrategy, RoundRecord, poisson_sample, sampling_order, short_reason
 from fedpref.server.validation import Expected, RejectedUpdate, validate_attestation
 
 log = logging.getLogger("fedpref.server")
@@ -273,6 +273,7 @@ class SecureFedPrefStrategy(Strategy):
                  round_offset: int = 0, rounds: int | None = None) -> None:
         self.core = core
         self.secagg = secagg
+        self.grid: Grid | None = None  # the run's grid (AttemptsWorkflow sets it): the sampling order
         self.keys = list(core.shapes)
         self._initial = initial
         self._round: _Round | None = None
@@ -334,7 +335,7 @@ class SecureFedPrefStrategy(Strategy):
         by_id = {p.node_id: p for p in proxies}
         # a retry draws anew (a seeded simulation would otherwise repeat the halted sample)
         key = server_round + self.halted_in_a_row * ATTEMPT_STRIDE
-        picked = poisson_sample(sorted(by_id), fed.client_sample_rate, core.round_rng(key))
+        picked = poisson_sample(sampling_order(self.grid, by_id), fed.client_sample_rate, core.round_rng(key))
         version, digest, envelope = core.policy()
         exp = Expected(shapes=core.shapes, dtype="float32", clip_norm=fed.clip_norm, server_round=server_round,
                        frozen_identity=core.frozen_identity, policy_version=version, safety_digest=digest)
@@ -570,6 +571,7 @@ class AttemptsWorkflow(DefaultWorkflow):
         if not isinstance(context, LegacyContext) or not isinstance(context.strategy, SecureFedPrefStrategy):
             raise TypeError("AttemptsWorkflow needs a LegacyContext with a SecureFedPrefStrategy")
         strategy = context.strategy
+        strategy.grid = grid
         if strategy.rounds is None:  # as Flower's loop: the server config's rounds, released ones here
             strategy.rounds = context.config.num_rounds
         thread, f_stop, c_done = start_update_client_manager_thread(grid, context.client_manager)

@@ -155,7 +155,7 @@ class FedPrefStrategy(FedAvg):
     ) -> Iterable[Message]:
         self._t0 = self.clock()
         self._global = record_to_arrays(arrays)
-        node_ids = self.wait_for_nodes(lambda: sorted(grid.get_node_ids()))
+        node_ids = self.wait_for_nodes(lambda: sampling_order(grid, grid.get_node_ids()))
         self._population = len(node_ids)
         picked = poisson_sample(node_ids, self.fed.client_sample_rate, self.round_rng(server_round))
         self._sampled = len(picked)
@@ -268,6 +268,28 @@ def make_round_config(
     )
 
 
+def sampling_order(grid: Grid | None, node_ids: Iterable[int]) -> list[int]:
+    """The order :func:`poisson_sample` walks ``node_ids`` in (the i-th draw decides the i-th node).
+
+    Sorted ids, except on the Simulation Engine's in-memory grid: there Flower draws every node
+    id at random when it registers the simulated users, so sorted ids put the users in a new
+    order each run, and a seeded simulation with q < 1 sampled other users every run (same
+    config, other numbers). There the order is the nodes' registration order, which is the
+    users' (partition ids') order (flwr 1.42's ``vce_api._register_nodes`` and
+    ``InMemoryLinkState.nodes``, a dict in insertion order). Any node it does not list, or any
+    other grid: sorted ids. With CSPRNG draws (deployment) any fixed order samples the same way.
+    """
+    ids = set(node_ids)
+    from flwr.superlink.grid import InMemoryGrid
+
+    registered = getattr(getattr(grid, "state", None), "nodes", None) if isinstance(grid, InMemoryGrid) else None
+    if isinstance(registered, dict):
+        order = [n for n in list(registered) if n in ids]
+        if len(order) == len(ids):
+            return order
+    return sorted(ids)
+
+
 def poisson_sample(node_ids: list[int], q: float, rng: np.random.Generator) -> list[int]:
     """Each node independently with probability ``q``: what the user-level accountant assumes."""
     keep = rng.random(len(node_ids)) < q
@@ -287,4 +309,5 @@ def short_reason(reason: str, limit: int = 300) -> str:
     return reason if len(reason) <= limit else "…" + reason[-limit:]
 
 
-__all__ = ["FedPrefStrategy", "RoundRecord", "K_SHARED", "make_round_config", "poisson_sample", "released_rounds"]
+__all__ = ["FedPrefStrategy", "RoundRecord", "K_SHARED", "make_round_config", "poisson_sample", "released_rounds",
+           "sampling_order"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import os
 
+import numpy as np
 import pytest
 
 from fedpref.common.errors import SimulationRuntimeError
@@ -193,3 +194,39 @@ def test_a_failed_or_interrupted_run_ends_ray(error, monkeypatch, tmp_path):
             assert not ray.is_initialized() and session.pool is None  # the failed run ended Ray at once
             raise error  # and the session, left by the same error, stays clean
     assert not ray.is_initialized()
+
+
+@pytest.mark.slow  # two federations on Ray
+def test_a_seeded_run_that_samples_repeats_bit_for_bit(policy_kit, tmp_path):
+    """Same config, same numbers, with q < 1 too: Flower draws new node ids every run, and the
+    server samples in the users' order (server.strategy.sampling_order), not by those ids."""
+    import json
+
+    from safetensors.numpy import load_file
+
+    from fedpref.client.data import write_jsonl
+    from fedpref.simulations.persona import CommunitySpec, PersonaConfig, generate
+
+    comms = (CommunitySpec("a", 0.5, (1.0,) * 8, -5.0), CommunitySpec("b", 0.5, (-1.0,) * 8, 5.0))
+    data = tmp_path / "persona.jsonl"
+    write_jsonl(generate(PersonaConfig(users=8, pairs_per_user=16, seed=1, communities=comms)).pairs, data)
+    cfg = tmp_path / "cfg.toml"
+    cfg.write_text(CONFIG.format(backbone=policy_kit.backbone, rank=2).replace(
+        "rounds = 1\nclient_sample_rate = 1.0", "rounds = 2\nclient_sample_rate = 0.5").replace(
+        "min_available_clients = 4", "min_available_clients = 2"))
+    from fedpref.protocol.runconfig import Method
+    from fedpref.simulations.config import RuntimeConfig
+
+    works = []
+    with engine.ray_session():
+        for name in ("one", "two"):
+            engine.run_on_simulation_engine(
+                method=Method.AGGREGATED, num_users=8, data=data, workdir=tmp_path / name, config_file=cfg, cache=None,
+                runtime=RuntimeConfig(client_cpus=1.0, seed=5))
+            works.append(tmp_path / name / "server")
+    hist = [[(r["sampled"], r["accepted"], r["update_norm"]) for r in json.loads((w / "history.json").read_text())]
+            for w in works]
+    assert hist[0] == hist[1] and len(hist[0]) == 2 and all(0 < s < 8 for s, _, _ in hist[0]), hist
+    released = [load_file(w / "checkpoints" / "round-0002" / "adapter_model.safetensors") for w in works]
+    assert released[0].keys() == released[1].keys()
+    assert all(np.array_equal(released[0][k], released[1][k]) for k in released[0])

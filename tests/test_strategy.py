@@ -107,3 +107,33 @@ def test_budget_stops_before_the_round_that_would_exceed(tmp_path):
         budget.charge(round=rnd, sample_rate=0.5, noise_multiplier=1.0, clip_norm=1.0, participants=1, now=0.0)
     assert not s.budget_allows(3)
     assert "round 3" in s.stopped_reason and len(budget.ledger.entries()) == 2
+
+
+def test_a_seeded_simulation_samples_the_same_users_whatever_ids_flower_draws():
+    """Flower draws a new random id for every simulated node each run; the sampling order is the
+    users' own (registration, i.e. partition) order on the in-memory grid, so the same seed
+    samples the same users. Sorted ids, what the server used before, sample others."""
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedpref.server.release import dp_generator
+    from fedpref.server.strategy import poisson_sample, sampling_order
+    from test_dispatch import federation
+
+    saved = TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 7, SUPERLINK_NODE_ID
+    try:
+        runs = [federation(200, []) for _ in range(2)]
+    finally:
+        TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+    picked, picked_sorted = [], []
+    for _, mapping, grid in runs:
+        ids = set(grid.get_node_ids())
+        assert [mapping[n] for n in sampling_order(grid, ids)] == list(range(200))
+        picked.append([mapping[n] for n in poisson_sample(sampling_order(grid, ids), 0.1, dp_generator((3, 7919, 1)))])
+        picked_sorted.append([mapping[n] for n in poisson_sample(sorted(ids), 0.1, dp_generator((3, 7919, 1)))])
+    assert picked[0] == picked[1] and 5 < len(picked[0]) < 40
+    assert picked_sorted[0] != picked_sorted[1]  # (two runs' random ids in the same order: ~1/200!)
+    _, mapping, grid = runs[0]
+    assert sampling_order(grid, [*mapping, 12345]) == sorted([*mapping, 12345])  # a node it never registered
+    assert sampling_order(None, [5, 3, 9]) == [3, 5, 9]  # any other grid (deployment): sorted ids
