@@ -113,6 +113,7 @@ class FedPrefStrategy(FedAvg):
         self._global: dict[str, np.ndarray] = {}
         self._population = 0
         self._sampled = 0
+        self._rank: dict[int, int] = {}  # this round's node ids in sampling order: the order replies are summed in
         self._bytes_down = 0
         self._policy_sent = 0
         self._t0 = 0.0
@@ -159,6 +160,7 @@ class FedPrefStrategy(FedAvg):
         self._population = len(node_ids)
         picked = poisson_sample(node_ids, self.fed.client_sample_rate, self.round_rng(server_round))
         self._sampled = len(picked)
+        self._rank = {n: i for i, n in enumerate(node_ids)}
         version, _, envelope = self.policy()
         cfg = self.round_config(server_round)
         plain = train_request(self._global, cfg, None)
@@ -206,7 +208,9 @@ class FedPrefStrategy(FedAvg):
         total = {k: np.zeros(s, dtype=np.float64) for k, s in self.shapes.items()}
         metrics: list[dict[str, float]] = []
         up_bytes: list[int] = []
-        for msg in replies:
+        # summed in sampling order, not in the order the replies arrived: float sums then repeat exactly
+        for msg in sorted(replies, key=lambda m: (self._rank.get(m.metadata.src_node_id, len(self._rank)),
+                                                  m.metadata.src_node_id)):
             node = str(msg.metadata.src_node_id)
             if msg.has_error():
                 rec.declined.append({"node": node, "reason": short_reason(msg.error.reason)})

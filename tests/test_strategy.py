@@ -137,3 +137,16 @@ def test_a_seeded_simulation_samples_the_same_users_whatever_ids_flower_draws():
     _, mapping, grid = runs[0]
     assert sampling_order(grid, [*mapping, 12345]) == sorted([*mapping, 12345])  # a node it never registered
     assert sampling_order(None, [5, 3, 9]) == [3, 5, 9]  # any other grid (deployment): sorted ids
+
+
+def test_replies_are_taken_in_sampling_order_whatever_order_they_arrive_in(tmp_path, flower_task):
+    """Summed (and recorded) in the round's sampling order: two actors answer in a different order
+    every run, and a seeded simulation must not depend on it."""
+    records = []
+    for i, arrival in enumerate(([1, 2, 3, 9], [9, 2, 3, 1], [3, 1, 9, 2])):
+        (tmp_path / str(i)).mkdir()
+        s = _strategy(tmp_path / str(i), q=1.0, population=3)
+        s._rank = {3: 0, 1: 1, 2: 2}  # configure_train sampled 3, 1, 2 (9: a node it never sampled, last)
+        s.aggregate_train(1, [_reply_to(n, [5.0, 0, 0, 0]) for n in arrival])  # all over the clip: each rejected
+        records.append([r["node"] for r in s.history[-1].rejected])
+    assert records == [["3", "1", "2", "9"]] * 3
