@@ -133,7 +133,7 @@ def test_a_seeded_simulation_samples_the_same_users_whatever_ids_flower_draws():
         picked.append([mapping[n] for n in poisson_sample(sampling_order(grid, ids), 0.1, dp_generator((3, 7919, 1)))])
         picked_sorted.append([mapping[n] for n in poisson_sample(sorted(ids), 0.1, dp_generator((3, 7919, 1)))])
     assert picked[0] == picked[1] and 5 < len(picked[0]) < 40
-    assert picked_sorted[0] != picked_sorted[1]  # (two runs' random ids in the same order: ~1/200!)
+    assert picked_sorted[0] != picked_sorted[1]  # the old order: other users (equal only by a vanishing chance)
     _, mapping, grid = runs[0]
     assert sampling_order(grid, [*mapping, 12345]) == sorted([*mapping, 12345])  # a node it never registered
     assert sampling_order(None, [5, 3, 9]) == [3, 5, 9]  # any other grid (deployment): sorted ids
