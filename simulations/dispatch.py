@@ -93,6 +93,23 @@ def poll_wait(poll_seconds: float) -> float:
     return duty_wait(poll_seconds, low=MIN_POLL_S, high=MAX_POLL_S, duty=POLL_DUTY)
 
 
+QUEUE_WAIT_S = 0.1  # the longest a Simulation Engine thread now blocks on its queue before it checks for the run's end
+
+
+class PromptQueue(Queue):
+    """The queue ``vce_api.run_api`` builds for its messages and replies, with every blocking wait
+    cut to :data:`QUEUE_WAIT_S`. Flower's worker threads (one per ClientApp actor) and its reply
+    thread wait on these queues with a 1 s timeout and only then look at the run's stop flag, so
+    every federation ended up to a second after its ServerApp did (measured: 0.93–0.96 s). An
+    item put on the queue is still taken at once; a thread with nothing to do wakes 10 times a
+    second instead of once, and sees the end of the run within 0.1 s."""
+
+    def get(self, block: bool = True, timeout: float | None = None):  # noqa: ANN201
+        if block and timeout is not None and timeout > QUEUE_WAIT_S:
+            timeout = QUEUE_WAIT_S
+        return super().get(block, timeout)
+
+
 def _flower_poll(*args) -> None:  # noqa: ANN002
     from flwr.server.superlink.fleet.vce import vce_api
 
@@ -101,13 +118,14 @@ def _flower_poll(*args) -> None:  # noqa: ANN002
 
 @contextlib.contextmanager
 def indexed_dispatch(version: str | None = None) -> Iterator[bool]:
-    """Within: the Simulation Engine polls with :func:`take_undelivered`. Yields whether it does
-    (not with a Flower other than ``DISPATCH_TESTED_FLWR``; then Flower's own poll, unchanged)."""
+    """Within: the Simulation Engine polls with :func:`take_undelivered`, and its threads wait on
+    :class:`PromptQueue` s. Yields whether it does (not with a Flower other than
+    ``DISPATCH_TESTED_FLWR``; then Flower's own poll and queues, unchanged)."""
     global _flower_poll_fn
     from flwr.server.superlink.fleet.vce import vce_api
 
     version = version or importlib.metadata.version("flwr")
-    current = vce_api.add_messages_to_queue
+    current, flower_queue = vce_api.add_messages_to_queue, vce_api.Queue
     if version != DISPATCH_TESTED_FLWR:
         log.info("flwr %s: the Simulation Engine's own dispatcher (fedpref's indexed one is checked against %s)",
                  version, DISPATCH_TESTED_FLWR)
@@ -117,12 +135,15 @@ def indexed_dispatch(version: str | None = None) -> Iterator[bool]:
         yield True
         return
     _flower_poll_fn, vce_api.add_messages_to_queue = current, _indexed_add_messages_to_queue
+    vce_api.Queue = PromptQueue  # what run_api builds its two queues from (looked up when it runs)
     try:
         yield True
     finally:
         if vce_api.add_messages_to_queue is _indexed_add_messages_to_queue:  # not re-patched by someone else since
             vce_api.add_messages_to_queue = current
+        if vce_api.Queue is PromptQueue:
+            vce_api.Queue = flower_queue
         _flower_poll_fn = None
 
 
-__all__ = ["DISPATCH_TESTED_FLWR", "indexed_dispatch", "take_undelivered"]
+__all__ = ["DISPATCH_TESTED_FLWR", "PromptQueue", "indexed_dispatch", "take_undelivered"]

@@ -4,7 +4,7 @@ on Flower's real in-memory LinkState, in one store scan instead of one per node.
 from __future__ import annotations
 
 import threading
-from queue import Queue
+from queue import Empty, Queue
 
 import pytest
 from flwr.app import ConfigRecord, Message, RecordDict
@@ -147,9 +147,10 @@ def test_expired_messages_are_dropped_by_flowers_check() -> None:
 
 
 def test_the_swap_lasts_one_run_and_only_on_the_checked_flower() -> None:
-    assert vce_api.add_messages_to_queue is FLOWER_POLL
+    assert vce_api.add_messages_to_queue is FLOWER_POLL and vce_api.Queue is Queue
     with indexed_dispatch() as on:
         assert on and vce_api.add_messages_to_queue is not FLOWER_POLL
+        assert isinstance(vce_api.Queue(), dispatch.PromptQueue)  # what run_api builds its queues from
         with indexed_dispatch() as nested:  # a nested run keeps the swap
             assert nested
         assert vce_api.add_messages_to_queue is not FLOWER_POLL
@@ -158,7 +159,40 @@ def test_the_swap_lasts_one_run_and_only_on_the_checked_flower() -> None:
         assert not on and vce_api.add_messages_to_queue is FLOWER_POLL
     with pytest.raises(RuntimeError), indexed_dispatch():
         raise RuntimeError("a run that fails")
-    assert vce_api.add_messages_to_queue is FLOWER_POLL
+    assert vce_api.add_messages_to_queue is FLOWER_POLL and vce_api.Queue is Queue
+
+
+def test_flowers_threads_wait_on_their_queues_in_short_slices(monkeypatch) -> None:
+    """Flower's worker and reply threads block on ``get(timeout=1.0)`` before each look at the
+    run's stop flag: the prompt queue blocks 0.1 s at most, and still hands items over as they come."""
+    waits: list[object] = []
+    real_get = Queue.get
+
+    def spy(self, block=True, timeout=None):  # noqa: ANN001, ANN202 - Queue.get itself, its timeouts recorded
+        waits.append(timeout if block else "nowait")
+        return real_get(self, block, timeout)
+
+    monkeypatch.setattr(Queue, "get", spy)
+    q = dispatch.PromptQueue()
+    with pytest.raises(Empty):
+        q.get(timeout=1.0)  # Flower's worker, with nothing to do
+    q.put("m")
+    assert q.get(timeout=1.0) == "m"
+    with pytest.raises(Empty):
+        q.get(timeout=0.05)  # a shorter wait stays as asked
+    with pytest.raises(Empty):
+        q.get(block=False)
+    assert waits == [dispatch.QUEUE_WAIT_S, dispatch.QUEUE_WAIT_S, 0.05, "nowait"]
+    # and the stop flag ends Flower's own reply thread promptly: it returns once the flag is set
+    stop = threading.Event()
+    th = threading.Thread(target=vce_api.put_message_into_state, args=(None, q, stop))
+    th.start()
+    while len(waits) < 5:  # it is waiting (its first get has returned Empty at least once)
+        th.join(timeout=0.01)
+    stop.set()
+    th.join(timeout=30)
+    assert not th.is_alive()
+    assert set(waits[4:]) == {dispatch.QUEUE_WAIT_S}  # each of its 1 s waits, cut to the slice
 
 
 def test_the_swapped_loop_feeds_the_queue_until_stopped() -> None:
