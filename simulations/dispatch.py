@@ -19,8 +19,10 @@ polls more often than Flower's every 100 ms: it waits 19 times its last poll, 10
 least (below about 440 stored messages) and 100 ms at the most (:func:`poll_wait`).
 :func:`indexed_dispatch` swaps it into ``vce_api`` for one run, the way
 :mod:`fedpref.simulations.engine` swaps its Ray backend: messages still go through Flower's
-LinkState, its worker threads and its Ray backend; only the scan changes. With any other
-LinkState, or any other Flower than the one this was checked against, Flower's own poll runs.
+LinkState, its worker threads and its Ray backend; only the scan changes, and how long those
+threads block on their queues before they look for the end of the run (:class:`PromptQueue`).
+With any other LinkState, or any other Flower than the one this was checked against, Flower's
+own poll runs.
 """
 
 from __future__ import annotations
