@@ -5,8 +5,9 @@
 Reads the run's text cache (pooled MiniLM states: run with `top_layers = 0`), its federated
 users and its attribute basis, and prints, without DP or federation: one logistic model pooled
 over every user's train pairs (what `aggregated` could reach), the same shared score plus a
-per-user logistic head over the attribute probes (what `personalized` could reach), and the
-oracle. Needs scikit-learn (not a fedpref dependency: `pip install scikit-learn`).
+per-user logistic head over the attribute probes (what `personalized` could reach), one model
+per community with per-user heads over the 4 community scores (what prototypes with private
+mixture weights could reach, with perfect prototypes), and the oracle. Needs scikit-learn (not a fedpref dependency: `pip install scikit-learn`).
 """
 import numpy as np, torch, sys
 from pathlib import Path
@@ -36,4 +37,18 @@ for u in users.values():
     mu=LogisticRegression(C=1.0,fit_intercept=False,max_iter=2000).fit(*sym(z(u.train)))
     accs.append((mu.decision_function(z(u.test))>0).mean())
 print("shared + per-user probes (personalized, no DP)", np.mean(accs))
+comm={u.user_id: u.train[0].community for u in users.values()}
+names=sorted(set(comm.values()))
+cm={k: LogisticRegression(C=1.0,fit_intercept=False,max_iter=3000).fit(*sym(np.vstack(
+    [feats(u.train,"full") for u in users.values() if comm[u.user_id]==k]))) for k in names}
+print("own community's model (no head)", np.mean([(cm[comm[u.user_id]].decision_function(feats(u.test,"full"))>0).mean()
+                                                  for u in users.values()]))
+for probes in (True, False):
+    z=lambda P: np.column_stack([cm[k].decision_function(feats(P,"full")) for k in names]
+                                + ([feats(P,"probe")] if probes else []))
+    acc=[]
+    for u in users.values():
+        mu=LogisticRegression(C=1.0,fit_intercept=False,max_iter=2000).fit(*sym(z(u.train)))
+        acc.append((mu.decision_function(z(u.test))>0).mean())
+    print(f"{len(names)} community scores{' + probes' if probes else ''}, per-user head (prototypes, no DP)", np.mean(acc))
 print("oracle", np.mean([np.mean([p.oracle_margin>0 for p in u.test]) for u in users.values()]))
