@@ -51,6 +51,9 @@ class AppRun:
     # refused by `fedpref-server start`, and a deployed device declines a round that asks for it
     rounds: int = 0  # total rounds for this workdir, overriding [federation] rounds (0 = the config's)
     attribute_basis: str = ""  # overrides [model.adapter] attribute_basis on server and simulated devices ("" = the config's)
+    # simulation: how many virtual devices the engine registers; the server waits for all of them before it
+    # samples, as Flower starts the ServerApp before it registers the nodes (0 = [federation] min_available_clients)
+    population: int = 0
 
     @property
     def clients_dir(self) -> Path:
@@ -100,6 +103,7 @@ def from_run_config(rc: dict[str, Any], *, base: Path | None = None, run_id: int
         deterministic_noise=parse_run_flag(get("deterministic-noise", False), key="deterministic-noise"),
         rounds=_non_negative_int(get("rounds", 0), "rounds"),
         attribute_basis=str(path(str(get("attribute-basis", "")))) if get("attribute-basis", "") else "",
+        population=_non_negative_int(get("population", 0), "population"),
     )
 
 

@@ -341,6 +341,23 @@ def run_federation(grid: Grid, run: AppRun, settings: ServerSettings, *, clock=t
     return strategy
 
 
+def settings_for_run(run: AppRun, settings: ServerSettings) -> ServerSettings:
+    """The config file's settings with the run config's overrides: the simulation's generated
+    attribute basis, ``rounds`` (`fedpref-server start --rounds N`), and ``population`` (a
+    simulation waits for every virtual device before it samples)."""
+    if run.attribute_basis:  # the simulation's generated basis
+        settings = dataclasses.replace(settings, model=settings.model.with_attribute_basis(run.attribute_basis))
+    check_personalize_model(settings.personalize, settings.model.adapter, where=run.config_file or "<defaults>")
+    fed = settings.federation
+    if run.rounds:  # N more rounds on this workdir
+        fed = dataclasses.replace(fed, rounds=run.rounds)
+    if run.population > fed.min_available_clients:
+        # Flower's Simulation Engine starts the ServerApp before it registers the nodes: without this a
+        # first round could sample from part of the population (and a seeded run would not repeat)
+        fed = dataclasses.replace(fed, min_available_clients=run.population)
+    return dataclasses.replace(settings, federation=fed) if fed is not settings.federation else settings
+
+
 def make_server_app(defaults: dict | None = None, *, envelope_transform: EnvelopeTransform | None = None) -> ServerApp:
     """A ServerApp whose run config is ``defaults`` overridden by Flower's run config.
 
@@ -354,13 +371,7 @@ def make_server_app(defaults: dict | None = None, *, envelope_transform: Envelop
     def main(grid: Grid, context: Context) -> None:
         run = from_run_config({**base, **dict(context.run_config)}, run_id=context.run_id)
         log.warning("fedpref: checkpoints, ledger and history go to %s", run.server_dir)
-        settings = load_server_settings(run.config_file)
-        if run.attribute_basis:  # the simulation's generated basis
-            settings = dataclasses.replace(settings, model=settings.model.with_attribute_basis(run.attribute_basis))
-        check_personalize_model(settings.personalize, settings.model.adapter, where=run.config_file or "<defaults>")
-        if run.rounds:  # `fedpref-server start --rounds N`: N more rounds on this workdir
-            settings = dataclasses.replace(
-                settings, federation=dataclasses.replace(settings.federation, rounds=run.rounds))
+        settings = settings_for_run(run, load_server_settings(run.config_file))
         if run.secure_aggregation:
             # imported here: server.secagg builds on this module
             from fedpref.server.secagg import load_secagg_config, run_secure_federation

@@ -393,6 +393,7 @@ def run_on_simulation_engine(
         "secure-aggregation": runtime.secure_aggregation,
         "deterministic-noise": runtime.deterministic_noise,
         "attribute-basis": attribute_basis,
+        "population": num_users,  # the server waits for every virtual device before it samples
     }
     init_args: dict = {"include_dashboard": False, "num_cpus": os.cpu_count() or 1}
     if runtime.ray_address:

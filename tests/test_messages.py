@@ -99,3 +99,30 @@ def test_run_config_paths_and_run_id(tmp_path):
     assert run.method is Method.AGGREGATED
     with pytest.raises(Exception, match="personalized"):
         from_run_config({"data": "d.jsonl", "method": "local"})
+
+
+@pytest.mark.parametrize("bad", [-1, True, 2.5, "8"])
+def test_run_config_population_is_a_count(bad):
+    from fedpref.common.errors import ConfigError
+    from fedpref.protocol.runconfig import from_run_config
+
+    assert from_run_config({}).population == 0
+    assert from_run_config({"population": 1000}).population == 1000
+    with pytest.raises(ConfigError, match="population"):
+        from_run_config({"population": bad})
+
+
+def test_the_population_raises_the_nodes_a_server_waits_for_never_lowers_them():
+    import dataclasses
+
+    from fedpref.protocol.runconfig import from_run_config
+    from fedpref.server.app import load_server_settings, settings_for_run
+
+    base = load_server_settings("")
+    need = base.federation.min_available_clients
+    assert settings_for_run(from_run_config({}), base) == base
+    assert settings_for_run(from_run_config({"population": 500}), base).federation.min_available_clients == 500
+    assert settings_for_run(from_run_config({"population": 1}), base).federation.min_available_clients == need
+    more = settings_for_run(from_run_config({"population": 50, "rounds": 7}), base).federation
+    assert (more.min_available_clients, more.rounds) == (50, 7)
+    assert dataclasses.replace(more, min_available_clients=need, rounds=base.federation.rounds) == base.federation

@@ -230,3 +230,49 @@ def test_a_seeded_run_that_samples_repeats_bit_for_bit(policy_kit, tmp_path):
     released = [load_file(w / "checkpoints" / "round-0002" / "adapter_model.safetensors") for w in works]
     assert released[0].keys() == released[1].keys()
     assert all(np.array_equal(released[0][k], released[1][k]) for k in released[0])
+
+
+def test_the_server_samples_from_every_virtual_device_even_when_they_register_late(policy_kit, tmp_path, monkeypatch):
+    """Flower starts the ServerApp before the engine registers its nodes. With nodes that register
+    slowly, a server that waited only for min_available_clients (2 here) would sample from the first
+    few; the simulation's run config carries the population, and the server waits for all 8."""
+    import json
+    import time
+
+    from flwr.server.superlink.fleet.vce import vce_api
+
+    from fedpref.client.data import write_jsonl
+    from fedpref.protocol.runconfig import Method
+    from fedpref.simulations.config import RuntimeConfig
+    from fedpref.simulations.persona import PersonaConfig, generate
+
+    register = vce_api._register_nodes
+
+    def slowly(num_nodes, state_factory):  # noqa: ANN001, ANN202 - two nodes at once, the rest 4 s later
+        state = state_factory.state()
+        create, made = state.create_node, []
+
+        def create_node(*a, **k):  # noqa: ANN002, ANN003, ANN202
+            made.append(1)
+            if len(made) == 3:
+                time.sleep(4.0)
+            return create(*a, **k)
+
+        monkeypatch.setattr(state, "create_node", create_node)
+        try:
+            return register(num_nodes, state_factory)
+        finally:
+            monkeypatch.setattr(state, "create_node", create)
+
+    monkeypatch.setattr(vce_api, "_register_nodes", slowly)
+    data = tmp_path / "persona.jsonl"
+    write_jsonl(generate(PersonaConfig(users=8, pairs_per_user=16, seed=1)).pairs, data)
+    cfg = tmp_path / "cfg.toml"
+    cfg.write_text(CONFIG.format(backbone=policy_kit.backbone, rank=2).replace(
+        "min_available_clients = 4", "min_available_clients = 2"))
+    with engine.ray_session():
+        engine.run_on_simulation_engine(
+            method=Method.AGGREGATED, num_users=8, data=data, workdir=tmp_path / "run", config_file=cfg, cache=None,
+            runtime=RuntimeConfig(client_cpus=1.0, seed=5))
+    hist = json.loads((tmp_path / "run" / "server" / "history.json").read_text())
+    assert [(r["population"], r["sampled"]) for r in hist] == [(8, 8)]
