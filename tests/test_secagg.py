@@ -542,3 +542,36 @@ def test_resume_after_halted_rounds_at_q_below_one_keeps_their_numbers(tmp_path)
     res = resume_point(tmp_path, None, {}, ledger, halted_keep_numbers=True)
     assert res.next_round == 4 and len(res.history) == 3
     assert resume_point(tmp_path, None, {}, ledger).next_round == 2
+
+
+def test_a_seeded_secure_round_samples_the_same_users_whatever_ids_flower_draws(tmp_path):
+    """SecAgg+ walks the same order as the plain server (server.strategy.sampling_order): on the
+    Simulation Engine's in-memory grid, the users' registration order, not Flower's random ids."""
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.server import SimpleClientManager
+    from flwr.server.compat.grid_client_proxy import GridClientProxy
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from test_dispatch import federation
+
+    saved = TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 7, SUPERLINK_NODE_ID
+    try:
+        grids = [federation(40, [])[1:] for _ in range(2)]
+    finally:
+        TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+    picked = []
+    for i, (mapping, grid) in enumerate(grids):
+        for q in (1.0, 0.3):
+            (tmp_path / f"{i}-{q}").mkdir()
+            strategy, _, params = _strategy(tmp_path / f"{i}-{q}", q=q)
+            strategy.grid = grid
+            manager = SimpleClientManager()
+            for n in sorted(mapping):  # the manager's order is the random ids': it must not matter
+                manager.register(GridClientProxy(node_id=n, grid=None, run_id=1))  # type: ignore[arg-type]
+            users = [mapping[p.node_id] for p, _ in strategy.configure_fit(1, params, manager)]
+            if q == 1.0:
+                assert users == list(range(40))
+            else:
+                picked.append(users)
+    assert picked[0] == picked[1] and 3 <= len(picked[0]) < 40

@@ -25,9 +25,9 @@ def _strategy(tmp_path, *, n_coords=4, z=1e-3, q=0.5, population=10, on_round=No
     return s
 
 
-def _reply_to(node, delta, *, rnd=1, sha=SHA):
+def _reply_to(node, delta, *, rnd=1, sha=SHA, epsilon=None):
     ins = Message(content=RecordDict(), dst_node_id=node, message_type="train")
-    m = TrainMetrics(train_loss=0.5, train_accuracy=0.5, epsilon_sample=float(node), delta_norm=0.1, steps=1, seconds=0.1)
+    m = TrainMetrics(train_loss=0.5, train_accuracy=0.5, epsilon_sample=float(node) if epsilon is None else epsilon, delta_norm=0.1, steps=1, seconds=0.1)
     att = Attestation(protocol_version=PROTOCOL_VERSION, server_round=rnd, frozen_identity=sha, policy_version=0, safety_digest="")
     return Message(content=train_reply({"w.lora_A.shared.weight": np.asarray(delta, np.float32)}, m, att), reply_to=ins)
 
@@ -139,14 +139,31 @@ def test_a_seeded_simulation_samples_the_same_users_whatever_ids_flower_draws():
     assert sampling_order(None, [5, 3, 9]) == [3, 5, 9]  # any other grid (deployment): sorted ids
 
 
-def test_replies_are_taken_in_sampling_order_whatever_order_they_arrive_in(tmp_path, flower_task):
-    """Summed (and recorded) in the round's sampling order: two actors answer in a different order
-    every run, and a seeded simulation must not depend on it."""
-    records = []
-    for i, arrival in enumerate(([1, 2, 3, 9], [9, 2, 3, 1], [3, 1, 9, 2])):
-        (tmp_path / str(i)).mkdir()
-        s = _strategy(tmp_path / str(i), q=1.0, population=3)
-        s._rank = {3: 0, 1: 1, 2: 2}  # configure_train sampled 3, 1, 2 (9: a node it never sampled, last)
-        s.aggregate_train(1, [_reply_to(n, [5.0, 0, 0, 0]) for n in arrival])  # all over the clip: each rejected
-        records.append([r["node"] for r in s.history[-1].rejected])
-    assert records == [["3", "1", "2", "9"]] * 3
+def test_replies_are_taken_in_sampling_order_whatever_order_they_arrive_in(tmp_path):
+    """Summed (and recorded) in the order configure_train sampled, on Flower's in-memory grid the
+    users' registration order: two actors answer in a different order every run, and a seeded
+    simulation must not depend on it."""
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedpref.protocol.messages import arrays_to_record
+    from test_dispatch import federation
+
+    saved = TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 7, SUPERLINK_NODE_ID
+    try:
+        _, mapping, grid = federation(4, [])
+        records = []
+        for i, arrival in enumerate(([0, 1, 2, 3], [3, 2, 0, 1], [2, 0, 3, 1])):
+            (tmp_path / str(i)).mkdir()
+            s = _strategy(tmp_path / str(i), q=1.0, population=4)
+            sent = [m.metadata.dst_node_id for m in s.configure_train(1, arrays_to_record(s._global), None, grid)]
+            assert [mapping[n] for n in sent] == [0, 1, 2, 3]  # the users' order, not the random ids'
+            by_user = {mapping[n]: n for n in sent}
+            stranger = max(sent) + 1  # a node it never sampled: last
+            replies = [_reply_to(n, [5.0, 0, 0, 0], epsilon=1.0) for n in [*(by_user[u] for u in arrival), stranger]]
+            s.aggregate_train(1, replies[::-1] if i % 2 else replies)  # all over the clip: each rejected
+            records.append([r["node"] for r in s.history[-1].rejected])
+    finally:
+        TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+    assert records == [[*[str(n) for n in sent], str(stranger)]] * 3
