@@ -20,7 +20,9 @@ personalized 0.799; the real run (`make bench-scale`) gives 0.745 and 0.796.
 
 Variants (`--only` picks some):
 - k1:        the current design: one shared score, a private head over the probes;
-- k1-ss2:    the same, with the server's step on the noisy mean at 2 instead of 1 (post-processing);
+- k1-ss2:    the same, with the server's step on the noisy mean at 2 instead of 1 (post-processing):
+             +0.005 here, -0.005 in the real run (RESULTS.md): differences that small are below
+             what this model resolves;
 - k1-nodp:   the same, with no noise at either level (what the optimisation alone reaches);
 - soft4:     PAL-style: 4 shared prototype scores from a public start (random combinations of the
              public probes), each device's private mixture over them plus its probe head, fitted
