@@ -39,7 +39,7 @@ from fedpref.server.personalize import load_record as load_personalize_record
 from fedpref.server.personalize import personalize_devices
 from fedpref.server.progress import RoundBar
 from fedpref.server.release import fresh_generators, seeded_generators
-from fedpref.server.strategy import FedPrefStrategy, RoundRecord, released_rounds
+from fedpref.server.strategy import FedPrefStrategy, RoundRecord, released_rounds, sampling_order
 
 log = logging.getLogger("fedpref.server")
 
@@ -254,7 +254,7 @@ def personalize_after_rounds(grid: Grid, run: AppRun, settings: ServerSettings, 
         personalize_devices(
             f.strategy, settings.personalize, f.released, server_dir=run.server_dir, secure=run.secure_aggregation,
             restarted=f.released is f.resume.arrays,  # this run released no round (`start --rounds 0`)
-            node_ids=lambda: list(grid.get_node_ids()),
+            node_ids=lambda: sampling_order(grid, grid.get_node_ids()),  # the users' order in a simulation
             send=lambda messages, timeout: send_and_receive(grid, messages, timeout=timeout),
         )
     except (FedPrefError, OSError) as e:  # the rounds are released and charged: the run still ends in order

@@ -179,7 +179,10 @@ def personalize_devices(strategy: FedPrefStrategy, cfg: PersonalizeConfig, array
     rec.population = len(rec.offered)
     log.warning("fedpref: personalizing: round %d's model to %d devices (%d DP-SGD epochs of their private adapters)",
                 model_round, len(nodes), cfg.epochs)
-    replies = send(messages, strategy.fed.round_timeout_s)
+    rank = {n: i for i, n in enumerate(nodes)}
+    # taken in the order offered, not the order they arrived in: a seeded simulation's metric means repeat
+    replies = sorted(send(messages, strategy.fed.round_timeout_s),
+                     key=lambda m: (rank.get(m.metadata.src_node_id, len(rank)), m.metadata.src_node_id))
     exp = Expected(shapes={k: v.shape for k, v in arrays.items()}, dtype="float32", clip_norm=strategy.fed.clip_norm,
                    server_round=model_round, frozen_identity=strategy.frozen_identity, policy_version=version,
                    safety_digest=digest)
@@ -196,10 +199,10 @@ def personalize_devices(strategy: FedPrefStrategy, cfg: PersonalizeConfig, array
 
 def pending(rec: PersonalizeRecord, connected: dict[str, int]) -> list[int]:
     """The connected nodes without a final answer for ``rec``'s weights: not offered yet, silent,
-    declined or rejected (a device that fitted, now or earlier, is done)."""
+    declined or rejected (a device that fitted, now or earlier, is done), in ``connected``'s order."""
     open_ = {d["node"] for d in rec.declined} | {r["node"] for r in rec.rejected}
     final = set(rec.answered) - open_
-    return sorted(n for k, n in connected.items() if k not in final)
+    return [n for k, n in connected.items() if k not in final]  # in ``connected``'s (the sampling) order
 
 
 def tally(rec: PersonalizeRecord, replies: Iterable[Message], exp: Expected, *,

@@ -446,6 +446,22 @@ def test_a_restart_offers_the_model_to_connected_devices_that_have_not_answered(
     assert asked == [] and load_record(tmp_path) == rec
 
 
+def test_replies_are_tallied_in_the_order_offered_whatever_order_they_arrive_in(device, tmp_path, flower_task):
+    """The record's lists and its metric means follow the order the nodes were offered in (in a
+    simulation, the users' order), not the order the actors happened to answer in."""
+    from fedpref.server.config import PersonalizeConfig
+    from fedpref.server.personalize import personalize_devices
+
+    rt, user, cache = device
+    strategy, shared = _server(rt, tmp_path)
+    send, _ = _devices(rt, user, cache, tmp_path, refuse={1, 3})
+    rec = personalize_devices(strategy, PersonalizeConfig(epochs=1, head_learning_rate=0.1), shared,
+                              server_dir=tmp_path, node_ids=lambda: [2, 3, 4, 1],
+                              send=lambda messages, timeout: send(messages, timeout)[::-1])  # answers arrive reversed
+    assert rec.answered == ["2", "3", "4", "1"] and [d["node"] for d in rec.declined] == ["3", "1"]
+    assert rec.fitted == 2 and rec.metrics
+
+
 def test_the_fit_runs_at_its_own_batch_not_the_rounds(device, tmp_path, flower_task):
     """[personalize] batch_size is what the message asks for (0: the rounds' [local] batch), and
     the device runs it: 16 pairs at batch 16 is one DP-SGD step an epoch, at batch 4 four."""
