@@ -250,6 +250,47 @@ def test_deployment_end_to_end(deployment) -> None:  # noqa: ANN001, PLR0915
     pers = st["personalize"]
     assert pers["model_round"] == 2 and pers["fitted"] == 3 and not pers["declined"] and not pers["rejected"], pers
 
+    # --- a device that joins later (a new user): `start --rounds 0` offers it round 2's model, and only it --
+    from fedpref.simulations.persona import PersonaConfig, generate
+
+    late, late_data = d.base / "late", d.base / "late.jsonl"
+    late_data.write_text("".join(json.dumps({"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected}) + "\n"
+                                 for p in generate(PersonaConfig(users=1, pairs_per_user=24, seed=4)).pairs))
+    cli("fedpref-agent", "init", "--home", late, "--server", f"127.0.0.1:{d.port}", "--ca", srv / "tls" / "ca.pem",
+        "--root", srv / "keys" / "root.json", "--backbone", deployment_backbone(srv))
+    cli("fedpref-agent", "feedback", "import", "--home", late, late_data)
+    late_node = json.loads(cli("fedpref-server", "nodes", "add", late / "identity" / "node.pub", "--home", srv,
+                               "--json").stdout)["node_id"]
+    charged = server_status(srv)["ledger"]
+    spent = {h: json.loads(cli("fedpref-agent", "status", "--home", h, "--json").stdout)["epsilon_sample"]
+             for h, _ in d.agents}
+    cli("fedpref-server", "stop", "--home", srv)
+    cli("fedpref-server", "start", "--home", srv, "--rounds", 0, "--detach")  # the policy in force stays
+    joined = subprocess.Popen([str(BIN / "fedpref-agent"), "start", "--home", str(late)], env=ENV,
+                              stdout=open(d.base / "late.out", "wb"), stderr=subprocess.STDOUT)  # noqa: SIM115
+    d.procs.append(joined)
+
+    def offered_to_all():  # noqa: ANN202
+        st = server_status(srv)
+        pers = st.get("personalize") or {}
+        return st if pers.get("population") == 4 and pers.get("fitted", 0) + pers.get("fitted_earlier", 0) == 4 else None
+
+    st = wait_for(offered_to_all, "the late device's final personalization", d.procs)
+    pers = st["personalize"]
+    assert pers["model_round"] == 2 and pers["fitted"] == 4 and not pers["declined"] and not pers["rejected"], pers
+    assert st["rounds_completed"] == 2 and st["ledger"] == charged  # no round: nothing released, nothing charged
+    sha = json.loads((srv / "state" / "server" / "personalize.json").read_text())["model_sha256"]
+    late_status = json.loads(cli("fedpref-agent", "status", "--home", late, "--json").stdout)
+    assert late_status["personalized_on"] == sha and 0 < late_status["epsilon_sample"] <= 10
+    assert late_status["policy_version"] == 1  # it verified the policy in force before it fitted anything
+    for home, _ in d.agents:  # the three that had fitted were not asked again: nothing more charged
+        again = json.loads(cli("fedpref-agent", "status", "--home", home, "--json").stdout)
+        assert again["personalized_on"] == sha and again["epsilon_sample"] == spent[home]
+    joined.send_signal(signal.SIGTERM)
+    assert joined.wait(timeout=30) == 0
+    d.procs.remove(joined)
+    cli("fedpref-server", "nodes", "remove", late_node, "--home", srv)  # the rest of the test has three devices
+
     # --- device authentication: a fourth, unregistered device is refused ----------------------------
     intruder = d.base / "intruder"
     cli("fedpref-agent", "init", "--home", intruder, "--server", f"127.0.0.1:{d.port}", "--ca", srv / "tls" / "ca.pem",
