@@ -3,6 +3,8 @@ on Flower's real in-memory LinkState, in one store scan instead of one per node.
 
 from __future__ import annotations
 
+import contextlib
+
 import threading
 from queue import Empty, Queue
 
@@ -26,13 +28,22 @@ from fedpref.simulations.dispatch import indexed_dispatch, take_undelivered
 FLOWER_POLL = vce_api.add_messages_to_queue
 
 
-@pytest.fixture(autouse=True)
-def task_identity():  # noqa: ANN201
-    """The process-wide identity ``_run_simulation`` sets for its run (run 7 here), restored after."""
+@contextlib.contextmanager
+def superlink_identity():  # noqa: ANN201
+    """The process-wide identity ``_run_simulation`` sets for its run (run 7 here), restored after:
+    what :func:`federation`'s grid needs (other test files use it too)."""
     saved = TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id  # noqa: SLF001
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 7, SUPERLINK_NODE_ID
-    yield
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved  # noqa: SLF001
+    try:
+        yield
+    finally:
+        TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved  # noqa: SLF001
+
+
+@pytest.fixture(autouse=True)
+def task_identity():  # noqa: ANN201
+    with superlink_identity():
+        yield
 
 
 def federation(nodes: int, layout: list[int]):  # noqa: ANN201

@@ -547,19 +547,13 @@ def test_resume_after_halted_rounds_at_q_below_one_keeps_their_numbers(tmp_path)
 def test_a_seeded_secure_round_samples_the_same_users_whatever_ids_flower_draws(tmp_path):
     """SecAgg+ walks the same order as the plain server (server.strategy.sampling_order): on the
     Simulation Engine's in-memory grid, the users' registration order, not Flower's random ids."""
-    from flwr.common.constant import SUPERLINK_NODE_ID
     from flwr.server import SimpleClientManager
     from flwr.server.compat.grid_client_proxy import GridClientProxy
-    from flwr.supercore.task_identity import TaskIdentity
 
-    from test_dispatch import federation
+    from test_dispatch import federation, superlink_identity
 
-    saved = TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 7, SUPERLINK_NODE_ID
-    try:
+    with superlink_identity():
         grids = [federation(40, [])[1:] for _ in range(2)]
-    finally:
-        TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
     picked = []
     for i, (mapping, grid) in enumerate(grids):
         for q in (1.0, 0.3):

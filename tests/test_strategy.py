@@ -113,19 +113,12 @@ def test_a_seeded_simulation_samples_the_same_users_whatever_ids_flower_draws():
     """Flower draws a new random id for every simulated node each run; the sampling order is the
     users' own (registration, i.e. partition) order on the in-memory grid, so the same seed
     samples the same users. Sorted ids, what the server used before, sample others."""
-    from flwr.common.constant import SUPERLINK_NODE_ID
-    from flwr.supercore.task_identity import TaskIdentity
-
     from fedpref.server.release import dp_generator
     from fedpref.server.strategy import poisson_sample, sampling_order
-    from test_dispatch import federation
+    from test_dispatch import federation, superlink_identity
 
-    saved = TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 7, SUPERLINK_NODE_ID
-    try:
+    with superlink_identity():
         runs = [federation(200, []) for _ in range(2)]
-    finally:
-        TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
     picked, picked_sorted = [], []
     for _, mapping, grid in runs:
         ids = set(grid.get_node_ids())
@@ -143,15 +136,10 @@ def test_replies_are_taken_in_sampling_order_whatever_order_they_arrive_in(tmp_p
     """Summed (and recorded) in the order configure_train sampled, on Flower's in-memory grid the
     users' registration order: two actors answer in a different order every run, and a seeded
     simulation must not depend on it."""
-    from flwr.common.constant import SUPERLINK_NODE_ID
-    from flwr.supercore.task_identity import TaskIdentity
-
     from fedpref.protocol.messages import arrays_to_record
-    from test_dispatch import federation
+    from test_dispatch import federation, superlink_identity
 
-    saved = TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 7, SUPERLINK_NODE_ID
-    try:
+    with superlink_identity():
         _, mapping, grid = federation(4, [])
         records = []
         for i, arrival in enumerate(([0, 1, 2, 3], [3, 2, 0, 1], [2, 0, 3, 1])):
@@ -164,6 +152,4 @@ def test_replies_are_taken_in_sampling_order_whatever_order_they_arrive_in(tmp_p
             replies = [_reply_to(n, [5.0, 0, 0, 0], epsilon=1.0) for n in [*(by_user[u] for u in arrival), stranger]]
             s.aggregate_train(1, replies[::-1] if i % 2 else replies)  # all over the clip: each rejected
             records.append([r["node"] for r in s.history[-1].rejected])
-    finally:
-        TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
     assert records == [[*[str(n) for n in sent], str(stranger)]] * 3
