@@ -454,11 +454,12 @@ def test_replies_are_tallied_in_the_order_offered_whatever_order_they_arrive_in(
 
     rt, user, cache = device
     strategy, shared = _server(rt, tmp_path)
-    send, _ = _devices(rt, user, cache, tmp_path, refuse={1, 3})
+    send, _ = _devices(rt, user, cache, tmp_path, refuse={1, 2})
     rec = personalize_devices(strategy, PersonalizeConfig(epochs=1, head_learning_rate=0.1), shared,
-                              server_dir=tmp_path, node_ids=lambda: [2, 3, 4, 1],
+                              server_dir=tmp_path, node_ids=lambda: [3, 1, 4, 2],
                               send=lambda messages, timeout: send(messages, timeout)[::-1])  # answers arrive reversed
-    assert rec.answered == ["2", "3", "4", "1"] and [d["node"] for d in rec.declined] == ["3", "1"]
+    # in arrival order these would be 2, 4, 1, 3 and 2, 1; in sorted ids 1, 2, 3, 4 and 1, 2
+    assert rec.answered == ["3", "1", "4", "2"] and [d["node"] for d in rec.declined] == ["1", "2"]
     assert rec.fitted == 2 and rec.metrics
 
 
