@@ -49,7 +49,8 @@ from fedpref.common.atomic import write_text_atomic
 from fedpref.common.errors import DataError
 from fedpref.protocol.messages import ALREADY_PERSONALIZED_CODE, PERSONALIZE_MESSAGE_TYPE, PersonalizeReply, train_request, weights_digest
 from fedpref.server.config import PersonalizeConfig
-from fedpref.server.strategy import FedPrefStrategy, make_round_config, released_rounds, short_reason, unweighted_means
+from fedpref.server.strategy import (FedPrefStrategy, in_rank_order, make_round_config, released_rounds, short_reason,
+                                     unweighted_means)
 from fedpref.server.validation import Expected, RejectedUpdate, validate_attestation
 
 log = logging.getLogger("fedpref.server")
@@ -179,10 +180,8 @@ def personalize_devices(strategy: FedPrefStrategy, cfg: PersonalizeConfig, array
     rec.population = len(rec.offered)
     log.warning("fedpref: personalizing: round %d's model to %d devices (%d DP-SGD epochs of their private adapters)",
                 model_round, len(nodes), cfg.epochs)
-    rank = {n: i for i, n in enumerate(nodes)}
     # taken in the order offered, not the order they arrived in: a seeded simulation's metric means repeat
-    replies = sorted(send(messages, strategy.fed.round_timeout_s),
-                     key=lambda m: (rank.get(m.metadata.src_node_id, len(rank)), m.metadata.src_node_id))
+    replies = in_rank_order(send(messages, strategy.fed.round_timeout_s), {n: i for i, n in enumerate(nodes)})
     exp = Expected(shapes={k: v.shape for k, v in arrays.items()}, dtype="float32", clip_norm=strategy.fed.clip_norm,
                    server_round=model_round, frozen_identity=strategy.frozen_identity, policy_version=version,
                    safety_digest=digest)

@@ -209,8 +209,7 @@ class FedPrefStrategy(FedAvg):
         metrics: list[dict[str, float]] = []
         up_bytes: list[int] = []
         # summed in sampling order, not in the order the replies arrived: float sums then repeat exactly
-        for msg in sorted(replies, key=lambda m: (self._rank.get(m.metadata.src_node_id, len(self._rank)),
-                                                  m.metadata.src_node_id)):
+        for msg in in_rank_order(replies, self._rank):
             node = str(msg.metadata.src_node_id)
             if msg.has_error():
                 rec.declined.append({"node": node, "reason": short_reason(msg.error.reason)})
@@ -294,6 +293,12 @@ def sampling_order(grid: Grid | None, node_ids: Iterable[int]) -> list[int]:
     return sorted(ids)
 
 
+def in_rank_order(replies: Iterable[Message], rank: dict[int, int]) -> list[Message]:
+    """``replies`` in the order their nodes were asked (``rank``: node id → position; any other
+    node last, by id), not the order they arrived in, which two actors change every run."""
+    return sorted(replies, key=lambda m: (rank.get(m.metadata.src_node_id, len(rank)), m.metadata.src_node_id))
+
+
 def poisson_sample(node_ids: list[int], q: float, rng: np.random.Generator) -> list[int]:
     """Each node independently with probability ``q``: what the user-level accountant assumes."""
     keep = rng.random(len(node_ids)) < q
@@ -313,5 +318,5 @@ def short_reason(reason: str, limit: int = 300) -> str:
     return reason if len(reason) <= limit else "…" + reason[-limit:]
 
 
-__all__ = ["FedPrefStrategy", "RoundRecord", "K_SHARED", "make_round_config", "poisson_sample", "released_rounds",
-           "sampling_order"]
+__all__ = ["FedPrefStrategy", "RoundRecord", "K_SHARED", "in_rank_order", "make_round_config", "poisson_sample",
+           "released_rounds", "sampling_order"]
