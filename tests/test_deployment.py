@@ -117,6 +117,24 @@ def files_under(root: Path):  # noqa: ANN201
                 pass
 
 
+def write_feedback(path: Path, pairs) -> Path:  # noqa: ANN001
+    """A device's own preference pairs, as `fedpref-agent feedback import` reads them."""
+    path.write_text("".join(json.dumps({"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected}) + "\n"
+                            for p in pairs))
+    return path
+
+
+def enroll(d, home: Path, data: Path) -> str:  # noqa: ANN001
+    """A new device: `fedpref-agent init` against the server, its data imported, registered with
+    `fedpref-server nodes add`. Returns its node id."""
+    srv = d.srv
+    cli("fedpref-agent", "init", "--home", home, "--server", f"127.0.0.1:{d.port}", "--ca", srv / "tls" / "ca.pem",
+        "--root", srv / "keys" / "root.json", "--backbone", deployment_backbone(srv))
+    cli("fedpref-agent", "feedback", "import", "--home", home, data)
+    return json.loads(cli("fedpref-server", "nodes", "add", home / "identity" / "node.pub", "--home", srv,
+                          "--json").stdout)["node_id"]
+
+
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory, tiny_minilm_dir):  # noqa: ANN001, ANN201
     from fedpref.simulations.persona import PersonaConfig, generate, safety_corpus
@@ -154,10 +172,7 @@ def deployment(tmp_path_factory, tiny_minilm_dir):  # noqa: ANN001, ANN201
         by_user.setdefault(p.user_id, []).append(p)
     agents = []
     for i, (user, pairs) in enumerate(sorted(by_user.items())):
-        f = base / f"{user}.jsonl"
-        f.write_text("".join(json.dumps({"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected}) + "\n"
-                             for p in pairs))
-        agents.append((base / f"device{i}", f))
+        agents.append((base / f"device{i}", write_feedback(base / f"{user}.jsonl", pairs)))
 
     procs: list[subprocess.Popen] = []
     ns = type("Deployment", (), {})()
@@ -198,14 +213,7 @@ def test_deployment_end_to_end(deployment) -> None:  # noqa: ANN001, PLR0915
     assert "already running" in one_line_error(again, 33)
 
     # --- three devices: init, their own data, registered with `nodes add`, started --------------
-    node_ids = []
-    for home, data in d.agents:
-        cli("fedpref-agent", "init", "--home", home, "--server", f"127.0.0.1:{d.port}", "--ca", srv / "tls" / "ca.pem",
-            "--root", srv / "keys" / "root.json", "--backbone", deployment_backbone(srv))
-        cli("fedpref-agent", "feedback", "import", "--home", home, data)
-        added = json.loads(cli("fedpref-server", "nodes", "add", home / "identity" / "node.pub", "--home", srv,
-                               "--json").stdout)
-        node_ids.append(added["node_id"])
+    node_ids = [enroll(d, home, data) for home, data in d.agents]
     listed = json.loads(cli("fedpref-server", "nodes", "list", "--home", srv, "--json").stdout)
     assert {n["node-id"] for n in listed} == set(node_ids)
     for home, _ in d.agents:
@@ -253,14 +261,9 @@ def test_deployment_end_to_end(deployment) -> None:  # noqa: ANN001, PLR0915
     # --- a device that joins later (a new user): `start --rounds 0` offers it round 2's model, and only it --
     from fedpref.simulations.persona import PersonaConfig, generate
 
-    late, late_data = d.base / "late", d.base / "late.jsonl"
-    late_data.write_text("".join(json.dumps({"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected}) + "\n"
-                                 for p in generate(PersonaConfig(users=1, pairs_per_user=24, seed=4)).pairs))
-    cli("fedpref-agent", "init", "--home", late, "--server", f"127.0.0.1:{d.port}", "--ca", srv / "tls" / "ca.pem",
-        "--root", srv / "keys" / "root.json", "--backbone", deployment_backbone(srv))
-    cli("fedpref-agent", "feedback", "import", "--home", late, late_data)
-    late_node = json.loads(cli("fedpref-server", "nodes", "add", late / "identity" / "node.pub", "--home", srv,
-                               "--json").stdout)["node_id"]
+    late = d.base / "late"
+    late_node = enroll(d, late, write_feedback(d.base / "late.jsonl",
+                                               generate(PersonaConfig(users=1, pairs_per_user=24, seed=4)).pairs))
     charged = server_status(srv)["ledger"]
     spent = {h: json.loads(cli("fedpref-agent", "status", "--home", h, "--json").stdout)["epsilon_sample"]
              for h, _ in d.agents}

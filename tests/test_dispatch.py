@@ -4,7 +4,6 @@ on Flower's real in-memory LinkState, in one store scan instead of one per node.
 from __future__ import annotations
 
 import contextlib
-
 import threading
 from queue import Empty, Queue
 
